@@ -91,6 +91,8 @@ def decode(payload: bytes, *, max_field: int = MAX_FRAME) -> Any:
             max_ext_len=0,
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        if "exceeds max" in str(exc):
+            raise FrameError("too_large", f"a field is larger than {max_field} bytes") from None
         raise FrameError("malformed_frame", f"malformed msgpack: {exc}") from None
     except TypeError as exc:  # e.g. unhashable map key
         raise FrameError("malformed_frame", f"malformed msgpack: {exc}") from None

@@ -1,0 +1,5 @@
+import sys
+
+from strongroomd.main import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""The route table: one module per path family, gathered in order."""
+
+from __future__ import annotations
+
+from strongroomd.api import apps, crypto, groups, keys, logs, session
+from strongroomd.router import Route
+
+ROUTES: list[Route] = [
+    *session.ROUTES,
+    *groups.ROUTES,
+    *apps.ROUTES,
+    *keys.ROUTES,
+    *crypto.ROUTES,
+    *logs.ROUTES,
+]

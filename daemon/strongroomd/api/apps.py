@@ -1,0 +1,159 @@
+"""/sys/v1/apps*: client applications and their API keys."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from strongroomd.auth import api_key, new_secret, require_admin
+from strongroomd.context import Request
+from strongroomd.errors import BadRequest, Conflict, Forbidden, NotFound
+from strongroomd.keyring import check_name
+from strongroomd.router import F, Route
+from strongroomd.store import PrincipalRow, now_stamp
+
+
+def view(row: PrincipalRow) -> dict[str, Any]:
+    return {
+        "app_id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "groups": list(row.groups),
+        "default_group": row.default_group,
+        "enabled": row.enabled,
+        "created_at": row.created_at,
+    }
+
+
+def _get(req: Request) -> PrincipalRow:
+    aid = req.params["app_id"]
+    req.object_id = aid
+    if not req.caller.is_admin and req.caller.id != aid:
+        raise Forbidden("apps may only see themselves")
+    row = req.services.store.principals.get(aid)
+    if row is None or row.kind != "app":
+        raise NotFound(f"no app {aid}")
+    return row
+
+
+def _groups(req: Request, groups: list[str], default: str | None) -> tuple[list[str], str]:
+    store = req.services.store
+    if not groups:
+        raise BadRequest("an app needs at least one group", code="invalid_value")
+    for gid in groups:
+        if gid not in store.groups:
+            raise NotFound(f"no group {gid}")
+    default = default or groups[0]
+    if default not in groups:
+        raise BadRequest("default_group must be one of groups", code="invalid_value")
+    return list(dict.fromkeys(groups)), default
+
+
+def _unique(req: Request, name: str, but: str | None = None) -> None:
+    if any(p.name == name and p.id != but for p in req.services.store.principals.values()):
+        raise Conflict(f"an app named {name!r} exists", code="name_exists")
+
+
+async def create(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    b = req.body
+    name = check_name(b["name"])
+    _unique(req, name)
+    groups, default = _groups(req, b["groups"], b.get("default_group"))
+    secret, salt, digest = new_secret()
+    row = PrincipalRow(
+        str(uuid.uuid4()),
+        "app",
+        name,
+        b.get("description", ""),
+        groups,
+        default,
+        digest,
+        salt,
+        bool(b.get("enabled", True)),
+        now_stamp(),
+    )
+    await req.services.store.put_principal(row)
+    req.object_id = row.id
+    return {**view(row), "credential": {"api_key": api_key(row.id, secret)}}
+
+
+async def list_(req: Request) -> list[dict[str, Any]]:
+    require_admin(req.caller)
+    return [view(p) for p in req.services.store.principals.values() if p.kind == "app"]
+
+
+async def get(req: Request) -> dict[str, Any]:
+    return view(_get(req))
+
+
+async def update(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    row = replace(_get(req))  # change a copy: the cached row changes only once stored
+    b = req.body
+    if "name" in b:
+        _unique(req, check_name(b["name"]), but=row.id)
+        row.name = b["name"]
+    if "description" in b:
+        row.description = b["description"]
+    if "groups" in b or "default_group" in b:
+        row.groups, row.default_group = _groups(
+            req,
+            b.get("groups", row.groups),
+            b.get("default_group")
+            if "default_group" in b
+            else (row.default_group if row.default_group in b.get("groups", row.groups) else None),
+        )
+    if "enabled" in b:
+        row.enabled = b["enabled"]
+        if not row.enabled:
+            req.services.auth.drop_principal(row.id)
+    await req.services.store.put_principal(row)
+    return view(row)
+
+
+async def delete(req: Request) -> None:
+    require_admin(req.caller)
+    row = _get(req)
+    await req.services.store.delete_principal(row.id)
+    req.services.auth.drop_principal(row.id)
+
+
+async def reset_secret(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    row = replace(_get(req))
+    secret, row.salt, row.secret_hash = new_secret()
+    await req.services.store.put_principal(row)
+    req.services.auth.drop_principal(row.id)
+    return {**view(row), "credential": {"api_key": api_key(row.id, secret)}}
+
+
+_FIELDS = {
+    "name": F(str),
+    "description": F(str),
+    "groups": F(list, items=str),
+    "default_group": F(str),
+    "enabled": F(bool),
+}
+
+ROUTES = [
+    Route(
+        "POST",
+        "/sys/v1/apps",
+        create,
+        {**_FIELDS, "name": F(str, True), "groups": F(list, True, items=str)},
+        synopsis="Create an app; its API key is returned once.",
+    ),
+    Route("GET", "/sys/v1/apps", list_, {}, synopsis="List apps."),
+    Route("GET", "/sys/v1/apps/{app_id}", get, {}, synopsis="Show an app."),
+    Route("PATCH", "/sys/v1/apps/{app_id}", update, _FIELDS, synopsis="Change an app."),
+    Route("DELETE", "/sys/v1/apps/{app_id}", delete, {}, synopsis="Delete an app."),
+    Route(
+        "POST",
+        "/sys/v1/apps/{app_id}/reset_secret",
+        reset_secret,
+        {},
+        synopsis="Issue a new API key; the old one stops working at once.",
+    ),
+]

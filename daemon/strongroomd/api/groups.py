@@ -1,0 +1,112 @@
+"""/sys/v1/groups*: the containers that keys, apps and plugins live in."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from strongroomd.auth import require_admin
+from strongroomd.context import Request
+from strongroomd.errors import Conflict, Forbidden, NotFound
+from strongroomd.keyring import check_name
+from strongroomd.router import F, Route
+from strongroomd.store import GroupRow, now_stamp
+
+
+def view(row: GroupRow) -> dict[str, Any]:
+    return {
+        "group_id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "created_at": row.created_at,
+    }
+
+
+def _get(req: Request) -> GroupRow:
+    gid = req.params["group_id"]
+    req.object_id = gid
+    row = req.services.store.groups.get(gid)
+    if row is None:
+        raise NotFound(f"no group {gid}")
+    if not req.caller.is_admin and gid not in req.caller.groups:
+        raise Forbidden("you are not in this group")
+    return row
+
+
+def _unique(req: Request, name: str, *, but: str | None = None) -> None:
+    if any(g.name == name and g.id != but for g in req.services.store.groups.values()):
+        raise Conflict(f"a group named {name!r} exists", code="name_exists")
+
+
+async def create(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    name = check_name(req.body["name"])
+    _unique(req, name)
+    row = GroupRow(str(uuid.uuid4()), name, req.body.get("description", ""), now_stamp())
+    await req.services.store.put_group(row)
+    req.object_id = row.id
+    return view(row)
+
+
+async def list_(req: Request) -> list[dict[str, Any]]:
+    p = req.caller
+    rows = req.services.store.groups.values()
+    return [view(g) for g in rows if p.is_admin or g.id in p.groups]
+
+
+async def get(req: Request) -> dict[str, Any]:
+    return view(_get(req))
+
+
+async def update(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    row = _get(req)
+    if "name" in req.body:
+        _unique(req, check_name(req.body["name"]), but=row.id)
+        row = GroupRow(row.id, req.body["name"], row.description, row.created_at)
+    if "description" in req.body:
+        row = GroupRow(row.id, row.name, req.body["description"], row.created_at)
+    await req.services.store.put_group(row)
+    return view(row)
+
+
+async def delete(req: Request) -> None:
+    require_admin(req.caller)
+    row = _get(req)
+    store = req.services.store
+    if any(k.group_id == row.id for k in store.keys.values()):
+        raise Conflict("the group still holds keys", code="group_not_empty")
+    users = [p.name for p in store.principals.values() if row.id in p.groups]
+    users += [p.name for p in store.plugins.values() if row.id in p.groups]
+    if users:
+        raise Conflict(
+            f"the group still has members: {', '.join(sorted(users))}", code="group_not_empty"
+        )
+    await store.delete_group(row.id)
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/sys/v1/groups",
+        create,
+        {"name": F(str, True), "description": F(str)},
+        synopsis="Create a group.",
+    ),
+    Route("GET", "/sys/v1/groups", list_, {}, synopsis="List groups you can see."),
+    Route("GET", "/sys/v1/groups/{group_id}", get, {}, synopsis="Show a group."),
+    Route(
+        "PATCH",
+        "/sys/v1/groups/{group_id}",
+        update,
+        {"name": F(str), "description": F(str)},
+        synopsis="Rename or describe a group.",
+    ),
+    Route(
+        "DELETE",
+        "/sys/v1/groups/{group_id}",
+        delete,
+        {},
+        synopsis="Delete an empty group (409 while it holds keys or members).",
+    ),
+]

@@ -1,0 +1,69 @@
+"""/sys/v1/session/*: log in with an API key, log out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from strongroomd.auth import parse_api_key
+from strongroomd.context import Request
+from strongroomd.errors import BadRequest
+from strongroomd.router import F, Route
+
+
+async def auth(req: Request) -> dict[str, Any]:
+    body = req.body
+    if "api_key" in body:
+        if "app_id" in body or "secret" in body:
+            raise BadRequest("give api_key, or app_id and secret, not both", code="invalid_field")
+        pid, secret = parse_api_key(body["api_key"])
+    elif "app_id" in body and "secret" in body:
+        pid, secret = body["app_id"], body["secret"]
+    else:
+        raise BadRequest("api_key (or app_id and secret) is required", code="missing_field")
+    services = req.services
+    token, principal = await services.auth.login(pid, secret)
+    req.principal = principal
+    req.object_id = principal.id
+    owner = req.owner
+    if owner.token is not None:
+        services.auth.terminate(owner.token)
+    owner.token = token
+    owner.principal = principal
+    return {
+        "token_type": "Bearer",
+        "access_token": token,
+        "expires_in": services.config.session_ttl,
+        "entity_id": principal.id,
+        "kind": principal.kind,
+    }
+
+
+async def terminate(req: Request) -> None:
+    owner = req.owner
+    if owner.token is not None:
+        req.services.auth.terminate(owner.token)
+    owner.token = None
+    owner.principal = None
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/sys/v1/session/auth",
+        auth,
+        {
+            "api_key": F(str, doc="base64(id:secret)"),
+            "app_id": F(str),
+            "secret": F(str),
+        },
+        public=True,
+        synopsis="Authenticate this connection; returns a bearer token.",
+    ),
+    Route(
+        "POST",
+        "/sys/v1/session/terminate",
+        terminate,
+        {},
+        synopsis="End this connection's session.",
+    ),
+]

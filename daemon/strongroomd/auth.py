@@ -1,0 +1,177 @@
+"""Principals, API keys, sessions, and the access rules of API.md section 2.
+
+An API key is ``base64("<principal_id>:<secret>")``; only a salted scrypt
+hash of the secret is stored. A successful login yields a bearer token held
+in memory (a restart logs everyone out, which costs one re-login).
+Every rule that decides who may touch what lives in this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from strongroomd.errors import ApiError, Forbidden, Unauthenticated
+from strongroomd.store import KeyRow, PrincipalRow, Store
+
+SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+_DUMMY_SALT = secrets.token_bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: an admin, an app, or a plugin acting for an invocation."""
+
+    kind: str  # "admin" | "app" | "plugin"
+    id: str
+    name: str
+    groups: frozenset[str]
+    default_group: str | None = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.kind == "admin"
+
+    def creator(self) -> dict[str, str]:
+        return {"user" if self.is_admin else self.kind: self.id}
+
+    def describe(self) -> dict[str, object]:
+        return {"kind": self.kind, "id": self.id, "name": self.name, "groups": sorted(self.groups)}
+
+
+def principal_of(row: PrincipalRow) -> Principal:
+    return Principal(row.kind, row.id, row.name, frozenset(row.groups), row.default_group)
+
+
+def hash_secret(secret: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(secret.encode(), salt=salt, **SCRYPT)
+
+
+def new_secret() -> tuple[str, bytes, bytes]:
+    """A fresh secret, its salt and its hash."""
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    return secret, salt, hash_secret(secret, salt)
+
+
+def api_key(principal_id: str, secret: str) -> str:
+    return base64.b64encode(f"{principal_id}:{secret}".encode()).decode()
+
+
+def parse_api_key(value: str) -> tuple[str, str]:
+    try:
+        text = base64.b64decode(value.encode(), validate=True).decode()
+    except (binascii.Error, UnicodeError, ValueError):
+        raise Unauthenticated("malformed API key", code="bad_credentials") from None
+    pid, sep, secret = text.partition(":")
+    if not sep or not pid or not secret:
+        raise Unauthenticated("malformed API key", code="bad_credentials")
+    return pid, secret
+
+
+@dataclass(slots=True)
+class Session:
+    principal_id: str
+    expires: float
+
+
+class Authenticator:
+    """Checks API keys (slowly, off the event loop) and keeps bearer tokens."""
+
+    def __init__(self, store: Store, ttl: int) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._sessions: dict[str, Session] = {}
+        self._slots = asyncio.Semaphore(2)  # scrypt is CPU-bound: never more than the cores
+
+    async def login(self, principal_id: str, secret: str) -> tuple[str, Principal]:
+        row = self.store.principals.get(principal_id)
+        salt = row.salt if row and row.salt else _DUMMY_SALT
+        async with self._slots:
+            digest = await asyncio.to_thread(hash_secret, secret, salt)
+        # Same work and one answer whether the id or the secret was wrong.
+        if row is None or row.secret_hash is None or not row.enabled:
+            raise Unauthenticated("invalid credentials", code="bad_credentials")
+        if not hmac.compare_digest(digest, row.secret_hash):
+            raise Unauthenticated("invalid credentials", code="bad_credentials")
+        if len(self._sessions) >= 4096:
+            self._sweep()
+        token = secrets.token_urlsafe(32)
+        self._sessions[token] = Session(row.id, time.monotonic() + self.ttl)
+        return token, principal_of(row)
+
+    def resolve(self, token: str) -> Principal:
+        session = self._sessions.get(token)
+        if session is None:
+            raise Unauthenticated("unknown or ended session", code="bad_credentials")
+        if time.monotonic() >= session.expires:
+            del self._sessions[token]
+            raise Unauthenticated("session expired; authenticate again", code="token_expired")
+        row = self.store.principals.get(session.principal_id)
+        if row is None or not row.enabled:
+            del self._sessions[token]
+            raise Unauthenticated("principal no longer exists", code="bad_credentials")
+        return principal_of(row)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        for tok in [t for t, s in self._sessions.items() if s.expires <= now]:
+            del self._sessions[tok]
+
+    def terminate(self, token: str) -> None:
+        self._sessions.pop(token, None)
+
+    def drop_principal(self, principal_id: str) -> None:
+        """End every session of a principal (deleted, or its secret was reset)."""
+        for tok in [t for t, s in self._sessions.items() if s.principal_id == principal_id]:
+            del self._sessions[tok]
+
+
+# -- access rules --------------------------------------------------------------
+
+
+def require_admin(p: Principal) -> None:
+    if not p.is_admin:
+        raise Forbidden("this operation is for administrators")
+
+
+def can_see_key(p: Principal, key: KeyRow) -> bool:
+    return p.is_admin or key.group_id in p.groups
+
+
+def check_key_use(p: Principal, key: KeyRow, op: str) -> None:
+    """May ``p`` perform ``op`` (a key_ops name) with ``key``?"""
+    if not can_see_key(p, key):
+        raise Forbidden("the key is not in any of your groups")
+    if op not in key.key_ops:
+        raise ApiError(f"the key's key_ops do not include {op}", code="key_op_not_permitted")
+    if not key.enabled:
+        raise Forbidden("the key is disabled")
+
+
+def check_key_manage(p: Principal, key: KeyRow) -> None:
+    if p.is_admin:
+        return
+    if not can_see_key(p, key):
+        raise Forbidden("the key is not in any of your groups")
+    if key.creator.get(p.kind) == p.id or "APPMANAGEABLE" in key.key_ops:
+        return
+    raise Forbidden("only the key's creator may manage it (it lacks APPMANAGEABLE)")
+
+
+def check_group_target(p: Principal, group_id: str | None) -> str:
+    """The group a new key goes to: the one asked for, or the caller's default."""
+    gid = group_id or p.default_group
+    if gid is None:
+        if p.is_admin or len(p.groups) != 1:
+            raise ApiError("group_id is required", code="missing_field")
+        gid = next(iter(p.groups))
+    if not p.is_admin and gid not in p.groups:
+        raise Forbidden("you may create keys only in your own groups")
+    return gid

@@ -1,0 +1,142 @@
+"""Daemon settings: plain values, resolved once by :func:`load`.
+
+Precedence, lowest first: built-in defaults, the TOML file given with
+``--config``, then the environment (``STRONGROOM_STATE_DIR``,
+``STRONGROOM_SOCKET``, ``STRONGROOM_PKCS11_MODULE``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+)
+
+
+class ConfigError(Exception):
+    """A setting that cannot be used; the message names it."""
+
+
+@dataclass(slots=True)
+class Config:
+    #: Directory holding the database, the socket, the admin key and (for the
+    #: embedded SoftHSM) the token and its PINs.
+    state_dir: Path = Path("var")
+    #: Unix socket path; default ``<state_dir>/strongroomd.sock``.
+    socket: Path | None = None
+    #: Socket file mode: 0o600 (owner only) or 0o660 (owner and group).
+    socket_mode: int = 0o660
+    #: PKCS#11 module. Empty means the embedded SoftHSM, initialised on first start.
+    pkcs11_module: str = ""
+    #: Token label to use (created on first start for the embedded SoftHSM).
+    token_label: str = "strongroom"  # noqa: S105 - a label, not a secret
+    #: File holding the user PIN; default ``<state_dir>/softhsm/user.pin``. With
+    #: systemd, ``$CREDENTIALS_DIRECTORY/pin`` is used when present.
+    pin_file: Path | None = None
+    #: Largest frame a client may send (bytes).
+    max_frame: int = 4 * 1024 * 1024
+    #: Largest string or binary field inside a frame (bytes).
+    max_field: int = 1024 * 1024
+    #: Requests one connection may have in flight before it gets 429.
+    max_inflight: int = 1024
+    #: Session token lifetime (seconds).
+    session_ttl: int = 3600
+    #: Seconds SIGTERM waits for in-flight requests before cancelling them.
+    shutdown_grace: float = 10.0
+    #: Transient keys one connection may hold at once.
+    max_transient_keys: int = 1000
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def socket_path(self) -> Path:
+        return self.socket or self.state_dir / "strongroomd.sock"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "strongroom.db"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.state_dir / "admin.key"
+
+    @property
+    def softhsm_dir(self) -> Path:
+        return self.state_dir / "softhsm"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.pkcs11_module
+
+    def resolve_pin_file(self) -> Path:
+        if self.pin_file:
+            return self.pin_file
+        creds = os.environ.get("CREDENTIALS_DIRECTORY")
+        if creds and (Path(creds) / "pin").exists():
+            return Path(creds) / "pin"
+        return self.softhsm_dir / "user.pin"
+
+
+_PATHS = {"state_dir", "socket", "pin_file"}
+
+
+def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """Build a Config from defaults, an optional TOML file, the environment and overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                values.update(tomllib.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    env = {
+        "state_dir": os.environ.get("STRONGROOM_STATE_DIR"),
+        "socket": os.environ.get("STRONGROOM_SOCKET"),
+        "pkcs11_module": os.environ.get("STRONGROOM_PKCS11_MODULE"),
+    }
+    values.update({k: v for k, v in env.items() if v})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+
+    known = {f.name: f for f in fields(Config) if f.name != "extra"}
+    cfg = Config()
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r}")
+        value = _coerce(key, value, getattr(cfg, key))
+        setattr(cfg, key, value)
+    if cfg.socket_mode not in (0o600, 0o660):
+        raise ConfigError("socket_mode must be 0o600 or 0o660")
+    for name in ("max_frame", "max_field", "max_inflight", "session_ttl", "max_transient_keys"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"setting {name!r} must be positive")
+    return cfg
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    if key in _PATHS:
+        if not isinstance(value, (str, Path)):
+            raise ConfigError(f"setting {key!r} must be a path string")
+        return Path(value).expanduser()
+    want = type(default)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, bool) != (want is bool) or not isinstance(value, want):
+        raise ConfigError(f"setting {key!r} must be {want.__name__}")
+    return value
+
+
+def find_softhsm() -> str:
+    for candidate in DEFAULT_MODULES:
+        if Path(candidate).exists():
+            return candidate
+    raise ConfigError("SoftHSM2 is not installed (no libsofthsm2.so); install the softhsm2 package")

@@ -1,0 +1,55 @@
+"""What a handler gets: the services, the caller, and its connection's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from strongroomd._token import Token
+    from strongroomd.audit import Audit
+    from strongroomd.auth import Authenticator, Principal
+    from strongroomd.config import Config
+    from strongroomd.store import KeyRow, Store
+
+
+@dataclass(slots=True)
+class Services:
+    config: Config
+    store: Store
+    token: Token
+    auth: Authenticator
+    audit: Audit
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Owner:
+    """Who transient keys belong to: a connection, or one plugin invocation.
+
+    When it ends, :meth:`strongroomd.keyring.Keyring.drop_owner` destroys its keys.
+    """
+
+    id: str
+    principal: Principal | None = None
+    token: str | None = None  # bearer token bound by session/auth
+    transient: dict[str, KeyRow] = field(default_factory=dict)
+    invocation_id: str | None = None
+
+
+@dataclass(slots=True)
+class Request:
+    services: Services
+    owner: Owner
+    principal: Principal | None
+    method: str
+    path: str
+    params: dict[str, str]
+    body: Any
+    #: What the audit record names as the request's object (set by handlers).
+    object_id: str | None = None
+
+    @property
+    def caller(self) -> Principal:
+        assert self.principal is not None
+        return self.principal

@@ -1,0 +1,85 @@
+"""One request, from any front end, through the route table.
+
+The Unix-socket protocol, the plugin sandbox and the HTTP gateway all call
+:meth:`Dispatcher.handle`, so there is one authentication step, one
+permission engine and one audit path whatever the transport.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from strongroomd.auth import Principal
+from strongroomd.context import Owner, Request, Services
+from strongroomd.errors import ApiError, Internal, Unauthenticated
+from strongroomd.router import Router, check_body
+
+log = logging.getLogger("strongroomd.dispatch")
+
+
+class Dispatcher:
+    def __init__(self, services: Services, router: Router) -> None:
+        self.services = services
+        self.router = router
+
+    def authenticate(self, owner: Owner, auth: str | None) -> Principal | None:
+        if auth is not None:
+            return self.services.auth.resolve(auth)
+        if owner.token is not None:
+            return self.services.auth.resolve(owner.token)
+        return owner.principal  # a plugin invocation's fixed principal
+
+    async def handle(
+        self, owner: Owner, method: str, path: str, body: Any, auth: str | None = None
+    ) -> tuple[int, Any]:
+        principal: Principal | None = None
+        req: Request | None = None
+        action = f"{method} {path}"
+        try:
+            route, params = self.router.match(method, path)
+            action = f"{method} {route.path}"
+            if not route.public:
+                principal = self.authenticate(owner, auth)
+                if principal is None:
+                    raise Unauthenticated("authenticate first (POST /sys/v1/session/auth)")
+            req = Request(
+                self.services, owner, principal, method, path, params, check_body(route, body)
+            )
+            result = await route.handler(req)
+            status = 204 if result is None else 200
+            self._audit(action, req.principal, req, owner, status, None)
+            return status, result
+        except ApiError as exc:
+            self._audit(
+                action,
+                principal if req is None else req.principal,
+                req,
+                owner,
+                exc.status,
+                exc.code,
+            )
+            return exc.status, exc.body()
+        except Exception:
+            log.exception("internal error on %s", action)
+            exc2 = Internal("internal error")
+            self._audit(action, principal, req, owner, exc2.status, exc2.code)
+            return exc2.status, exc2.body()
+
+    def _audit(
+        self,
+        action: str,
+        principal: Principal | None,
+        req: Request | None,
+        owner: Owner,
+        status: int,
+        code: str | None,
+    ) -> None:
+        self.services.audit.record(
+            action,
+            actor=principal,
+            object_id=req.object_id if req is not None else None,
+            status=status,
+            code=code,
+            invocation_id=owner.invocation_id,
+        )

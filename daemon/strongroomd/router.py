@@ -1,0 +1,133 @@
+"""Route table: match a path, check the body against the route's fields.
+
+Fields are checked before a handler runs (types, required, unknown names,
+sizes), so a handler sees only well-typed values and checks meaning alone.
+A path that exists under another method is a 405, not a 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from strongroomd.errors import ApiError, BadRequest, NotFound
+
+if TYPE_CHECKING:
+    from strongroomd.context import Request
+
+Handler = Callable[["Request"], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class F:
+    """One body field: accepted types, whether required, and a description."""
+
+    types: type | tuple[type, ...]
+    required: bool = False
+    doc: str = ""
+    items: type | None = None  # element type of a list
+
+
+KEY = F(dict, True, "key descriptor: {kid} | {name} | {transient_key}")
+
+
+@dataclass(slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    fields: dict[str, F] | None = None  # None: the body is passed through untouched
+    public: bool = False  # reachable without authentication
+    synopsis: str = ""
+    parts: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.parts = tuple(self.path.strip("/").split("/"))
+
+    def match(self, parts: list[str]) -> dict[str, str] | None:
+        if len(parts) != len(self.parts):
+            return None
+        params: dict[str, str] = {}
+        for want, got in zip(self.parts, parts, strict=True):
+            if want.startswith("{"):
+                if not got:
+                    return None
+                params[want[1:-1]] = got
+            elif want != got:
+                return None
+        return params
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return {
+        str: "string",
+        int: "integer",
+        bool: "boolean",
+        bytes: "binary",
+        dict: "map",
+        list: "array",
+        float: "number",
+    }.get(t, t.__name__)
+
+
+def _is(value: Any, types: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and not (
+        types is bool or (isinstance(types, tuple) and bool in types)
+    ):
+        return False
+    return isinstance(value, types)
+
+
+def check_body(route: Route, body: Any) -> Any:
+    if route.fields is None:
+        return body
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a map", code="invalid_field")
+    spec = route.fields
+    for name, value in body.items():
+        f = spec.get(name)
+        if f is None:
+            raise BadRequest(f"unknown field {name!r}", code="unknown_field")
+        if value is None and not f.required:
+            continue
+        if not _is(value, f.types):
+            raise BadRequest(f"field {name!r} must be {_type_name(f.types)}", code="invalid_field")
+        if f.items is not None and not all(_is(v, f.items) for v in value):
+            raise BadRequest(
+                f"field {name!r} must be an array of {_type_name(f.items)}", code="invalid_field"
+            )
+    for name, f in spec.items():
+        if f.required and body.get(name) is None:
+            raise BadRequest(f"field {name!r} is required", code="missing_field")
+    return {k: v for k, v in body.items() if v is not None}
+
+
+class Router:
+    def __init__(self, routes: list[Route]) -> None:
+        self.routes = routes
+        self._static: dict[tuple[str, str], Route] = {
+            (r.method, "/" + "/".join(r.parts)): r for r in routes if "{" not in r.path
+        }
+        self._dynamic = [r for r in routes if "{" in r.path]
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        route = self._static.get((method, path))
+        if route is not None:
+            return route, {}
+        parts = path.strip("/").split("/")
+        allowed = False
+        for r in self.routes:
+            params = r.match(parts)
+            if params is None:
+                continue
+            if r.method == method:
+                return r, params
+            allowed = True
+        if allowed:
+            raise ApiError(f"{method} is not allowed on {path}", code="method_not_allowed")
+        raise NotFound(f"no route for {path}", code="no_such_route")

@@ -1,0 +1,200 @@
+"""Start-up, serving and shutdown of the daemon.
+
+Start-up: state directory and token (first start makes them), database,
+token index, reconcile, admin credential, then the socket. Shutdown on
+SIGTERM/SIGINT: stop accepting, let in-flight requests finish within the
+grace period, flush the audit log, close the database, close the token
+session last. A second signal cancels what is left at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+from pathlib import Path
+
+from strongroomd import state
+from strongroomd._token import Token
+from strongroomd.api import ROUTES
+from strongroomd.audit import Audit
+from strongroomd.auth import Authenticator, api_key, new_secret
+from strongroomd.config import Config
+from strongroomd.context import Services
+from strongroomd.dispatch import Dispatcher
+from strongroomd.keyring import Keyring
+from strongroomd.protocol import Connection
+from strongroomd.router import Router
+from strongroomd.store import GroupRow, PrincipalRow, Store, now_stamp
+
+log = logging.getLogger("strongroomd")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.services: Services | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.connections: set[Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._stop = asyncio.Event()
+        self._stopping = False
+
+    # -- start-up -------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        token_settings = await asyncio.to_thread(state.prepare, cfg)
+        store = Store(cfg.db_path)
+        await store.open()
+        try:
+            token = await Token.open(
+                token_settings.module, token_settings.label, token_settings.pin
+            )
+        except Exception as exc:
+            await store.close()
+            raise StartupError(f"cannot open token {token_settings.label!r}: {exc}") from exc
+        audit = Audit(store)
+        await audit.start()
+        services = Services(cfg, store, token, Authenticator(store, cfg.session_ttl), audit)
+        keyring = Keyring(services)
+        services.extra["keyring"] = keyring
+        self.services = services
+        self.dispatcher = Dispatcher(services, Router(ROUTES))
+        found = await keyring.reconcile()
+        if any(found.values()):
+            log.warning("reconciled token and database: %s", found)
+        audit.record("daemon.start", detail={"keys": len(store.keys), **found})
+        await self._ensure_admin()
+        await self._listen()
+
+    async def _ensure_admin(self) -> None:
+        assert self.services is not None
+        store, cfg = self.services.store, self.config
+        if any(p.kind == "admin" for p in store.principals.values()):
+            if not cfg.admin_key_path.exists():
+                log.info(
+                    "admin exists; its key file %s was removed (rotate with "
+                    "`strongroomd admin rotate`)",
+                    cfg.admin_key_path,
+                )
+            return
+        group = next((g for g in store.groups.values() if g.name == "default"), None)
+        if group is None:
+            group = GroupRow(str(uuid.uuid4()), "default", "created at first start", now_stamp())
+            await store.put_group(group)
+        secret, salt, digest = new_secret()
+        admin = PrincipalRow(
+            str(uuid.uuid4()),
+            "admin",
+            "admin",
+            "the administrator",
+            [group.id],
+            group.id,
+            digest,
+            salt,
+            True,
+            now_stamp(),
+        )
+        # Key file first: a crash between the two leaves a key that does not work yet
+        # (the next start makes a new admin and overwrites it), never an admin without a key.
+        state.write_secret(cfg.admin_key_path, api_key(admin.id, secret) + "\n")
+        await store.put_principal(admin)
+        log.info("created the admin credential in %s", cfg.admin_key_path)
+
+    async def _listen(self) -> None:
+        assert self.dispatcher is not None
+        path = self.config.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if _alive(path):
+                raise StartupError(f"another daemon is serving {path}")
+            path.unlink()
+        cfg, dispatcher = self.config, self.dispatcher
+        keyring = self.services.extra["keyring"] if self.services else None
+
+        def factory() -> Connection:
+            return Connection(
+                dispatcher,
+                keyring,
+                self.connections,
+                max_frame=cfg.max_frame,
+                max_field=cfg.max_field,
+                max_inflight=cfg.max_inflight,
+            )
+
+        old = os.umask(0o177)  # never a moment where others could connect
+        try:
+            self._server = await asyncio.get_running_loop().create_unix_server(factory, path)
+        finally:
+            os.umask(old)
+        path.chmod(cfg.socket_mode)
+
+    # -- serving -------------------------------------------------------------------
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            await self.start()
+            log.info("serving on %s", self.config.socket_path)
+            print(f"strongroomd: socket {self.config.socket_path}", flush=True)
+            print(f"strongroomd: admin API key file {self.config.admin_key_path}", flush=True)
+            await self._stop.wait()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._stopping:
+            log.warning("second %s: cancelling in-flight requests", signal.Signals(sig).name)
+            for conn in list(self.connections):
+                for t in conn.tasks:
+                    t.cancel()
+            return
+        log.info("%s: shutting down", signal.Signals(sig).name)
+        self._stopping = True
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        self._stopping = True
+        self._stop.set()
+
+    async def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await asyncio.gather(*(c.drain(self.config.shutdown_grace) for c in list(self.connections)))
+        for _ in range(100):  # let connection clean-ups (transient keys) run
+            await asyncio.sleep(0)
+        if self.services is not None:
+            s = self.services
+            keyring: Keyring = s.extra["keyring"]
+            for conn in list(self.connections):
+                await keyring.drop_owner(conn.owner)
+            s.audit.record("daemon.stop")
+            with contextlib.suppress(Exception):
+                await s.audit.close()
+            await s.store.close()
+            await s.token.close()  # the token session closes last
+            self.services = None
+        with contextlib.suppress(FileNotFoundError):
+            if self._server is not None:
+                Path(self.config.socket_path).unlink()
+        self._server = None
+
+
+def _alive(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True

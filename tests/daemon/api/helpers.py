@@ -1,0 +1,45 @@
+"""Small builders shared by the API tests: groups, apps, logged-in connections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tests.conftest import Daemon, Raw, unique
+
+
+def ok(resp: dict[str, Any], status: int = 200) -> Any:
+    assert resp["status"] == status, resp
+    return resp["body"]
+
+
+def err(resp: dict[str, Any], code: str) -> dict[str, Any]:
+    assert resp["status"] != 200 and resp["body"]["error"] == code, resp
+    return resp["body"]
+
+
+def new_group(admin: Raw) -> str:
+    return ok(admin.call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+
+
+@dataclass
+class App:
+    id: str
+    api_key: str
+    groups: list[str]
+    conn: Raw
+
+    def call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        return self.conn.call(method, path, body)
+
+
+def new_app(daemon: Daemon, admin: Raw, groups: list[str]) -> App:
+    body = ok(admin.call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": groups}))
+    conn = Raw(daemon.socket)
+    conn.login(body["credential"]["api_key"])
+    return App(body["app_id"], body["credential"]["api_key"], groups, conn)
+
+
+def new_key(conn: Raw, group: str, **fields: Any) -> dict[str, Any]:
+    body = {"name": unique("k"), "obj_type": "AES", "key_size": 256, "group_id": group, **fields}
+    return ok(conn.call("POST", "/crypto/v1/keys", body))
