@@ -1,0 +1,243 @@
+"""The PKCS#11 token: the only code in Strongroom that imports ``pkcs11``.
+
+``Token`` is the async face. Requests are checked on the event loop (the
+meaning of alg/mode/iv/... is in ``strongroomd.mechanisms``); the PKCS#11
+calls run on one dedicated thread (``thread.Worker``) over one logged-in
+session, with every object indexed by CKA_ID at start-up (``core.Core``)
+and hot session copies of stored keys made on first use.
+
+    >>> token = await Token.open("/usr/lib/softhsm/libsofthsm2.so", "strongroom", pin)
+    >>> await token.encrypt(key, {"alg": "AES", "plain": b"..."})
+    {"cipher": ..., "iv": ..., "tag": ...}
+    >>> await token.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+from typing import Any
+
+from pkcs11 import Mechanism
+from pkcs11 import exceptions as p11e
+
+from strongroomd import mechanisms as mech
+from strongroomd._token import ops
+from strongroomd._token.core import Core, token_error
+from strongroomd._token.thread import Worker
+from strongroomd.errors import BadRequest, BadTag, Unsupported
+from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
+
+__all__ = ["Token"]
+
+_SYMMETRIC = frozenset(("AES", "DES3"))
+_PKCS11Error = p11e.PKCS11Error
+# One Token at a time per process: two threads inside the module crash it.
+_open_lock = threading.Lock()
+
+
+def _asym_type(key: KeyRef) -> str:
+    """RSA or EC for a key or a certificate's public key."""
+    if key.obj_type == "CERTIFICATE":
+        return "EC" if key.curve else "RSA"
+    return key.obj_type
+
+
+class Token:
+    """One logged-in session on one PKCS#11 token, driven from asyncio."""
+
+    def __init__(self, worker: Worker, core: Core) -> None:
+        self._worker = worker
+        self._core = core
+        self._call = worker.call
+
+    @classmethod
+    async def open(cls, module: str, label: str, pin: str) -> Token:
+        if not _open_lock.acquire(blocking=False):
+            raise RuntimeError("a Token is already open in this process")
+        worker = Worker(asyncio.get_running_loop())
+        worker.start()
+        try:
+            core = await worker.call(Core, module, label, pin)
+        except BaseException:
+            await worker.stop()
+            _open_lock.release()
+            raise
+        return cls(worker, core)
+
+    async def close(self) -> None:
+        if self._core is None:
+            return
+        core, self._core = self._core, None
+        try:
+            await self._worker.stop(core.close)
+        finally:
+            _open_lock.release()
+
+    def kids(self) -> set[str]:
+        return self._core.kids()
+
+    async def _run(self, what: str, fn: Any, *args: Any) -> Any:
+        try:
+            return await self._call(fn, self._core, *args)
+        except _PKCS11Error as exc:
+            raise token_error(exc, what) from None
+
+    # -- management ----------------------------------------------------------
+
+    async def remove(self, kid: str) -> None:
+        await self._run("delete", Core.remove, kid)
+
+    async def generate(self, new: NewKey) -> KeyMaterial:
+        return await self._run("generate", Core.generate, new)
+
+    async def import_key(self, new: NewKey, value: bytes) -> KeyMaterial:
+        return await self._run("import", Core.import_key, new, value)
+
+    async def export(self, key: KeyRef) -> bytes:
+        return await self._run("export", Core.export, key)
+
+    async def rename(self, key: KeyRef, name: str) -> None:
+        await self._run("rename", Core.rename, key, name)
+
+    async def persist(self, key: KeyRef, new: NewKey) -> KeyMaterial:
+        return await self._run("persist", Core.persist, key, new)
+
+    # -- crypto --------------------------------------------------------------
+
+    async def encrypt(self, key: KeyRef, req: dict) -> dict:
+        t = key.obj_type
+        plain = req["plain"]
+        if t in _SYMMETRIC:
+            spec = mech.cipher_spec(t, req, decrypt=False)
+            m, p = ops.sym_mechanism(spec)
+            try:
+                out = await self._call(ops.encrypt, self._core, key.kid, m, p, plain)
+            except _PKCS11Error as exc:
+                raise token_error(exc, "encrypt") from None
+            if spec.kind == "AES_GCM":
+                cut = len(out) - spec.tag_bits // 8
+                return {"cipher": out[:cut], "iv": spec.iv, "tag": out[cut:]}
+            if spec.return_iv:
+                return {"cipher": out, "iv": spec.iv}
+            return {"cipher": out}
+        if _asym_type(key) != "RSA" or req.get("alg") != "RSA":
+            raise Unsupported(f"alg {req.get('alg')} cannot encrypt with a {t} key")
+        mode = mech.rsa_encrypt_mode(req.get("mode"))
+        if mode.kind == "PKCS1_V15":
+            m, p, data = Mechanism.RSA_PKCS, None, plain
+        elif mode.hash == "SHA1":
+            m, p, data = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1, plain
+        else:
+            m, p = Mechanism.RSA_X_509, None
+            data = mech.oaep_encode(plain, key.key_size // 8, mode.hash)
+        return {"cipher": await self._run("encrypt", ops.public_encrypt, key.kid, m, p, data)}
+
+    async def decrypt(self, key: KeyRef, req: dict) -> dict:
+        t = key.obj_type
+        cipher = req["cipher"]
+        if t in _SYMMETRIC:
+            spec = mech.cipher_spec(t, req, decrypt=True)
+            m, p = ops.sym_mechanism(spec)
+            if spec.kind == "AES_GCM":
+                cipher += req["tag"]
+            try:
+                plain = await self._call(ops.decrypt, self._core, key.kid, m, p, cipher)
+            except ops.DECRYPT_FAILURES:
+                raise BadTag() from None
+            except _PKCS11Error as exc:
+                raise token_error(exc, "decrypt") from None
+            return {"plain": plain}
+        if t != "RSA" or req.get("alg") != "RSA":
+            raise Unsupported(f"alg {req.get('alg')} cannot decrypt with a {t} key")
+        if key.public_only:
+            raise Unsupported("a public key cannot decrypt")
+        mode = mech.rsa_encrypt_mode(req.get("mode"))
+        k = key.key_size // 8
+        if mode.kind == "PKCS1_V15":
+            m, p = Mechanism.RSA_PKCS, None
+        elif mode.hash == "SHA1":
+            m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
+        else:
+            m, p = Mechanism.RSA_X_509, None
+        if len(cipher) != k:
+            raise BadTag()
+        try:
+            out = await self._call(ops.decrypt, self._core, key.kid, m, p, cipher)
+        except ops.DECRYPT_FAILURES:
+            raise BadTag() from None
+        except _PKCS11Error as exc:
+            raise token_error(exc, "decrypt") from None
+        if m == Mechanism.RSA_X_509:
+            out = mech.oaep_decode(out, k, mode.hash)
+        return {"plain": out}
+
+    def _sign_spec(self, key: KeyRef, req: dict) -> tuple[mech.SignSpec, Any, Any, bytes]:
+        t = _asym_type(key)
+        if t not in ("RSA", "EC"):
+            raise Unsupported(f"a {key.obj_type} key cannot sign or verify")
+        spec = mech.sign_spec(t, key.curve, req)
+        return (spec, *ops.sign_mechanism(spec))
+
+    async def sign(self, key: KeyRef, req: dict) -> dict:
+        if key.public_only:
+            raise Unsupported("a public key cannot sign")
+        spec, m, p, data = self._sign_spec(key, req)
+        sig = await self._run("sign", ops.sign, key.kid, m, p, data)
+        if spec.kind == "ECDSA":
+            sig = mech.ecdsa_raw_to_der(sig)
+        return {"signature": sig}
+
+    async def verify(self, key: KeyRef, req: dict) -> dict:
+        spec, m, p, data = self._sign_spec(key, req)
+        sig = req["signature"]
+        if spec.kind == "ECDSA":
+            sig = mech.ecdsa_der_to_raw(sig, mech.CURVES[key.curve].size)
+            if sig is None:
+                return {"result": False}
+        ok = await self._run("verify", ops.verify, key.kid, m, p, data, sig)
+        return {"result": ok}
+
+    async def mac(self, key: KeyRef, req: dict) -> dict:
+        m = ops.mac_mechanism(mech.mac_alg(key.obj_type, req.get("alg")))
+        return {"mac": await self._run("mac", ops.sign, key.kid, m, None, req["data"])}
+
+    async def macverify(self, key: KeyRef, req: dict) -> dict:
+        mac = (await self.mac(key, req))["mac"]
+        return {"result": hmac.compare_digest(mac, req["mac"])}
+
+    async def wrap(self, key: KeyRef, subject: KeyRef, req: dict) -> dict:
+        mode = mech.wrap_mode(_asym_type(key) if key.obj_type != "AES" else "AES", req)
+        if mode == "KW":
+            m, p, public = Mechanism.AES_KEY_WRAP, None, False
+        elif mode == "KWP":
+            m, p, public = Mechanism.AES_KEY_WRAP_PAD, None, False
+        else:
+            m, p, public = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1, True
+        wrapped = await self._run("wrap", ops.wrap, key.kid, public, subject.kid, m, p)
+        return {"wrapped_key": wrapped}
+
+    async def unwrap(self, key: KeyRef, new: NewKey, req: dict) -> KeyMaterial:
+        if key.public_only:
+            raise Unsupported("a public key cannot unwrap")
+        mode = mech.wrap_mode(key.obj_type, req)
+        if mode == "KW":
+            m, p = Mechanism.AES_KEY_WRAP, None
+        elif mode == "KWP":
+            m, p = Mechanism.AES_KEY_WRAP_PAD, None
+        else:
+            m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
+        return await self._run("unwrap", ops.unwrap, key.kid, new, m, p, req["wrapped_key"])
+
+    async def agree(self, private: KeyRef, public: KeyRef, new: NewKey) -> KeyMaterial:
+        if private.obj_type != "EC" or private.curve == "Ed25519" or private.public_only:
+            raise Unsupported("agreement needs an EC private key (not Ed25519)")
+        if _asym_type(public) != "EC" or public.curve != private.curve:
+            raise BadRequest("the public key must be on the same curve", code="invalid_value")
+        return await self._run("agree", ops.agree, private.kid, public.kid, new)
+
+
+def digest(req: dict) -> dict:
+    """Re-exported from ``strongroomd.mechanisms`` (no token needed)."""
+    return mech.digest(req)

@@ -1,0 +1,230 @@
+"""Crypto operations: PKCS#11 mechanisms for checked requests.
+
+``*_mechanism`` helpers are pure and run on the event loop; the functions
+taking a ``Core`` run on the PKCS#11 thread and do as little as possible.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import exceptions as p11e
+from pkcs11.mechanisms import GCMParams
+
+from strongroomd import mechanisms as mech
+from strongroomd._token import keys
+from strongroomd._token.core import Core
+from strongroomd.errors import BadRequest, BadTag, Unsupported
+from strongroomd.keyref import KeyMaterial, NewKey
+
+_SYM = {
+    "AES_GCM": Mechanism.AES_GCM,
+    "AES_CBC": Mechanism.AES_CBC_PAD,
+    "AES_CBCNOPAD": Mechanism.AES_CBC,
+    "AES_CTR": Mechanism.AES_CTR,
+    "AES_ECB": Mechanism.AES_ECB,
+    "DES3_CBC": Mechanism.DES3_CBC_PAD,
+    "DES3_CBCNOPAD": Mechanism.DES3_CBC,
+    "DES3_ECB": Mechanism.DES3_ECB,
+}
+_HASH_MECH = {
+    "SHA1": Mechanism.SHA_1,
+    "SHA256": Mechanism.SHA256,
+    "SHA384": Mechanism.SHA384,
+    "SHA512": Mechanism.SHA512,
+}
+_MGF = {"SHA1": MGF.SHA1, "SHA256": MGF.SHA256, "SHA384": MGF.SHA384, "SHA512": MGF.SHA512}
+_HMAC_MECH = {
+    "SHA1": Mechanism.SHA_1_HMAC,
+    "SHA256": Mechanism.SHA256_HMAC,
+    "SHA384": Mechanism.SHA384_HMAC,
+    "SHA512": Mechanism.SHA512_HMAC,
+}
+OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
+# CK_AES_CTR_PARAMS {CK_ULONG ulCounterBits; CK_BYTE cb[16]}: a 128-bit counter
+# over the whole block, as cryptography's CTR mode counts.
+_CTR = struct.Struct("@L16s")
+
+#: Failures of a decryption or unwrap that must say nothing specific.
+DECRYPT_FAILURES = (
+    p11e.GeneralError,
+    p11e.EncryptedDataInvalid,
+    p11e.EncryptedDataLenRange,
+    p11e.DataInvalid,
+    p11e.DataLenRange,
+    p11e.WrappedKeyInvalid,
+    p11e.WrappedKeyLenRange,
+    p11e.FunctionFailed,
+)
+VERIFY_FAILURES = (p11e.SignatureInvalid, p11e.SignatureLenRange)
+
+
+def sym_mechanism(spec: mech.CipherSpec) -> tuple[Mechanism, Any]:
+    kind = spec.kind
+    if kind == "AES_GCM":
+        return Mechanism.AES_GCM, GCMParams(spec.iv, spec.ad, spec.tag_bits)
+    if kind == "AES_CTR":
+        return Mechanism.AES_CTR, _CTR.pack(128, spec.iv)
+    return _SYM[kind], spec.iv
+
+
+def sign_mechanism(spec: mech.SignSpec) -> tuple[Mechanism, Any, bytes]:
+    """(mechanism, parameter, bytes to sign) for a checked sign request."""
+    if spec.kind == "PKCS1_V15":
+        return Mechanism.RSA_PKCS, None, mech.digest_info(spec.hash, spec.message)
+    if spec.kind == "PSS":
+        hlen = mech.HASHES[spec.hash][1]
+        return (
+            Mechanism.RSA_PKCS_PSS,
+            (_HASH_MECH[spec.hash], _MGF[spec.mgf_hash], hlen),
+            spec.message,
+        )
+    if spec.kind == "ECDSA":
+        return Mechanism.ECDSA, None, spec.message
+    return Mechanism.EDDSA, None, spec.message
+
+
+def mac_mechanism(alg: str) -> Mechanism:
+    return Mechanism.AES_CMAC if alg == "CMAC" else _HMAC_MECH[alg]
+
+
+# -- on the PKCS#11 thread ----------------------------------------------------
+
+
+def encrypt(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
+    return core.hot(kid)._encrypt(data, mechanism, param, len(data) + 32)
+
+
+def decrypt(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
+    return core.hot(kid)._decrypt(data, mechanism, param, None, len(data) + 32)
+
+
+def public_encrypt(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
+    return core.hot_public(kid)._encrypt(data, mechanism, param, 1024)
+
+
+def sign(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
+    return core.hot(kid)._sign(data, mechanism, param, None, 1024)
+
+
+def verify(
+    core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes, signature: bytes
+) -> bool:
+    try:
+        core.hot_public(kid)._verify(data, signature, mechanism, param)
+    except VERIFY_FAILURES:
+        return False
+    return True
+
+
+def wrap(core: Core, kid: str, public: bool, subject: str, mechanism: Mechanism, param: Any):
+    wrapping = core.hot_public(kid) if public else core.hot(kid)
+    s = core.entry(subject)
+    obj = s.secret if s.secret is not None else s.private
+    if obj is None:
+        raise BadRequest("the subject has no secret or private part to wrap", code="invalid_value")
+    if not obj[Attribute.EXTRACTABLE]:
+        raise BadRequest("the subject key is not exportable", code="invalid_value")
+    return wrapping.wrap_key(obj, mechanism=mechanism, mechanism_param=param)
+
+
+def _secret_size(new: NewKey, n: int) -> int:
+    """Check the byte length of an unwrapped/derived secret; returns bits."""
+    t = new.obj_type
+    ok = {
+        "AES": n in (16, 24, 32),
+        "DES3": n == 24,
+        "HMAC": mech.HMAC_MIN_BYTES <= n <= mech.HMAC_MAX_BYTES,
+        "SECRET": n >= 1,
+    }.get(t, False)
+    if not ok:
+        raise BadRequest(f"the key is not a valid {t} key", code="invalid_key_size")
+    return 168 if t == "DES3" else n * 8
+
+
+def _finish_secret(core: Core, new: NewKey, obj: Any, n: int) -> KeyMaterial:
+    """Check a new secret object, pad short HMAC keys, and index it."""
+    entry = core._new_entry(new)
+    try:
+        bits = _secret_size(new, n)
+        if new.obj_type == "HMAC" and n < mech.HMAC_TOKEN_BYTES:
+            # Made extractable as a session object for exactly this step.
+            value = obj[Attribute.VALUE]
+            obj.destroy()
+            obj = None
+            template = keys.secret_template(new)
+            template[Attribute.VALUE] = mech.hmac_token_value(value)
+            obj = core.session.create_object(template)
+        elif not new.transient or not new.exportable:
+            template = keys.secret_template(new)
+            copy = obj.copy(
+                {
+                    Attribute.TOKEN: template[Attribute.TOKEN],
+                    Attribute.SENSITIVE: template[Attribute.SENSITIVE],
+                    Attribute.EXTRACTABLE: template[Attribute.EXTRACTABLE],
+                }
+            )
+            obj.destroy()
+            obj = copy
+    except BaseException:
+        if obj is not None:
+            obj.destroy()
+        raise
+    entry.secret = obj
+    core._commit(entry)
+    return KeyMaterial(new.obj_type, bits, None, None, False)
+
+
+def _staging_template(new: NewKey) -> dict:
+    """A session, extractable object; ``_finish_secret`` makes it final."""
+    template = keys.secret_template(new)
+    template[Attribute.TOKEN] = False
+    template[Attribute.SENSITIVE] = False
+    template[Attribute.EXTRACTABLE] = True
+    return template
+
+
+def unwrap(
+    core: Core, kid: str, new: NewKey, mechanism: Mechanism, param: Any, data: bytes
+) -> KeyMaterial:
+    if new.obj_type not in keys.SECRET_TYPES:
+        raise Unsupported("only symmetric keys can be unwrapped")
+    unwrapping = core.hot(kid)
+    try:
+        obj = unwrapping.unwrap_key(
+            ObjectClass.SECRET_KEY,
+            keys.SECRET_TYPES[new.obj_type],
+            data,
+            mechanism=mechanism,
+            mechanism_param=param,
+            capabilities=0,
+            template=_staging_template(new),
+        )
+    except DECRYPT_FAILURES:
+        raise BadTag() from None
+    return _finish_secret(core, new, obj, obj[Attribute.VALUE_LEN])
+
+
+def agree(core: Core, private: str, public: str, new: NewKey) -> KeyMaterial:
+    if new.obj_type not in ("AES", "HMAC", "SECRET"):
+        raise Unsupported("agreement makes AES, HMAC or SECRET keys")
+    peer = core.entry(public)
+    if peer.point is None:
+        if peer.public is None:
+            raise Unsupported("the public key has no public part")
+        peer.point = keys.parse_octet_string(peer.public[Attribute.EC_POINT])
+    n = mech.check_key_size(new.obj_type, new.key_size) // 8
+    key_type = KeyType.AES if new.obj_type == "AES" else KeyType.GENERIC_SECRET
+    template = _staging_template(new)
+    template.pop(Attribute.ENCRYPT, None)
+    obj = core.hot(private).derive_key(
+        key_type,
+        n * 8,
+        capabilities=0,
+        mechanism=Mechanism.ECDH1_DERIVE,
+        mechanism_param=(KDF.NULL, None, peer.point),
+        template=template,
+    )
+    return _finish_secret(core, new, obj, n)
