@@ -1,0 +1,309 @@
+"""``Client`` and ``AsyncClient``: the same API, differing only in how they send.
+
+Everything free of I/O (paths, bodies, key descriptors, error mapping,
+authentication bookkeeping) lives in :class:`BaseClient` and the namespaces;
+the two subclasses only implement ``_call``. The namespaces (``client.keys``,
+``client.crypto``...) are in ``_resources``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from typing import Any
+
+from strongroom._exceptions import ApiError, TransportError, error_for
+from strongroom._models import Record, Request, Response, wrap
+from strongroom._resources import (
+    AUTH_PATH,
+    TERMINATE_PATH,
+    Apps,
+    Crypto,
+    Groups,
+    Keys,
+    Logs,
+    Plugins,
+    Session,
+    key_descriptor,
+)
+from strongroom._transports.base import AsyncBaseTransport, BaseTransport
+from strongroom._transports.unix import AsyncUnixTransport, UnixTransport
+from strongroom._types import RequestSpecs
+
+__all__ = ["DEFAULT_SOCKET", "AsyncClient", "BaseClient", "Client", "key_descriptor"]
+
+DEFAULT_SOCKET = "./var/strongroomd.sock"
+_REAUTH_CODES = frozenset({"token_expired", "unauthenticated"})
+
+
+def _env_api_key() -> str | None:
+    key = os.environ.get("STRONGROOM_API_KEY")
+    if key:
+        return key.strip()
+    path = os.environ.get("STRONGROOM_API_KEY_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return None
+
+
+class BaseClient:
+    """What both clients share: configuration, namespaces, bodies, error mapping."""
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        if socket_path is None:
+            socket_path = os.environ.get("STRONGROOM_SOCKET") or DEFAULT_SOCKET
+        self.socket_path = os.fspath(socket_path)
+        self.timeout = timeout
+        self._api_key = api_key if api_key is not None else _env_api_key()
+        self._ids = itertools.count(1)
+        self._authenticated = False
+        self._auth_epoch = 0
+        self.session = Session(self)
+        self.groups = Groups(self)
+        self.apps = Apps(self)
+        self.keys = Keys(self)
+        self.crypto = Crypto(self)
+        self.logs = Logs(self)
+        self.plugins = Plugins(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} socket_path={self.socket_path!r} "
+            f"api_key={'set' if self._api_key else 'unset'}>"
+        )
+
+    @property
+    def has_api_key(self) -> bool:
+        return self._api_key is not None
+
+    def _build(self, method: str, path: str, body: Any = None) -> Request:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        return Request(next(self._ids), method.upper(), path, body)
+
+    def _auth_request(self) -> Request:
+        return self._build("POST", AUTH_PATH, {"api_key": self._api_key})
+
+    def _needs_reauth(self, path: str, response: Response) -> bool:
+        body = response.body
+        return (
+            path != AUTH_PATH
+            and self._api_key is not None
+            and response.status == 401
+            and isinstance(body, dict)
+            and body.get("error") in _REAUTH_CODES
+        )
+
+    def _needs_auth(self, path: str) -> bool:
+        return path != AUTH_PATH and self._api_key is not None and not self._authenticated
+
+    def _note(self, path: str, response: Response) -> None:
+        """Track the connection's session from what went by."""
+        if response.id is None:  # the transport dropped the connection
+            self._authenticated = False
+        elif path == AUTH_PATH and response.status < 400:
+            self._authenticated = True
+            self._auth_epoch += 1
+        elif path == TERMINATE_PATH and response.status < 400:
+            self._authenticated = False
+
+    @staticmethod
+    def _result(response: Response, model: type[Record] | None = None) -> Any:
+        if response.id is None or response.status >= 400:
+            raise error_for(response.status, response.body)
+        if response.status == 204:
+            return None
+        return response.body if model is None else wrap(response.body, model)
+
+
+class Client(BaseClient):
+    """A synchronous client for strongroomd; thread-safe, one request at a time.
+
+    Usage::
+
+        with strongroom.Client() as c:
+            key = c.keys.create("k1", "AES", key_size=256)
+            out = c.crypto.encrypt(key, plain=b"hello")
+            c.crypto.decrypt(key, cipher=out.cipher, iv=out.iv, tag=out.tag).plain
+
+    Methods return the decoded response body: maps as :class:`Record` (a dict
+    with attribute access), keys as :class:`Sobject`, lists of those for list
+    calls, None for 204. ``request()`` returns bodies exactly as decoded.
+    Error responses raise :class:`ApiError` subclasses; socket and frame
+    problems raise :class:`TransportError`.
+
+    Parameters:
+
+    * **socket_path** - the daemon's socket; default ``$STRONGROOM_SOCKET``,
+      else ``./var/strongroomd.sock``.
+    * **api_key** - default ``$STRONGROOM_API_KEY`` or the contents of
+      ``$STRONGROOM_API_KEY_FILE``. When known, the client authenticates on its
+      first request, and again once when the session expires.
+    * **timeout** - seconds to wait for a response.
+    * **transport** - a :class:`BaseTransport` (e.g. ``MockTransport``) to use
+      instead of the Unix socket.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        *,
+        transport: BaseTransport | None = None,
+    ) -> None:
+        super().__init__(socket_path, api_key, timeout)
+        self._transport = transport or UnixTransport(self.socket_path, timeout=timeout)
+        self._lock = threading.RLock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (the session and transient keys end with it)."""
+        with self._lock:
+            self._authenticated = False
+            self._transport.close()
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send any request -> the response body as decoded; raises on error statuses."""
+        return self._call(method, path, body)
+
+    def pipeline(self, requests: RequestSpecs, *, return_exceptions: bool = False) -> list[Any]:
+        """Send ``(method, path[, body])`` requests together; bodies in order.
+
+        With ``return_exceptions`` an error response yields its ApiError in
+        place, as with ``asyncio.gather``; otherwise the first one is raised.
+        """
+        specs = [(m, p, s[0] if s else None) for m, p, *s in requests]
+        with self._lock:
+            if any(self._needs_auth(p) for _, p, _ in specs):
+                self._authenticate()
+            responses = self._send([self._build(*s) for s in specs])
+            retry = [i for i, r in enumerate(responses) if self._needs_reauth(specs[i][1], r)]
+            if retry:
+                self._authenticate()
+                again = self._send([self._build(*specs[i]) for i in retry])
+                for i, r in zip(retry, again, strict=True):
+                    responses[i] = r
+            for (_, path, _), r in zip(specs, responses, strict=True):
+                self._note(path, r)
+        results: list[Any] = []
+        for r in responses:
+            try:
+                results.append(self._result(r))
+            except ApiError as exc:
+                if not return_exceptions:
+                    raise
+                results.append(exc)
+        return results
+
+    def _call(self, method: str, path: str, body: Any = None, model: Any = None) -> Any:
+        with self._lock:
+            if self._needs_auth(path):
+                self._authenticate()
+            response = self._send([self._build(method, path, body)])[0]
+            if self._needs_reauth(path, response):
+                self._authenticate()
+                response = self._send([self._build(method, path, body)])[0]
+            self._note(path, response)
+        return self._result(response, model)
+
+    def _send(self, requests: list[Request]) -> list[Response]:
+        try:
+            return self._transport.handle_requests(requests)
+        except TransportError:
+            self._authenticated = False
+            raise
+
+    def _authenticate(self) -> None:
+        response = self._send([self._auth_request()])[0]
+        self._note(AUTH_PATH, response)
+        self._result(response)
+
+
+class AsyncClient(BaseClient):
+    """An asyncio client for strongroomd: the API of :class:`Client`, awaited.
+
+    Usage::
+
+        async with strongroom.AsyncClient() as c:
+            key = await c.keys.info(name="k1")
+            outs = await asyncio.gather(
+                *(c.crypto.encrypt(key, plain=m) for m in messages)
+            )
+
+    One connection carries every request at once (pipelining); responses are
+    matched by id, in any order. If the connection drops, the requests in
+    flight fail with :class:`TransportError` and the next request reconnects
+    (and authenticates again). Parameters as for :class:`Client`; ``timeout``
+    applies to each request, and ``transport`` is an
+    :class:`AsyncBaseTransport`. Close with ``await client.aclose()``.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        *,
+        transport: AsyncBaseTransport | None = None,
+    ) -> None:
+        super().__init__(socket_path, api_key, timeout)
+        self._transport = transport or AsyncUnixTransport(self.socket_path, timeout=timeout)
+        self._auth_lock: asyncio.Lock | None = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection, failing requests still in flight."""
+        self._authenticated = False
+        await self._transport.aclose()
+
+    async def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send any request -> the response body as decoded; raises on error statuses."""
+        return await self._call(method, path, body)
+
+    async def _call(self, method: str, path: str, body: Any = None, model: Any = None) -> Any:
+        if self._needs_auth(path):
+            await self._authenticate(self._auth_epoch)
+        epoch = self._auth_epoch
+        response = await self._send(self._build(method, path, body))
+        if self._needs_reauth(path, response):
+            await self._authenticate(epoch)
+            response = await self._send(self._build(method, path, body))
+        self._note(path, response)
+        return self._result(response, model)
+
+    async def _send(self, request: Request) -> Response:
+        try:
+            return await self._transport.handle_async_request(request)
+        except TransportError:
+            self._authenticated = False
+            raise
+
+    async def _authenticate(self, epoch: int) -> None:
+        """Authenticate unless another task already did since ``epoch``."""
+        if self._auth_lock is None:
+            self._auth_lock = asyncio.Lock()
+        async with self._auth_lock:
+            if self._authenticated and self._auth_epoch != epoch:
+                return
+            response = await self._send(self._auth_request())
+            self._note(AUTH_PATH, response)
+            self._result(response)

@@ -1,0 +1,505 @@
+"""The namespaces of both clients, mirroring the API's paths; no I/O here.
+
+Each method builds a path and a body and hands them to the client's
+``_call``, which returns the result (``Client``) or an awaitable of it
+(``AsyncClient``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from strongroom._models import Record, Sobject
+from strongroom._types import IdLike, KeyLike
+
+if TYPE_CHECKING:
+    from strongroom._client import BaseClient
+
+__all__ = ["AUTH_PATH", "TERMINATE_PATH", "key_descriptor"]
+
+AUTH_PATH = "/sys/v1/session/auth"
+TERMINATE_PATH = "/sys/v1/session/terminate"
+
+
+def _fields(**fields: Any) -> dict[str, Any]:
+    """A request body from keyword arguments; None means "not sent"."""
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _ident(value: IdLike, field: str) -> str:
+    """One path segment: an id string, or a record that holds ``field`` (or ``id``)."""
+    if isinstance(value, Mapping):
+        value = value.get(field) or value.get("id")
+    if not isinstance(value, str) or not value or value in (".", ".."):
+        raise ValueError(f"not a valid {field}: {value!r}")
+    if any(c in value for c in "/?#") or not value.isprintable():
+        raise ValueError(f"not a valid {field}: {value!r}")
+    return value
+
+
+def _idents(values: Sequence[IdLike] | None, field: str) -> list[str] | None:
+    if values is None:
+        return None
+    if isinstance(values, str | Mapping):
+        values = [values]
+    return [_ident(v, field) for v in values]
+
+
+def key_descriptor(
+    key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
+) -> dict[str, Any]:
+    """The descriptor map for exactly one of ``key`` (map or Sobject), ``kid``, ``name``."""
+    if sum(x is not None for x in (key, kid, name)) != 1:
+        raise TypeError("name the key with exactly one of key=, kid= or name=")
+    if isinstance(key, Sobject):
+        return key.descriptor
+    if isinstance(key, Mapping):
+        return dict(key)
+    if key is not None:
+        raise TypeError("key= takes a descriptor map or an Sobject; use kid= or name= for strings")
+    return {"kid": kid} if kid is not None else {"name": name}
+
+
+class _Namespace:
+    def __init__(self, client: BaseClient) -> None:
+        self._c = client
+
+
+class Session(_Namespace):
+    """``/sys/v1/session``. The client authenticates by itself; these are for explicit use."""
+
+    def auth(
+        self, api_key: str | None = None, *, app_id: str | None = None, secret: str | None = None
+    ) -> Any:
+        """Authenticate this connection -> Record(token_type, access_token, expires_in, entity_id).
+
+        Without arguments, uses the client's own API key.
+        """
+        if api_key is None and app_id is None:
+            api_key = self._c._api_key
+            if api_key is None:
+                raise ValueError("no API key: pass one, or set STRONGROOM_API_KEY")
+        return self._c._call(
+            "POST", AUTH_PATH, _fields(api_key=api_key, app_id=app_id, secret=secret), Record
+        )
+
+    def terminate(self) -> Any:
+        """End this connection's session -> None."""
+        return self._c._call("POST", TERMINATE_PATH, {})
+
+
+class Groups(_Namespace):
+    """``/sys/v1/groups``: results are :class:`Record`; ``delete`` returns None."""
+
+    def create(self, name: str, *, description: str | None = None, **extra: Any) -> Any:
+        body = _fields(name=name, description=description, **extra)
+        return self._c._call("POST", "/sys/v1/groups", body, Record)
+
+    def list(self) -> Any:
+        return self._c._call("GET", "/sys/v1/groups", None, Record)
+
+    def get(self, group_id: IdLike) -> Any:
+        return self._c._call("GET", f"/sys/v1/groups/{_ident(group_id, 'group_id')}", None, Record)
+
+    def update(self, group_id: IdLike, **fields: Any) -> Any:
+        path = f"/sys/v1/groups/{_ident(group_id, 'group_id')}"
+        return self._c._call("PATCH", path, _fields(**fields), Record)
+
+    def delete(self, group_id: IdLike) -> Any:
+        return self._c._call("DELETE", f"/sys/v1/groups/{_ident(group_id, 'group_id')}")
+
+
+class Apps(_Namespace):
+    """``/sys/v1/apps``. ``create`` and ``reset_secret`` return ``credential.api_key`` once."""
+
+    def create(
+        self,
+        name: str,
+        *,
+        groups: Sequence[IdLike],
+        default_group: IdLike | None = None,
+        description: str | None = None,
+        **extra: Any,
+    ) -> Any:
+        body = _fields(
+            name=name,
+            groups=_idents(groups, "group_id"),
+            default_group=None if default_group is None else _ident(default_group, "group_id"),
+            description=description,
+            **extra,
+        )
+        return self._c._call("POST", "/sys/v1/apps", body, Record)
+
+    def list(self) -> Any:
+        return self._c._call("GET", "/sys/v1/apps", None, Record)
+
+    def get(self, app_id: IdLike) -> Any:
+        return self._c._call("GET", f"/sys/v1/apps/{_ident(app_id, 'app_id')}", None, Record)
+
+    def update(self, app_id: IdLike, **fields: Any) -> Any:
+        path = f"/sys/v1/apps/{_ident(app_id, 'app_id')}"
+        return self._c._call("PATCH", path, _fields(**fields), Record)
+
+    def delete(self, app_id: IdLike) -> Any:
+        return self._c._call("DELETE", f"/sys/v1/apps/{_ident(app_id, 'app_id')}")
+
+    def reset_secret(self, app_id: IdLike) -> Any:
+        path = f"/sys/v1/apps/{_ident(app_id, 'app_id')}/reset_secret"
+        return self._c._call("POST", path, {}, Record)
+
+
+class Keys(_Namespace):
+    """``/crypto/v1/keys``: results are :class:`Sobject`; ``delete`` returns None.
+
+    ``kid`` arguments take a kid string or an Sobject; operations that take a
+    descriptor take ``key=`` (map or Sobject), ``kid=`` or ``name=``.
+    """
+
+    def create(
+        self,
+        name: str,
+        obj_type: str,
+        *,
+        key_size: int | None = None,
+        elliptic_curve: str | None = None,
+        key_ops: Sequence[str] | None = None,
+        group_id: IdLike | None = None,
+        description: str | None = None,
+        custom_metadata: Mapping[str, str] | None = None,
+        transient: bool | None = None,
+        enabled: bool | None = None,
+        **extra: Any,
+    ) -> Any:
+        body = _fields(
+            name=name,
+            obj_type=obj_type,
+            key_size=key_size,
+            elliptic_curve=elliptic_curve,
+            key_ops=None if key_ops is None else list(key_ops),
+            group_id=None if group_id is None else _ident(group_id, "group_id"),
+            description=description,
+            custom_metadata=None if custom_metadata is None else dict(custom_metadata),
+            transient=transient,
+            enabled=enabled,
+            **extra,
+        )
+        return self._c._call("POST", "/crypto/v1/keys", body, Sobject)
+
+    def import_key(self, name: str, obj_type: str, value: bytes, **fields: Any) -> Any:
+        """Import ``value`` (raw bytes, or DER/PEM); other fields as for :meth:`create`."""
+        if "group_id" in fields and fields["group_id"] is not None:
+            fields["group_id"] = _ident(fields["group_id"], "group_id")
+        body = _fields(name=name, obj_type=obj_type, value=value, **fields)
+        return self._c._call("PUT", "/crypto/v1/keys", body, Sobject)
+
+    def list(
+        self,
+        *,
+        group_id: IdLike | None = None,
+        name: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+    ) -> Any:
+        gid = None if group_id is None else _ident(group_id, "group_id")
+        body = _fields(group_id=gid, name=name, limit=limit, offset=offset)
+        return self._c._call("GET", "/crypto/v1/keys", body or None, Sobject)
+
+    def get(self, kid: IdLike) -> Any:
+        return self._c._call("GET", f"/crypto/v1/keys/{_ident(kid, 'kid')}", None, Sobject)
+
+    def info(
+        self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
+    ) -> Any:
+        body = key_descriptor(key, kid=kid, name=name)
+        return self._c._call("POST", "/crypto/v1/keys/info", body, Sobject)
+
+    def update(self, kid: IdLike, **fields: Any) -> Any:
+        """Change name, description, custom_metadata, enabled, or narrow key_ops."""
+        path = f"/crypto/v1/keys/{_ident(kid, 'kid')}"
+        return self._c._call("PATCH", path, _fields(**fields), Sobject)
+
+    def delete(self, kid: IdLike) -> Any:
+        return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
+
+    def export(
+        self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
+    ) -> Any:
+        """The sobject with its ``value`` (keys with EXPORT in key_ops only)."""
+        body = key_descriptor(key, kid=kid, name=name)
+        return self._c._call("POST", "/crypto/v1/keys/export", body, Sobject)
+
+
+class Crypto(_Namespace):
+    """``/crypto/v1/*`` operations; each returns the response as a :class:`Record`.
+
+    The key is named by ``key=`` (descriptor map or Sobject), ``kid=`` or
+    ``name=``. Binary fields are ``bytes``. Fields left None are not sent;
+    ``**extra`` passes further body fields through unchanged.
+    """
+
+    def _op(self, op: str, key: Any, kid: Any, name: Any, model: type = Record, **f: Any) -> Any:
+        body = _fields(key=key_descriptor(key, kid=kid, name=name), **f)
+        return self._c._call("POST", f"/crypto/v1/{op}", body, model)
+
+    @staticmethod
+    def _alg(alg: str | None, key: Any) -> str | None:
+        if alg is None and isinstance(key, Sobject):
+            return key.get("obj_type")
+        return alg
+
+    def encrypt(
+        self,
+        key=None,
+        *,
+        kid=None,
+        name=None,
+        plain: bytes,
+        alg=None,
+        mode=None,
+        iv=None,
+        ad=None,
+        tag_len=None,
+        **extra: Any,
+    ) -> Any:
+        """-> Record(kid, cipher, iv?, tag?). ``alg`` defaults to an Sobject's obj_type."""
+        return self._op(
+            "encrypt",
+            key,
+            kid,
+            name,
+            alg=self._alg(alg, key),
+            plain=plain,
+            mode=mode,
+            iv=iv,
+            ad=ad,
+            tag_len=tag_len,
+            **extra,
+        )
+
+    def decrypt(
+        self,
+        key=None,
+        *,
+        kid=None,
+        name=None,
+        cipher: bytes,
+        alg=None,
+        mode=None,
+        iv=None,
+        ad=None,
+        tag=None,
+        **extra: Any,
+    ) -> Any:
+        """-> Record(kid, plain). A wrong tag raises :class:`BadTag`."""
+        return self._op(
+            "decrypt",
+            key,
+            kid,
+            name,
+            alg=self._alg(alg, key),
+            cipher=cipher,
+            mode=mode,
+            iv=iv,
+            ad=ad,
+            tag=tag,
+            **extra,
+        )
+
+    def sign(
+        self,
+        key=None,
+        *,
+        kid=None,
+        name=None,
+        data=None,
+        hash=None,
+        hash_alg=None,
+        mode=None,
+        **extra: Any,
+    ) -> Any:
+        """-> Record(kid, signature). Give ``data``, or ``hash`` already made with hash_alg."""
+        return self._op(
+            "sign", key, kid, name, data=data, hash=hash, hash_alg=hash_alg, mode=mode, **extra
+        )
+
+    def verify(
+        self,
+        key=None,
+        *,
+        kid=None,
+        name=None,
+        signature: bytes,
+        data=None,
+        hash=None,
+        hash_alg=None,
+        mode=None,
+        **extra: Any,
+    ) -> Any:
+        """-> Record(kid, result: bool)."""
+        return self._op(
+            "verify",
+            key,
+            kid,
+            name,
+            signature=signature,
+            data=data,
+            hash=hash,
+            hash_alg=hash_alg,
+            mode=mode,
+            **extra,
+        )
+
+    def mac(self, key=None, *, kid=None, name=None, data: bytes, alg=None, **extra: Any) -> Any:
+        """-> Record(kid, mac). ``alg`` is the hash (SHA256...) or CMAC."""
+        return self._op("mac", key, kid, name, alg=alg, data=data, **extra)
+
+    def macverify(
+        self, key=None, *, kid=None, name=None, data: bytes, mac: bytes, alg=None, **extra: Any
+    ) -> Any:
+        """-> Record(kid, result: bool)."""
+        return self._op("macverify", key, kid, name, alg=alg, data=data, mac=mac, **extra)
+
+    def digest(self, data: bytes, *, alg: str = "SHA256", **extra: Any) -> Any:
+        """-> Record(digest). No key involved."""
+        return self._c._call(
+            "POST", "/crypto/v1/digest", _fields(alg=alg, data=data, **extra), Record
+        )
+
+    def wrapkey(
+        self, key=None, *, kid=None, name=None, subject: KeyLike, alg: str, mode=None, **extra: Any
+    ) -> Any:
+        """Wrap ``subject`` (descriptor or Sobject) under the key -> Record(wrapped_key, iv?)."""
+        return self._op(
+            "wrapkey", key, kid, name, subject=key_descriptor(subject), alg=alg, mode=mode, **extra
+        )
+
+    def unwrapkey(
+        self,
+        key=None,
+        *,
+        kid=None,
+        wrapped_key: bytes,
+        alg: str,
+        obj_type: str,
+        mode=None,
+        name=None,
+        key_ops=None,
+        group_id=None,
+        transient=None,
+        **extra: Any,
+    ) -> Any:
+        """Unwrap into a new key -> Sobject. Here ``name`` names the NEW key."""
+        body = _fields(
+            key=key_descriptor(key, kid=kid),
+            alg=alg,
+            obj_type=obj_type,
+            wrapped_key=wrapped_key,
+            mode=mode,
+            name=name,
+            key_ops=key_ops,
+            group_id=group_id,
+            transient=transient,
+            **extra,
+        )
+        return self._c._call("POST", "/crypto/v1/unwrapkey", body, Sobject)
+
+    def agree(
+        self,
+        private_key: KeyLike,
+        public_key: KeyLike,
+        *,
+        key_type: str,
+        key_size: int,
+        mechanism: str = "diffie_hellman",
+        name=None,
+        transient=None,
+        **extra: Any,
+    ) -> Any:
+        """Derive a shared key (ECDH) -> Sobject."""
+        body = _fields(
+            private_key=key_descriptor(private_key),
+            public_key=key_descriptor(public_key),
+            mechanism=mechanism,
+            key_type=key_type,
+            key_size=key_size,
+            name=name,
+            transient=transient,
+            **extra,
+        )
+        return self._c._call("POST", "/crypto/v1/agree", body, Sobject)
+
+
+class Logs(_Namespace):
+    """``/sys/v1/logs``: audit records, as a list of :class:`Record`."""
+
+    def list(self, *, object_id=None, actor_id=None, limit=None, offset=None) -> Any:
+        body = _fields(object_id=object_id, actor_id=actor_id, limit=limit, offset=offset)
+        return self._c._call("GET", "/sys/v1/logs", body or None, Record)
+
+
+class Plugins(_Namespace):
+    """``/sys/v1/plugins``. ``invoke`` returns whatever the plugin's ``run`` returned."""
+
+    def create(
+        self,
+        name: str,
+        code: str,
+        *,
+        groups: Sequence[IdLike],
+        default_group: IdLike | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+        language: str = "LUA",
+        **extra: Any,
+    ) -> Any:
+        body = _fields(
+            name=name,
+            source={"language": language, "code": code},
+            groups=_idents(groups, "group_id"),
+            default_group=None if default_group is None else _ident(default_group, "group_id"),
+            description=description,
+            enabled=enabled,
+            **extra,
+        )
+        return self._c._call("POST", "/sys/v1/plugins", body, Record)
+
+    def list(self) -> Any:
+        return self._c._call("GET", "/sys/v1/plugins", None, Record)
+
+    def get(self, plugin_id: IdLike) -> Any:
+        path = f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}"
+        return self._c._call("GET", path, None, Record)
+
+    def update(
+        self, plugin_id: IdLike, *, code: str | None = None, language: str = "LUA", **fields: Any
+    ) -> Any:
+        """PATCH fields; ``code=`` is sent as ``source: {language, code}``."""
+        if code is not None:
+            fields["source"] = {"language": language, "code": code}
+        path = f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}"
+        return self._c._call("PATCH", path, _fields(**fields), Record)
+
+    def delete(self, plugin_id: IdLike) -> Any:
+        return self._c._call("DELETE", f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}")
+
+    def invoke(self, plugin_id: IdLike, input: Any = None) -> Any:
+        """Run the plugin on ``input`` -> its result as decoded (None for 204)."""
+        return self._c._call("POST", f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}", input)
+
+    def test(
+        self,
+        code: str,
+        input: Any = None,
+        *,
+        groups: Sequence[IdLike] | None = None,
+        invoker: Any = None,
+        **extra: Any,
+    ) -> Any:
+        """Run unsaved code -> Record with the result (or error and traceback) and output."""
+        body = _fields(
+            code=code, input=input, groups=_idents(groups, "group_id"), invoker=invoker, **extra
+        )
+        if "input" not in body:
+            body["input"] = None
+        return self._c._call("POST", "/sys/v1/plugins/test", body, Record)
