@@ -433,8 +433,11 @@ class Crypto(_Namespace):
 class Logs(_Namespace):
     """``/sys/v1/logs``: audit records, as a list of :class:`Record`."""
 
-    def list(self, *, object_id=None, actor_id=None, limit=None, offset=None) -> Any:
-        body = _fields(object_id=object_id, actor_id=actor_id, limit=limit, offset=offset)
+    def list(self, *, object_id=None, actor_id=None, limit=None, offset=None, **filters) -> Any:
+        """Newest first; ``**filters`` passes further filters (e.g. ``invocation_id``)."""
+        body = _fields(
+            object_id=object_id, actor_id=actor_id, limit=limit, offset=offset, **filters
+        )
         return self._c._call("GET", "/sys/v1/logs", body or None, Record)
 
 
