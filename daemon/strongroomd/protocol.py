@@ -108,6 +108,8 @@ class Connection(asyncio.Protocol):
             if len(self.tasks) >= self.max_inflight:
                 raise Busy(f"more than {self.max_inflight} requests in flight")
         except FrameError as exc:
+            if exc.code == "too_large":
+                rid = _id_of(payload, self.reader.max_frame)
             self._reply(rid, CODES[exc.code], {"error": exc.code, "message": exc.message})
             return
         except ApiError as exc:
@@ -167,3 +169,13 @@ class Connection(asyncio.Protocol):
         if self.tasks:  # requests still running may yet make transient keys
             await asyncio.wait(set(self.tasks))
         await self.keyring.drop_owner(self.owner)
+
+
+def _id_of(payload: bytes, limit: int) -> int | None:
+    """The id of a request refused for a large field (the frame itself is bounded)."""
+    try:
+        msg = decode(payload, max_field=limit)
+    except FrameError:
+        return None
+    rid = msg.get("id") if isinstance(msg, dict) else None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None

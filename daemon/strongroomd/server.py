@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -46,11 +47,13 @@ class Server:
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._stop = asyncio.Event()
+        self._lock: int | None = None
         self._stopping = False
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        self._lock = _lock_state(cfg)
         token_settings = await asyncio.to_thread(state.prepare, cfg)
         store = Store(cfg.db_path)
         await store.open()
@@ -189,6 +192,21 @@ class Server:
             if self._server is not None:
                 Path(self.config.socket_path).unlink()
         self._server = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _lock_state(cfg: Config) -> int:
+    """Hold the state directory for this process's lifetime; a second daemon stops here."""
+    state.private_dir(cfg.state_dir)
+    fd = os.open(cfg.state_dir / "strongroomd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StartupError(f"another daemon is using {cfg.state_dir}") from None
+    return fd
 
 
 def _alive(path: Path) -> bool:

@@ -80,7 +80,6 @@ def test_oversized_field_is_refused(admin_raw: Raw) -> None:
     resp = admin_raw.call(
         "POST", "/crypto/v1/digest", {"alg": "SHA256", "data": b"\0" * (1024 * 1024 + 1)}
     )
-    assert resp["id"] is None
     assert resp["status"] == 413 and resp["body"]["error"] == "too_large"
     ping(admin_raw)
 
