@@ -1,0 +1,249 @@
+"""Strongroom benchmark: the daemon against raw python-pkcs11 on the same token, in one run.
+
+Starts a daemon on a fresh state directory, makes the benchmark keys through
+it, measures the raw in-process python-pkcs11 rate on those very token
+objects in a child process (the daemon idles meanwhile), then the same
+operations through the daemon's socket, and prints ops/s and daemon/raw.
+
+    scripts/bench [--seconds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+# -- raw python-pkcs11 (child process) ------------------------------------------------
+
+
+def raw_main(conf: str, pin_file: str, seconds: float) -> None:
+    os.environ["SOFTHSM2_CONF"] = conf
+    import hashlib
+
+    import pkcs11
+    from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+    from pkcs11.mechanisms import GCMParams
+
+    lib = pkcs11.lib(MODULE)
+    token = lib.get_token(token_label="strongroom")
+    pin = Path(pin_file).read_text().strip()
+    out: dict[str, float] = {}
+    with token.open(user_pin=pin, rw=True) as s:
+
+        def one(label: str, cls: ObjectClass) -> Any:
+            return s.get_key(object_class=cls, label=label)
+
+        aes = one("bench-aes", ObjectClass.SECRET_KEY)
+        rsa = one("bench-rsa", ObjectClass.PRIVATE_KEY)
+        eck = one("bench-ec", ObjectClass.PRIVATE_KEY)
+        plain = os.urandom(32)
+
+        def rate(fn: Any, secs: float = seconds) -> float:
+            n, t0 = 0, time.perf_counter()
+            end = t0 + secs
+            while True:
+                for _ in range(20):
+                    fn()
+                n += 20
+                now = time.perf_counter()
+                if now >= end:
+                    return n / (now - t0)
+
+        out["aes_gcm"] = rate(
+            lambda: aes.encrypt(
+                plain,
+                mechanism=Mechanism.AES_GCM,
+                mechanism_param=GCMParams(os.urandom(12), b"", 128),
+            )
+        )
+        out["rsa_sign"] = rate(lambda: rsa.sign(b"x" * 32, mechanism=Mechanism.SHA256_RSA_PKCS))
+        out["ecdsa_sign"] = rate(
+            lambda: eck.sign(hashlib.sha256(b"x" * 32).digest(), mechanism=Mechanism.ECDSA)
+        )
+
+        def create() -> None:
+            k = s.generate_key(
+                KeyType.AES,
+                256,
+                store=True,
+                label="bench-raw",
+                template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False},
+            )
+            created.append(k)
+
+        created: list[Any] = []
+        out["key_create"] = rate(create, min(seconds, 2.0))
+        for k in created:
+            k.destroy()
+    print(json.dumps(out))
+
+
+# -- through the daemon ---------------------------------------------------------------------
+
+
+async def through_daemon(sock: Path, api_key: str, seconds: float) -> dict[str, Any]:
+    from strongroom import AsyncClient
+
+    plain = os.urandom(32)
+    enc = (
+        "POST",
+        "/crypto/v1/encrypt",
+        {"key": {"name": "bench-aes"}, "alg": "AES", "mode": "GCM", "plain": plain},
+    )
+    rsa = (
+        "POST",
+        "/crypto/v1/sign",
+        {"key": {"name": "bench-rsa"}, "hash_alg": "SHA256", "data": b"x" * 32},
+    )
+    ecd = (
+        "POST",
+        "/crypto/v1/sign",
+        {"key": {"name": "bench-ec"}, "hash_alg": "SHA256", "data": b"x" * 32},
+    )
+    counter = iter(range(10**9))
+
+    def create() -> tuple[str, str, dict[str, Any]]:
+        return (
+            "POST",
+            "/crypto/v1/keys",
+            {"name": f"bench-create-{next(counter)}", "obj_type": "AES", "key_size": 256},
+        )
+
+    async def rate(clients: list[Any], req: Any, window: int, secs: float) -> float:
+        done = 0
+        end = time.perf_counter() + secs
+
+        async def worker(c: Any) -> None:
+            nonlocal done
+            while time.perf_counter() < end:
+                r = req() if callable(req) else req
+                await c.request(*r)
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in clients for _ in range(window)))
+        return done / (time.perf_counter() - t0)
+
+    async def latencies(c: Any, req: Any, n: int = 2000) -> dict[str, float]:
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await c.request(*req)
+            samples.append((time.perf_counter() - t0) * 1e6)
+        samples.sort()
+        return {"p50_us": statistics.median(samples), "p99_us": samples[int(n * 0.99)]}
+
+    out: dict[str, Any] = {}
+    clients = [AsyncClient(socket_path=str(sock), api_key=api_key) for _ in range(4)]
+    try:
+        for c in clients:
+            await c.request("GET", "/sys/v1/groups")
+        await rate(clients[:1], enc, 64, 0.5)  # warm the hot-key cache
+        out["aes_gcm_1conn"] = await rate(clients[:1], enc, 256, seconds)
+        out["aes_gcm_4conn"] = await rate(clients, enc, 64, seconds)
+        out["aes_gcm_latency"] = await latencies(clients[0], enc)
+        out["rsa_sign"] = await rate(clients[:1], rsa, 16, seconds)
+        out["ecdsa_sign"] = await rate(clients[:1], ecd, 64, seconds)
+        out["key_create"] = await rate(clients[:1], create, 16, min(seconds, 2.0))
+    finally:
+        for c in clients:
+            await c.aclose()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--raw", nargs=2, metavar=("CONF", "PIN_FILE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.raw:
+        raw_main(args.raw[0], args.raw[1], args.seconds)
+        return 0
+
+    from strongroom import Client
+
+    with tempfile.TemporaryDirectory(prefix="strongroom-bench-") as tmp:
+        state = Path(tmp) / "state"
+        env = {**os.environ, "STRONGROOM_STATE_DIR": str(state)}
+        log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - closed below
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "strongroomd", "--log-level", "WARNING"],
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+        sock = state / "strongroomd.sock"
+        try:
+            for _ in range(600):
+                if sock.exists():
+                    break
+                if daemon.poll() is not None:
+                    raise SystemExit("daemon failed to start")
+                time.sleep(0.05)
+            api_key = (state / "admin.key").read_text().strip()
+            with Client(socket_path=str(sock), api_key=api_key) as c:
+                for name, body in (
+                    ("bench-aes", {"obj_type": "AES", "key_size": 256}),
+                    ("bench-rsa", {"obj_type": "RSA", "key_size": 2048}),
+                    ("bench-ec", {"obj_type": "EC", "elliptic_curve": "NistP256"}),
+                ):
+                    c.request("POST", "/crypto/v1/keys", {"name": name, **body})
+            raw_out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--seconds",
+                    str(args.seconds),
+                    "--raw",
+                    str(state / "softhsm" / "softhsm2.conf"),
+                    str(state / "softhsm" / "user.pin"),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            raw = json.loads(raw_out.stdout)
+            got = asyncio.run(through_daemon(sock, api_key, args.seconds))
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+            log.close()
+
+    rows = [
+        ("AES-256-GCM 32 B, 1 connection pipelined", raw["aes_gcm"], got["aes_gcm_1conn"]),
+        ("AES-256-GCM 32 B, 4 connections", raw["aes_gcm"], got["aes_gcm_4conn"]),
+        ("RSA-2048 PKCS#1 v1.5 sign (SHA-256)", raw["rsa_sign"], got["rsa_sign"]),
+        ("ECDSA P-256 sign (SHA-256)", raw["ecdsa_sign"], got["ecdsa_sign"]),
+        ("AES-256 key creation (token object)", raw["key_create"], got["key_create"]),
+    ]
+    if args.json:
+        print(json.dumps({"raw": raw, "daemon": got}, indent=2))
+        return 0
+    print(f"{'operation':44} {'raw ops/s':>11} {'daemon ops/s':>13} {'daemon/raw':>11}")
+    for name, r, d in rows:
+        print(f"{name:44} {r:11,.0f} {d:13,.0f} {d / r:11.2f}")
+    lat = got["aes_gcm_latency"]
+    print(
+        f"\nAES-GCM single request latency through the daemon: p50 {lat['p50_us']:.0f} us, "
+        f"p99 {lat['p99_us']:.0f} us"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
