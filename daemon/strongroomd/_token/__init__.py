@@ -76,6 +76,8 @@ class Token:
             _open_lock.release()
 
     def kids(self) -> set[str]:
+        if self._core is None:
+            raise RuntimeError("the token is closed")
         return self._core.kids()
 
     async def _run(self, what: str, fn: Any, *args: Any) -> Any:
@@ -235,7 +237,7 @@ class Token:
             raise Unsupported("agreement needs an EC private key (not Ed25519)")
         if _asym_type(public) != "EC" or public.curve != private.curve:
             raise BadRequest("the public key must be on the same curve", code="invalid_value")
-        return await self._run("agree", ops.agree, private.kid, public.kid, new)
+        return await self._run("agree", ops.agree, private.kid, public.kid, private.curve, new)
 
 
 def digest(req: dict) -> dict:

@@ -39,7 +39,7 @@ def token_error(exc: Exception, what: str) -> ApiError:
         return exc
     if isinstance(exc, p11e.MechanismInvalid | p11e.KeyTypeInconsistent):
         return Unsupported(f"the token cannot {what} with this key")
-    if isinstance(exc, p11e.KeyFunctionNotPermitted):
+    if isinstance(exc, p11e.KeyNotWrappable):
         return Unsupported(f"this key cannot {what}")
     if isinstance(
         exc,
@@ -220,7 +220,7 @@ class Core:
             self._commit(entry)
             return keys.material(new, bits, None, False)
         if t == "CERTIFICATE":
-            cert_der, public = keys.parse_certificate(value)
+            cert_der, public, cert_attrs = keys.parse_certificate(value)
             key_t, bits, curve = keys.describe(public)
             as_key = NewKey(new.kid, new.name, key_t, bits, curve, False, new.transient)
             template = keys.public_template(as_key)
@@ -233,6 +233,7 @@ class Core:
                     Attribute.CERTIFICATE_TYPE: pkcs11.CertificateType.X_509,
                     Attribute.VALUE: cert_der,
                     Attribute.PRIVATE: False,
+                    **cert_attrs,
                 }
             )
             try:

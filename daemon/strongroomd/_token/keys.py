@@ -240,13 +240,23 @@ def parse_asymmetric(obj_type: str, value: bytes) -> tuple[Any, bool]:
     return key, public_only
 
 
-def parse_certificate(value: bytes) -> tuple[bytes, Any]:
-    """(DER certificate, its public key)."""
+def parse_certificate(value: bytes) -> tuple[bytes, Any, dict]:
+    """(DER certificate, its public key, the CKO_CERTIFICATE attributes)."""
     try:
         cert = _load(value, x509.load_pem_x509_certificate, x509.load_der_x509_certificate)
-        return cert.public_bytes(serialization.Encoding.DER), cert.public_key()
+        attrs = {
+            Attribute.SUBJECT: cert.subject.public_bytes(),
+            Attribute.ISSUER: cert.issuer.public_bytes(),
+            Attribute.SERIAL_NUMBER: _der_integer(cert.serial_number),
+        }
+        return cert.public_bytes(serialization.Encoding.DER), cert.public_key(), attrs
     except ValueError:
         raise BadRequest("value is not an X.509 certificate", code="invalid_value") from None
+
+
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True)
+    return b"\x02" + der_octet_string(body)[1:]
 
 
 def describe(key: Any) -> tuple[str, int | None, str | None]:

@@ -144,41 +144,32 @@ def _secret_size(new: NewKey, n: int) -> int:
     return 168 if t == "DES3" else n * 8
 
 
-def _finish_secret(core: Core, new: NewKey, obj: Any, n: int) -> KeyMaterial:
-    """Check a new secret object, pad short HMAC keys, and index it."""
+def _store_value(core: Core, new: NewKey, value: bytes) -> KeyMaterial:
+    """Make the final secret object for an unwrapped or agreed value."""
     entry = core._new_entry(new)
-    try:
-        bits = _secret_size(new, n)
-        if new.obj_type == "HMAC" and n < mech.HMAC_TOKEN_BYTES:
-            # Made extractable as a session object for exactly this step.
-            value = obj[Attribute.VALUE]
-            obj.destroy()
-            obj = None
-            template = keys.secret_template(new)
-            template[Attribute.VALUE] = mech.hmac_token_value(value)
-            obj = core.session.create_object(template)
-        elif not new.transient or not new.exportable:
-            template = keys.secret_template(new)
-            copy = obj.copy(
-                {
-                    Attribute.TOKEN: template[Attribute.TOKEN],
-                    Attribute.SENSITIVE: template[Attribute.SENSITIVE],
-                    Attribute.EXTRACTABLE: template[Attribute.EXTRACTABLE],
-                }
-            )
-            obj.destroy()
-            obj = copy
-    except BaseException:
-        if obj is not None:
-            obj.destroy()
-        raise
-    entry.secret = obj
+    bits = _secret_size(new, len(value))
+    template = keys.secret_template(new)
+    template[Attribute.VALUE] = mech.hmac_token_value(value) if new.obj_type == "HMAC" else value
+    entry.secret = core.session.create_object(template)
     core._commit(entry)
     return KeyMaterial(new.obj_type, bits, None, None, False)
 
 
+def _take_value(obj: Any) -> bytes:
+    """Read and destroy a staging object."""
+    try:
+        return obj[Attribute.VALUE]
+    finally:
+        obj.destroy()
+
+
 def _staging_template(new: NewKey) -> dict:
-    """A session, extractable object; ``_finish_secret`` makes it final."""
+    """A session object whose value this layer reads once, then destroys.
+
+    The value then passes through this process, as an imported value does;
+    that lets short HMAC keys be padded and ECDH secrets be truncated from
+    the left (SoftHSM keeps the rightmost bytes of a too-long secret).
+    """
     template = keys.secret_template(new)
     template[Attribute.TOKEN] = False
     template[Attribute.SENSITIVE] = False
@@ -204,10 +195,10 @@ def unwrap(
         )
     except DECRYPT_FAILURES:
         raise BadTag() from None
-    return _finish_secret(core, new, obj, obj[Attribute.VALUE_LEN])
+    return _store_value(core, new, _take_value(obj))
 
 
-def agree(core: Core, private: str, public: str, new: NewKey) -> KeyMaterial:
+def agree(core: Core, private: str, public: str, curve: str, new: NewKey) -> KeyMaterial:
     if new.obj_type not in ("AES", "HMAC", "SECRET"):
         raise Unsupported("agreement makes AES, HMAC or SECRET keys")
     peer = core.entry(public)
@@ -216,15 +207,16 @@ def agree(core: Core, private: str, public: str, new: NewKey) -> KeyMaterial:
             raise Unsupported("the public key has no public part")
         peer.point = keys.parse_octet_string(peer.public[Attribute.EC_POINT])
     n = mech.check_key_size(new.obj_type, new.key_size) // 8
-    key_type = KeyType.AES if new.obj_type == "AES" else KeyType.GENERIC_SECRET
-    template = _staging_template(new)
-    template.pop(Attribute.ENCRYPT, None)
+    size = mech.CURVES[curve].size
+    if n > size:
+        raise BadRequest(f"this curve agrees on at most {size * 8} bits", code="invalid_key_size")
+    staging = NewKey(new.kid, new.name, "SECRET", None, None, True, True)
     obj = core.hot(private).derive_key(
-        key_type,
-        n * 8,
+        KeyType.GENERIC_SECRET,
+        size * 8,
         capabilities=0,
         mechanism=Mechanism.ECDH1_DERIVE,
         mechanism_param=(KDF.NULL, None, peer.point),
-        template=template,
+        template=_staging_template(staging),
     )
-    return _finish_secret(core, new, obj, n)
+    return _store_value(core, new, _take_value(obj)[:n])
