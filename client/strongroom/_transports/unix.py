@@ -241,9 +241,13 @@ class _Connection:
 class AsyncUnixTransport(AsyncBaseTransport):
     """One pipelined connection to the daemon's socket, opened on first use.
 
-    Any number of requests may be in flight at once; responses are matched by
-    id in whatever order they come. Parameters as for :class:`UnixTransport`
-    (``timeout`` applies to each request separately).
+    Many requests may be in flight at once; responses are matched by id in
+    whatever order they come. Parameters as for :class:`UnixTransport`
+    (``timeout`` applies to each request once sent), plus:
+
+    * **max_in_flight** - requests sent but not yet answered; more wait here.
+      The daemon answers 429 ``busy`` beyond its own limit (1024 by default),
+      so ``asyncio.gather`` of any number of requests stays within it.
     """
 
     def __init__(
@@ -252,10 +256,13 @@ class AsyncUnixTransport(AsyncBaseTransport):
         *,
         timeout: float = 30.0,
         max_frame: int = wire.MAX_FRAME,
+        max_in_flight: int = 512,
     ) -> None:
         self.path = os.fspath(path)
         self.timeout = timeout
         self.max_frame = max_frame
+        self.max_in_flight = max_in_flight
+        self._slots: asyncio.Semaphore | None = None
         self._conn: _Connection | None = None
         self._lock: asyncio.Lock | None = None
         #: How many connections this transport has opened.
@@ -285,8 +292,11 @@ class AsyncUnixTransport(AsyncBaseTransport):
 
     async def handle_async_request(self, request: Request) -> Response:
         data = wire.frame(request.to_wire())  # TypeError before I/O
-        conn = await self._connection()
-        return await conn.send(request.id, data, self.timeout)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_in_flight)
+        async with self._slots:
+            conn = await self._connection()
+            return await conn.send(request.id, data, self.timeout)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
