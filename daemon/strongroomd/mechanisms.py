@@ -112,7 +112,7 @@ CURVE_BY_OID = {c.oid_der: c for c in CURVES.values()}
 
 def curve(name: Any) -> Curve:
     if name not in CURVES:
-        raise BadRequest("elliptic_curve must be one of " + ", ".join(CURVES), code="invalid_value")
+        raise Unsupported("elliptic_curve must be one of " + ", ".join(CURVES))
     return CURVES[name]
 
 

@@ -63,7 +63,9 @@ class Server:
             )
         except Exception as exc:
             await store.close()
-            raise StartupError(f"cannot open token {token_settings.label!r}: {exc}") from exc
+            raise StartupError(
+                f"cannot open token {token_settings.label!r}: {type(exc).__name__} {exc}"
+            ) from exc
         audit = Audit(store)
         await audit.start()
         services = Services(cfg, store, token, Authenticator(store, cfg.session_ttl), audit)

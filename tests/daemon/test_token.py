@@ -200,9 +200,9 @@ def test_symmetric_errors(h):
     with pytest.raises(BadRequest) as info:
         h.call("import_key", h.new("AES"), b"x" * 17)
     assert info.value.code == "invalid_key_size"
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(Unsupported) as info:
         h.call("generate", h.new("EC", curve="NistP192"))
-    assert info.value.code == "invalid_value"
+    assert info.value.code == "unsupported_algorithm"
     missing = KeyRef(str(uuid.uuid4()), "AES", 256, None, False)
     with pytest.raises(NotFound):
         h.call("encrypt", missing, {"alg": "AES", "plain": b"x"})

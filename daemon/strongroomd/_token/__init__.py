@@ -211,26 +211,23 @@ class Token:
 
     async def wrap(self, key: KeyRef, subject: KeyRef, req: dict) -> dict:
         mode = mech.wrap_mode(_asym_type(key) if key.obj_type != "AES" else "AES", req)
-        if mode == "KW":
-            m, p, public = Mechanism.AES_KEY_WRAP, None, False
-        elif mode == "KWP":
-            m, p, public = Mechanism.AES_KEY_WRAP_PAD, None, False
+        if mode in ("KW", "KWP"):
+            wrapped = await self._run("wrap", ops.wrap_aes, key.kid, subject, mode == "KWP")
         else:
-            m, p, public = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1, True
-        wrapped = await self._run("wrap", ops.wrap, key.kid, public, subject.kid, m, p)
+            wrapped = await self._run(
+                "wrap", ops.wrap, key.kid, True, subject.kid, Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
+            )
         return {"wrapped_key": wrapped}
 
     async def unwrap(self, key: KeyRef, new: NewKey, req: dict) -> KeyMaterial:
         if key.public_only:
             raise Unsupported("a public key cannot unwrap")
         mode = mech.wrap_mode(key.obj_type, req)
-        if mode == "KW":
-            m, p = Mechanism.AES_KEY_WRAP, None
-        elif mode == "KWP":
-            m, p = Mechanism.AES_KEY_WRAP_PAD, None
-        else:
-            m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
-        return await self._run("unwrap", ops.unwrap, key.kid, new, m, p, req["wrapped_key"])
+        data = req["wrapped_key"]
+        if mode in ("KW", "KWP"):
+            return await self._run("unwrap", ops.unwrap_aes, key.kid, new, data, mode == "KWP")
+        m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
+        return await self._run("unwrap", ops.unwrap, key.kid, new, m, p, data)
 
     async def agree(self, private: KeyRef, public: KeyRef, new: NewKey) -> KeyMaterial:
         if private.obj_type != "EC" or private.curve == "Ed25519" or private.public_only:

@@ -70,14 +70,14 @@ class Core:
             try:
                 raw = obj[Attribute.ID]
                 kid = str(uuid.UUID(raw.decode()))
+                cls = obj.object_class
             except (ValueError, UnicodeDecodeError, p11e.PKCS11Error):
-                continue  # not one of ours
+                continue  # not one of ours, or an object the token cannot read back
             entry = self.index.get(kid) or self.index.setdefault(kid, Entry(kid, True))
-            self._attach(entry, obj)
+            self._attach(entry, obj, cls)
 
     @staticmethod
-    def _attach(entry: Entry, obj: Any) -> None:
-        cls = obj.object_class
+    def _attach(entry: Entry, obj: Any, cls: ObjectClass) -> None:
         if cls == ObjectClass.SECRET_KEY:
             entry.secret = obj
         elif cls == ObjectClass.PRIVATE_KEY:

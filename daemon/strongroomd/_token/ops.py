@@ -13,11 +13,12 @@ from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
 from pkcs11.mechanisms import GCMParams
 
+from strongroomd import keywrap
 from strongroomd import mechanisms as mech
 from strongroomd._token import keys
 from strongroomd._token.core import Core
 from strongroomd.errors import BadRequest, BadTag, Unsupported
-from strongroomd.keyref import KeyMaterial, NewKey
+from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
 
 _SYM = {
     "AES_GCM": Mechanism.AES_GCM,
@@ -128,6 +129,25 @@ def wrap(core: Core, kid: str, public: bool, subject: str, mechanism: Mechanism,
     if not obj[Attribute.EXTRACTABLE]:
         raise BadRequest("the subject key is not exportable", code="invalid_value")
     return wrapping.wrap_key(obj, mechanism=mechanism, mechanism_param=param)
+
+
+def wrap_aes(core: Core, kid: str, subject: KeyRef, pad: bool) -> bytes:
+    """RFC 3394/5649 with the key-encryption key's AES-ECB in the token.
+
+    The subject is exportable (the daemon checked EXPORT), so its value is the
+    one export returns: an HMAC key's original bytes, a private key's PKCS#8.
+    """
+    kek = core.hot(kid)
+    value = core.export(subject)
+    return keywrap.wrap(lambda b: kek.encrypt(b, mechanism=Mechanism.AES_ECB), value, pad=pad)
+
+
+def unwrap_aes(core: Core, kid: str, new: NewKey, data: bytes, pad: bool) -> KeyMaterial:
+    if new.obj_type not in keys.SECRET_TYPES:
+        raise Unsupported("only symmetric keys can be unwrapped")
+    kek = core.hot(kid)
+    value = keywrap.unwrap(lambda b: kek.decrypt(b, mechanism=Mechanism.AES_ECB), data, pad=pad)
+    return _store_value(core, new, value)
 
 
 def _secret_size(new: NewKey, n: int) -> int:
