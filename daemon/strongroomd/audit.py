@@ -47,6 +47,10 @@ def record_hash(prev: bytes, rec: tuple[Any, ...]) -> bytes:
     return hashlib.sha256(prev + msgpack.packb(list(rec), use_bin_type=True)).digest()
 
 
+def _stamp(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
 @dataclass(slots=True)
 class ChainBreak:
     seq: int
@@ -101,7 +105,7 @@ class Audit:
         self._pending.append(
             (
                 self._seq,
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                time.time(),  # formatted when flushed, off the request path
                 actor.kind if actor is not None else None,
                 actor.id if actor is not None else None,
                 action,
@@ -121,7 +125,8 @@ class Audit:
             if not batch:
                 return
             rows, prev = [], self._prev
-            for rec in batch:
+            for raw in batch:
+                rec = (raw[0], _stamp(raw[1]), *raw[2:])
                 h = record_hash(prev, rec)
                 rows.append((*rec, prev, h))
                 prev = h

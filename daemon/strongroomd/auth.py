@@ -88,6 +88,7 @@ class Authenticator:
         self.store = store
         self.ttl = ttl
         self._sessions: dict[str, Session] = {}
+        self._principals: dict[str, tuple[PrincipalRow, Principal]] = {}
         self._slots = asyncio.Semaphore(2)  # scrypt is CPU-bound: never more than the cores
 
     async def login(self, principal_id: str, secret: str) -> tuple[str, Principal]:
@@ -117,7 +118,10 @@ class Authenticator:
         if row is None or not row.enabled:
             del self._sessions[token]
             raise Unauthenticated("principal no longer exists", code="bad_credentials")
-        return principal_of(row)
+        cached = self._principals.get(row.id)
+        if cached is None or cached[0] is not row:  # rows are replaced, never edited, on change
+            cached = self._principals[row.id] = (row, principal_of(row))
+        return cached[1]
 
     def _sweep(self) -> None:
         now = time.monotonic()

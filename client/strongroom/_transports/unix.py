@@ -9,6 +9,7 @@ A later request opens a new connection (and the client authenticates again).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
@@ -23,6 +24,7 @@ from strongroom._transports.base import AsyncBaseTransport, BaseTransport
 __all__ = ["AsyncUnixTransport", "UnixTransport"]
 
 _CHUNK = 256 * 1024
+_HIGH_WATER = 1024 * 1024
 
 
 def _connect_error(path: str, exc: OSError) -> ConnectError:
@@ -162,6 +164,11 @@ class _Connection:
         self.writer = writer
         self.max_frame = max_frame
         self.pending: dict[int, asyncio.Future[Response]] = {}
+        self.deadlines: collections.deque[tuple[float, asyncio.Future[Response]]] = (
+            collections.deque()
+        )
+        self.sweeper: asyncio.TimerHandle | None = None
+        self.outbox: list[bytes] = []
         self.closed = False
         self.task = asyncio.get_running_loop().create_task(self._read())
 
@@ -199,6 +206,9 @@ class _Connection:
     def fail(self, message: str) -> None:
         """Close, failing every request still waiting with a ProtocolError."""
         self.closed = True
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
         for fut in self.pending.values():
             if not fut.done():
                 fut.set_exception(ProtocolError(message, socket_path=self.path))
@@ -209,23 +219,51 @@ class _Connection:
             raise ProtocolError("the connection is closed", socket_path=self.path)
         if request_id in self.pending:
             raise ValueError(f"request id {request_id} is already in flight")
-        fut: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Response] = loop.create_future()
         self.pending[request_id] = fut
+        # One timer for the whole connection, not one per request (heap pushes
+        # and pops per request cost more than the rest of the client put together).
+        self.deadlines.append((loop.time() + timeout, fut))
+        if self.sweeper is None:
+            self.sweeper = loop.call_later(min(timeout, 1.0), self._sweep, timeout)
         try:
-            self.writer.write(data)
-            try:
-                await self.writer.drain()
-            except OSError as exc:
-                self.fail(f"connection to strongroomd at {self.path} failed: {exc.strerror or exc}")
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            raise Timeout(
-                f"no response from strongroomd at {self.path} within {timeout}s",
-                socket_path=self.path,
-            ) from None
+            # Frames written in the same loop turn go out in one system call.
+            self.outbox.append(data)
+            if len(self.outbox) == 1:
+                loop.call_soon(self._flush)
+            if self.writer.transport.get_write_buffer_size() > _HIGH_WATER:
+                try:
+                    await self.writer.drain()
+                except OSError as exc:
+                    self.fail(
+                        f"connection to strongroomd at {self.path} failed: {exc.strerror or exc}"
+                    )
+            return await fut
         finally:
             del self.pending[request_id]
+
+    def _flush(self) -> None:
+        data, self.outbox = b"".join(self.outbox), []
+        if not self.closed:
+            self.writer.write(data)
+
+    def _sweep(self, timeout: float) -> None:
+        now = asyncio.get_running_loop().time()
+        q = self.deadlines
+        while q and (q[0][1].done() or q[0][0] <= now):
+            _, fut = q.popleft()
+            if not fut.done():
+                fut.set_exception(
+                    Timeout(
+                        f"no response from strongroomd at {self.path} within {timeout}s",
+                        socket_path=self.path,
+                    )
+                )
+        self.sweeper = None
+        if q and not self.closed:
+            delay = max(0.0, min(q[0][0] - now, 1.0))
+            self.sweeper = asyncio.get_running_loop().call_later(delay, self._sweep, timeout)
 
     async def aclose(self) -> None:
         if not self.closed:
