@@ -53,6 +53,16 @@ class Config:
     shutdown_grace: float = 10.0
     #: Transient keys one connection may hold at once.
     max_transient_keys: int = 1000
+    #: Plugin sandbox: Lua memory cap per invocation (bytes).
+    plugin_memory_bytes: int = 64 * 1024 * 1024
+    #: Plugin sandbox: Lua VM instructions per invocation.
+    plugin_instructions: int = 100_000_000
+    #: Plugin sandbox: wall-clock deadline per invocation (seconds); the worker is killed.
+    plugin_wall_seconds: float = 5.0
+    #: Plugin sandbox: blank workers kept started, so an invocation never waits for one.
+    plugin_warm_workers: int = 2
+    #: Plugin sandbox: most worker processes alive at once.
+    plugin_max_workers: int = 8
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -116,7 +126,17 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         setattr(cfg, key, value)
     if cfg.socket_mode not in (0o600, 0o660):
         raise ConfigError("socket_mode must be 0o600 or 0o660")
-    for name in ("max_frame", "max_field", "max_inflight", "session_ttl", "max_transient_keys"):
+    for name in (
+        "max_frame",
+        "max_field",
+        "max_inflight",
+        "session_ttl",
+        "max_transient_keys",
+        "plugin_memory_bytes",
+        "plugin_instructions",
+        "plugin_wall_seconds",
+        "plugin_max_workers",
+    ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")
     return cfg

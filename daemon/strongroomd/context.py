@@ -48,6 +48,10 @@ class Request:
     body: Any
     #: What the audit record names as the request's object (set by handlers).
     object_id: str | None = None
+    #: The plugin invocation this request started, if any (audit nests under it).
+    invocation_id: str | None = None
+    #: Extra facts for the audit record (size-capped by whoever sets them).
+    audit_detail: dict[str, Any] | None = None
 
     @property
     def caller(self) -> Principal:

@@ -81,5 +81,6 @@ class Dispatcher:
             object_id=req.object_id if req is not None else None,
             status=status,
             code=code,
-            invocation_id=owner.invocation_id,
+            invocation_id=(req and req.invocation_id) or owner.invocation_id,
+            detail=req.audit_detail if req is not None else None,
         )

@@ -27,7 +27,14 @@ from strongroom.wire import CODES
 class ApiError(Exception):
     code = "internal"
 
-    def __init__(self, message: str = "", *, code: str | None = None, **extra: Any) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        **extra: Any,
+    ) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
@@ -35,10 +42,11 @@ class ApiError(Exception):
             raise ValueError(f"unregistered error code {self.code!r}")
         self.message = message
         self.extra = extra
+        self._status = status  # only a plugin's own Error{status=...} sets this
 
     @property
     def status(self) -> int:
-        return CODES[self.code]
+        return self._status or CODES[self.code]
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}

@@ -19,7 +19,7 @@ import socket
 import uuid
 from pathlib import Path
 
-from strongroomd import state
+from strongroomd import _sandbox, state
 from strongroomd._token import Token
 from strongroomd.api import ROUTES
 from strongroomd.audit import Audit
@@ -73,6 +73,10 @@ class Server:
         services.extra["keyring"] = keyring
         self.services = services
         self.dispatcher = Dispatcher(services, Router(ROUTES))
+        services.extra["dispatcher"] = self.dispatcher
+        pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
+        services.extra["sandbox"] = pool
+        await pool.start()
         found = await keyring.reconcile()
         if any(found.values()):
             log.warning("reconciled token and database: %s", found)
@@ -184,6 +188,8 @@ class Server:
             keyring: Keyring = s.extra["keyring"]
             for conn in list(self.connections):
                 await keyring.drop_owner(conn.owner)
+            with contextlib.suppress(Exception):
+                await s.extra["sandbox"].close()
             s.audit.record("daemon.stop")
             with contextlib.suppress(Exception):
                 await s.audit.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from strongroomd.api import apps, crypto, groups, keys, logs, session
+from strongroomd.api import apps, crypto, groups, keys, logs, plugins, session
 from strongroomd.router import Route
 
 ROUTES: list[Route] = [
@@ -12,4 +12,5 @@ ROUTES: list[Route] = [
     *keys.ROUTES,
     *crypto.ROUTES,
     *logs.ROUTES,
+    *plugins.ROUTES,
 ]

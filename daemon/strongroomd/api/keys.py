@@ -20,7 +20,7 @@ from strongroomd.keyring import (
     ref_of,
     sobject,
 )
-from strongroomd.router import F, Route
+from strongroomd.router import KEY, F, Route
 from strongroomd.store import KeyRow
 
 SYMMETRIC = {"AES", "DES3", "HMAC", "SECRET"}
@@ -165,6 +165,38 @@ async def export(req: Request) -> dict[str, Any]:
     return {**sobject(row), "value": value}
 
 
+async def persist(req: Request) -> dict[str, Any]:
+    """Store a transient key (Lua's ``:persist{}``): a token copy under a new kid."""
+    b, p = req.body, req.caller
+    kr = _keyring(req)
+    row = kr.find(req.owner, b["key"])
+    if not row.transient:
+        raise BadRequest("only a transient key can be persisted", code="invalid_value")
+    ops = choose_ops(
+        row.obj_type, b.get("key_ops", row.key_ops), imported=False, public_only=row.public_only
+    )
+    if set(ops) - set(row.key_ops):
+        raise BadRequest("key_ops can only be narrowed", code="invalid_value")
+    group = kr.target_group(p, b.get("group_id") or row.group_id)
+    body = {
+        "name": b.get("name") or row.name,
+        "description": b.get("description", row.description),
+        "custom_metadata": b.get("custom_metadata", row.custom_metadata),
+    }
+    new = kr.new_key(
+        req.owner,
+        p,
+        body,
+        row.obj_type,
+        row.elliptic_curve,
+        row.key_size,
+        exportable="EXPORT" in row.key_ops,
+    )
+    req.object_id = new.kid
+    mat = await req.services.token.persist(ref_of(row), new)
+    return sobject(await kr.register(req.owner, p, new, mat, body, ops, group))
+
+
 _CREATE = {
     "name": F(str),
     "obj_type": F(str, True),
@@ -188,6 +220,20 @@ ROUTES = [
         export,
         _WHICH,
         synopsis="A key with its value; only keys whose key_ops include EXPORT.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/persist",
+        persist,
+        {
+            "key": KEY,
+            "name": F(str),
+            "key_ops": F(list, items=str),
+            "group_id": F(str),
+            "description": F(str),
+            "custom_metadata": F(dict),
+        },
+        synopsis="Store a transient key under a new kid.",
     ),
     Route("POST", "/crypto/v1/keys", create, _CREATE, synopsis="Generate a key in the token."),
     Route(

@@ -1,0 +1,353 @@
+"""/sys/v1/plugins*: store Lua plugins, invoke them, test unsaved code.
+
+A plugin runs in a sandbox worker; every API call it makes comes back
+through :class:`strongroomd.dispatch.Dispatcher` with the plugin as the
+principal, so it has exactly its groups' keys and their key_ops, and every
+call is audited under the invocation's id.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from typing import Any
+
+from strongroomd import _sandbox
+from strongroomd.auth import Principal, require_admin
+from strongroomd.context import Owner, Request, Services
+from strongroomd.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound
+from strongroomd.keyring import check_name
+from strongroomd.router import F, Route
+from strongroomd.store import PluginRow, now_stamp
+
+LIMIT_FIELDS = {"memory_bytes": int, "instructions": int, "wall_seconds": (int, float)}
+MAX_CODE = 512 * 1024
+OUTPUT_NOTE = 1024
+
+
+def view(row: PluginRow, *, with_code: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "plugin_id": row.id,
+        "name": row.name,
+        "description": row.description,
+        "groups": list(row.groups),
+        "default_group": row.default_group,
+        "enabled": row.enabled,
+        "version": row.version,
+        "limits": dict(row.limits),
+        "created_at": row.created_at,
+        "updated_at": row.updated_at,
+    }
+    if with_code:
+        out["source"] = {"language": "LUA", "code": row.code}
+    return out
+
+
+def plugin_principal(row: PluginRow) -> Principal:
+    return Principal("plugin", row.id, row.name, frozenset(row.groups), row.default_group)
+
+
+def _pool(s: Services) -> Any:
+    return s.extra["sandbox"]
+
+
+def _limits(s: Services, overrides: dict[str, Any]) -> Any:
+    cfg = s.config
+    base = {
+        "memory_bytes": cfg.plugin_memory_bytes,
+        "instructions": cfg.plugin_instructions,
+        "wall_seconds": cfg.plugin_wall_seconds,
+    }
+    base.update(overrides)
+    return _sandbox.Limits(**base)
+
+
+def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
+    for k, v in limits.items():
+        want = LIMIT_FIELDS.get(k)
+        if want is None:
+            raise BadRequest(f"unknown limit {k!r}", code="invalid_value")
+        if isinstance(v, bool) or not isinstance(v, want) or v <= 0:
+            raise BadRequest(f"limit {k!r} must be a positive number", code="invalid_value")
+    return dict(limits)
+
+
+def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[str], str]:
+    if not groups:
+        raise BadRequest("a plugin needs at least one group", code="invalid_value")
+    for gid in groups:
+        if gid not in s.store.groups:
+            raise NotFound(f"no group {gid}")
+    default = default or groups[0]
+    if default not in groups:
+        raise BadRequest("default_group must be one of groups", code="invalid_value")
+    return list(dict.fromkeys(groups)), default
+
+
+def _code(body: dict[str, Any]) -> str:
+    src = body["source"]
+    lang, code = src.get("language", "LUA"), src.get("code")
+    if not isinstance(lang, str) or lang.upper() != "LUA":
+        raise BadRequest("source.language must be LUA", code="unsupported_algorithm")
+    if not isinstance(code, str):
+        raise BadRequest("source.code must be a string", code="invalid_field")
+    if len(code.encode()) > MAX_CODE:
+        raise ApiError(f"plugin code is limited to {MAX_CODE} bytes", code="too_large")
+    return code
+
+
+def _get(req: Request) -> PluginRow:
+    pid = req.params["plugin_id"]
+    req.object_id = pid
+    row = req.services.store.plugins.get(pid)
+    p = req.caller
+    if row is None or not (p.is_admin or p.groups & set(row.groups)):
+        raise NotFound(f"no plugin {pid}")
+    return row
+
+
+def _unique(s: Services, name: str, but: str | None = None) -> None:
+    if any(p.name == name and p.id != but for p in s.store.plugins.values()):
+        raise Conflict(f"a plugin named {name!r} exists", code="name_exists")
+
+
+async def create(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    b, s = req.body, req.services
+    name = check_name(b["name"])
+    _unique(s, name)
+    code = _code(b)
+    await _pool(s).check_syntax(code, name)
+    groups, default = _groups(
+        s, b.get("groups") or b.get("add_groups") or [], b.get("default_group")
+    )
+    now = now_stamp()
+    row = PluginRow(
+        str(uuid.uuid4()),
+        name,
+        b.get("description", ""),
+        code,
+        groups,
+        default,
+        bool(b.get("enabled", True)),
+        1,
+        _check_limits(b.get("limits", {})),
+        now,
+        now,
+    )
+    await s.store.put_plugin(row)
+    req.object_id = row.id
+    return view(row, with_code=True)
+
+
+async def list_(req: Request) -> list[dict[str, Any]]:
+    p = req.caller
+    rows = req.services.store.plugins.values()
+    return [view(r, with_code=p.is_admin) for r in rows if p.is_admin or p.groups & set(r.groups)]
+
+
+async def get(req: Request) -> dict[str, Any]:
+    return view(_get(req), with_code=req.caller.is_admin)
+
+
+async def update(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    b, s = req.body, req.services
+    row = replace(_get(req))
+    if "name" in b:
+        _unique(s, check_name(b["name"]), but=row.id)
+        row.name = b["name"]
+    if "description" in b:
+        row.description = b["description"]
+    if "source" in b:
+        row.code = _code(b)
+        await _pool(s).check_syntax(row.code, row.name)
+    groups = list(b["groups"]) if "groups" in b else list(row.groups)
+    groups += [g for g in b.get("add_groups", []) if g not in groups]
+    groups = [g for g in groups if g not in b.get("del_groups", [])]
+    default = b.get("default_group", row.default_group)
+    row.groups, row.default_group = _groups(s, groups, default if default in groups else None)
+    if "enabled" in b:
+        row.enabled = b["enabled"]
+    if "limits" in b:
+        row.limits = _check_limits(b["limits"])
+    row.version += 1
+    row.updated_at = now_stamp()
+    await s.store.put_plugin(row)
+    return view(row, with_code=True)
+
+
+async def delete(req: Request) -> None:
+    require_admin(req.caller)
+    row = _get(req)
+    await req.services.store.delete_plugin(row.id)
+
+
+class _Host:
+    """What a running plugin may ask of the daemon: requests as the plugin, audit notes."""
+
+    def __init__(self, req: Request, row: PluginRow, principal: Principal, inv: str) -> None:
+        self.dispatcher = req.services.extra["dispatcher"]
+        self.audit = req.services.audit
+        self.row = row
+        self.principal = principal
+        self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
+
+    async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        return await self.dispatcher.handle(self.owner, method, path, body)
+
+    def log(self, message: str, severity: str) -> None:
+        self.audit.record(
+            "plugin.log",
+            actor=self.principal,
+            object_id=self.row.id,
+            invocation_id=self.owner.invocation_id,
+            detail={"message": str(message)[:4096], "severity": severity},
+        )
+
+
+async def _run(req: Request, row: PluginRow, input_: Any, invoker: dict[str, Any]) -> Any:
+    s = req.services
+    inv = str(uuid.uuid4())
+    req.invocation_id = inv
+    principal = plugin_principal(row)
+    host = _Host(req, row, principal, inv)
+    code = _sandbox.PluginCode(row.id, row.name, row.version, row.code)
+    context = {
+        "principal": invoker,
+        "this_plugin": {"id": row.id, "name": row.name, "groups": list(row.groups)},
+    }
+    url = {"path": ["sys", "v1", "plugins", row.id], "query": None}
+    try:
+        outcome = await _pool(s).invoke(
+            code,
+            input_,
+            url=url,
+            method=req.method,
+            context=context,
+            host=host,
+            limits=_limits(s, row.limits),
+        )
+    finally:
+        await s.extra["keyring"].drop_owner(host.owner)
+    return inv, outcome
+
+
+async def invoke(req: Request) -> Any:
+    row = _get(req)
+    if not row.enabled:
+        raise Forbidden("the plugin is disabled")
+    inv, outcome = await _run(req, row, req.body, req.caller.describe())
+    if outcome.output:
+        req.audit_detail = {"output": outcome.output[:OUTPUT_NOTE]}
+    if outcome.status >= 400:
+        body = dict(outcome.body) if isinstance(outcome.body, dict) else {}
+        code = body.get("error", "plugin_error")
+        extra = {"invocation_id": inv}
+        if req.caller.is_admin and outcome.traceback:
+            extra["traceback"] = outcome.traceback
+        # A plugin's Error{status=...} keeps its status.
+        raise ApiError(
+            str(body.get("message", "plugin error")), code=code, status=outcome.status, **extra
+        )
+    return outcome.body if outcome.status != 204 else None
+
+
+async def test(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    b, s = req.body, req.services
+    code = b["code"]
+    if len(code.encode()) > MAX_CODE:
+        raise ApiError(f"plugin code is limited to {MAX_CODE} bytes", code="too_large")
+    groups = b.get("groups") or sorted(req.caller.groups)
+    groups, default = _groups(s, groups, None)
+    await _pool(s).check_syntax(code, "test")
+    now = now_stamp()
+    row = PluginRow(
+        f"test-{uuid.uuid4()}",
+        "test",
+        "",
+        code,
+        groups,
+        default,
+        True,
+        0,
+        _check_limits(b.get("limits", {})),
+        now,
+        now,
+    )
+    invoker = req.caller.describe()
+    if "invoker" in b:
+        who = s.store.principals.get(b["invoker"]) or next(
+            (p for p in s.store.principals.values() if p.name == b["invoker"]), None
+        )
+        if who is None:
+            raise NotFound(f"no app {b['invoker']!r} to invoke as")
+        invoker = {"kind": who.kind, "id": who.id, "name": who.name, "groups": list(who.groups)}
+    inv, outcome = await _run(req, row, b.get("input"), invoker)
+    out: dict[str, Any] = {
+        "status": outcome.status,
+        "output": outcome.output,
+        "stats": outcome.stats,
+        "invocation_id": inv,
+    }
+    if outcome.status >= 400:
+        out["error"] = outcome.body
+        if outcome.traceback:
+            out["traceback"] = outcome.traceback
+    else:
+        out["result"] = outcome.body
+    return out
+
+
+_MANAGE = {
+    "name": F(str),
+    "description": F(str),
+    "source": F(dict),
+    "groups": F(list, items=str),
+    "add_groups": F(list, items=str),
+    "del_groups": F(list, items=str),
+    "default_group": F(str),
+    "enabled": F(bool),
+    "limits": F(dict),
+}
+
+ROUTES = [
+    Route(
+        "POST",
+        "/sys/v1/plugins/test",
+        test,
+        {
+            "code": F(str, True),
+            "input": F(object),
+            "groups": F(list, items=str),
+            "invoker": F(str),
+            "limits": F(dict),
+        },
+        synopsis="Run unsaved code in the sandbox with mock input (admins).",
+    ),
+    Route(
+        "POST",
+        "/sys/v1/plugins",
+        create,
+        {**_MANAGE, "name": F(str, True), "source": F(dict, True)},
+        synopsis="Store a plugin; its code is compiled first (admins).",
+    ),
+    Route("GET", "/sys/v1/plugins", list_, {}, synopsis="List plugins you can invoke."),
+    Route("GET", "/sys/v1/plugins/{plugin_id}", get, {}, synopsis="Show a plugin."),
+    Route(
+        "PATCH",
+        "/sys/v1/plugins/{plugin_id}",
+        update,
+        _MANAGE,
+        synopsis="Change a plugin; each change bumps its version (admins).",
+    ),
+    Route("DELETE", "/sys/v1/plugins/{plugin_id}", delete, {}, synopsis="Delete a plugin."),
+    Route(
+        "POST",
+        "/sys/v1/plugins/{plugin_id}",
+        invoke,
+        None,
+        synopsis="Invoke a plugin; the body is its input.",
+    ),
+]
