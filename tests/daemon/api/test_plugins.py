@@ -281,7 +281,7 @@ def test_nested_operations_are_audited_under_the_invocation(world) -> None:
     )
 
 
-# -- test runs --------------------------------------------------------------------------------------
+# -- test runs ----------------------------------------------------------------------------
 
 
 def test_test_endpoint_returns_result_output_and_traceback(world) -> None:
