@@ -159,10 +159,46 @@ async def through_daemon(sock: Path, api_key: str, seconds: float) -> dict[str, 
         out["rsa_sign"] = await rate(clients[:1], rsa, 16, seconds)
         out["ecdsa_sign"] = await rate(clients[:1], ecd, 64, seconds)
         out["key_create"] = await rate(clients[:1], create, 16, min(seconds, 2.0))
+        out.update(await plugins(clients, enc, rate, latencies, seconds))
     finally:
         for c in clients:
             await c.aclose()
     return out
+
+
+ECHO = "function run(input) return input end"
+ONE_ENCRYPT = """
+function run(input)
+  local key = assert(Sobject{name = "bench-aes"})
+  return assert(key:encrypt{alg = "AES", mode = "GCM", plain = input.plain})
+end"""
+
+
+async def plugins(
+    clients: list[Any], enc: Any, rate: Any, latencies: Any, seconds: float
+) -> dict[str, Any]:
+    """Plugin invocation figures, in the same run as the direct requests."""
+    c = clients[0]
+    group = (await c.request("GET", "/sys/v1/groups"))[0]["group_id"]
+    ids = {}
+    for name, code in (("bench-echo", ECHO), ("bench-encrypt", ONE_ENCRYPT)):
+        made = await c.request(
+            "POST",
+            "/sys/v1/plugins",
+            {"name": name, "groups": [group], "source": {"language": "LUA", "code": code}},
+        )
+        ids[name] = made["plugin_id"]
+    echo = ("POST", f"/sys/v1/plugins/{ids['bench-echo']}", {"hello": "world"})
+    one = ("POST", f"/sys/v1/plugins/{ids['bench-encrypt']}", {"plain": os.urandom(32)})
+    await latencies(c, echo, 200)  # warm the workers bound to each plugin
+    await latencies(c, one, 200)
+    return {
+        "echo_latency": await latencies(c, echo),
+        "echo_1conn": await rate(clients[:1], echo, 4, seconds),
+        "echo_4conn": await rate(clients, echo, 4, seconds),
+        "plugin_encrypt_latency": await latencies(c, one),
+        "direct_encrypt_latency": await latencies(c, enc),
+    }
 
 
 def main() -> int:
@@ -241,6 +277,16 @@ def main() -> int:
     print(
         f"\nAES-GCM single request latency through the daemon: p50 {lat['p50_us']:.0f} us, "
         f"p99 {lat['p99_us']:.0f} us"
+    )
+    echo = got["echo_latency"]
+    print(
+        f"\nplugin echo: p50 {echo['p50_us']:.0f} us, p99 {echo['p99_us']:.0f} us; "
+        f"{got['echo_1conn']:,.0f} invocations/s on 1 connection, {got['echo_4conn']:,.0f} on 4"
+    )
+    pe, de = got["plugin_encrypt_latency"], got["direct_encrypt_latency"]
+    print(
+        f"plugin doing one AES-GCM encrypt: p50 {pe['p50_us']:.0f} us vs direct request "
+        f"p50 {de['p50_us']:.0f} us: {pe['p50_us'] / de['p50_us']:.2f}x"
     )
     return 0
 
