@@ -17,7 +17,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from strongroomd.errors import ApiError, Forbidden, Unauthenticated
+from strongroomd.errors import ApiError, Forbidden, NotFound, Unauthenticated
 from strongroomd.store import KeyRow, PrincipalRow, Store
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -152,7 +152,8 @@ def can_see_key(p: Principal, key: KeyRow) -> bool:
 def check_key_use(p: Principal, key: KeyRow, op: str) -> None:
     """May ``p`` perform ``op`` (a key_ops name) with ``key``?"""
     if not can_see_key(p, key):
-        raise Forbidden("the key is not in any of your groups")
+        # The answer for a key that does not exist: names cannot be probed.
+        raise NotFound("no such key")
     if op not in key.key_ops:
         raise ApiError(f"the key's key_ops do not include {op}", code="key_op_not_permitted")
     if not key.enabled:

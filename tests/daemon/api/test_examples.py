@@ -167,7 +167,7 @@ def test_policy_signs_only_for_the_named_app(daemon, admin_raw: Raw) -> None:
                 "/crypto/v1/sign",
                 {"key": {"kid": key["kid"]}, "hash_alg": "SHA256", "data": b"x"},
             ),
-            "forbidden",
+            "not_found",
         )
     conn.close()
     other.conn.close()
