@@ -7,6 +7,7 @@ VENV="$ROOT/.venv"
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies the unit in tests
 for extra in ${STRONGROOM_APT_EXTRA:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
 done

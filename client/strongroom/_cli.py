@@ -581,6 +581,26 @@ def logs(state: _State, object_id, actor_id, limit, offset) -> None:
 
 
 @cli.group()
+def audit() -> None:
+    """Audit log checks."""
+
+
+@audit.command("verify")
+@pass_state
+def audit_verify(state: _State) -> None:
+    """Check the audit hash chain in the daemon; exit 1 naming the first bad record."""
+    r = state.client.logs.verify()
+    if state.json:
+        _print_json(r)
+    elif r["ok"]:
+        click.echo(f"audit chain intact: {r['records']} records")
+    else:
+        click.echo(f"audit chain broken: {r['reason']}")
+    if not r["ok"]:
+        click.get_current_context().exit(EXIT_API)
+
+
+@cli.group()
 def plugin() -> None:
     """Manage, invoke and test Lua plugins."""
 

@@ -440,6 +440,10 @@ class Logs(_Namespace):
         )
         return self._c._call("GET", "/sys/v1/logs", body or None, Record)
 
+    def verify(self) -> Any:
+        """Recompute the hash chain: ``{ok, records, head, broken_at?, reason?}`` (admin)."""
+        return self._c._call("GET", "/sys/v1/logs/verify", None, Record)
+
 
 class Plugins(_Namespace):
     """``/sys/v1/plugins``. ``invoke`` returns whatever the plugin's ``run`` returned."""

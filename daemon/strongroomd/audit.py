@@ -18,6 +18,7 @@ import logging
 import sqlite3
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -74,12 +75,38 @@ def verify_chain(db: sqlite3.Connection) -> tuple[int, ChainBreak | None]:
     return n, None
 
 
+def verify_file(path: Path, head: tuple[int, bytes] | None = None) -> tuple[int, ChainBreak | None]:
+    """:func:`verify_chain` on a database file, opened read-only (the daemon may run).
+
+    ``head``: the (seq, hash) of the newest record the daemon wrote, when it is
+    the daemon asking; then removing the newest records is caught too, which
+    the chain alone cannot show.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no database file {path}")
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        db.execute("BEGIN")  # one snapshot for the chain and the head
+        checked, brk = verify_chain(db)
+        if brk is None and head is not None and head[0] > 0:
+            row = db.execute("SELECT hash FROM audit WHERE seq = ?", (head[0],)).fetchone()
+            if row is None:
+                brk = ChainBreak(head[0], "is missing: the newest records were removed")
+            elif row[0] != head[1]:
+                brk = ChainBreak(head[0], "its contents were changed")
+        return checked, brk
+    finally:
+        db.close()
+
+
 class Audit:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pending: list[tuple[Any, ...]] = []
         self._seq = 0
         self._prev = GENESIS
+        #: (seq, hash) of the newest record written, for :func:`verify_file`.
+        self.head: tuple[int, bytes] = (0, GENESIS)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._flushing: asyncio.Lock = asyncio.Lock()
@@ -88,6 +115,7 @@ class Audit:
         rows = await self.store.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if rows:
             self._seq, self._prev = rows[0]["seq"], rows[0]["hash"]
+            self.head = (self._seq, self._prev)
         self._task = asyncio.create_task(self._loop(), name="audit-flusher")
 
     def record(
@@ -144,6 +172,7 @@ class Audit:
                 self._pending[:0] = batch  # not written: keep them, in order, for the next try
                 raise
             self._prev = prev
+            self.head = (batch[-1][0], prev)
 
     async def _loop(self) -> None:
         while True:

@@ -86,13 +86,28 @@ class Config:
     def embedded(self) -> bool:
         return not self.pkcs11_module
 
+    @property
+    def generated_pin_file(self) -> Path:
+        """Where the embedded SoftHSM's generated user PIN lives."""
+        return self.softhsm_dir / "user.pin"
+
     def resolve_pin_file(self) -> Path:
+        """The user PIN's file: ``pin_file``, else the systemd credential ``pin``,
+        else (embedded SoftHSM only) the generated ``<state_dir>/softhsm/user.pin``.
+
+        Only that last one is ever created by the daemon; the others must exist.
+        """
         if self.pin_file:
             return self.pin_file
         creds = os.environ.get("CREDENTIALS_DIRECTORY")
         if creds and (Path(creds) / "pin").exists():
             return Path(creds) / "pin"
-        return self.softhsm_dir / "user.pin"
+        if not self.embedded:
+            raise ConfigError(
+                "pkcs11_module is set, so the token's PIN must be given: set pin_file, "
+                "or pass a systemd credential named 'pin' (LoadCredential=pin:FILE)"
+            )
+        return self.generated_pin_file
 
 
 _PATHS = {"state_dir", "socket", "pin_file"}
@@ -160,3 +175,67 @@ def find_softhsm() -> str:
         if Path(candidate).exists():
             return candidate
     raise ConfigError("SoftHSM2 is not installed (no libsofthsm2.so); install the softhsm2 package")
+
+
+def describe(cfg: Config) -> list[str]:
+    """The resolved settings as ``name = value`` lines (TOML-like; paths, never secrets)."""
+    out = []
+    for f in fields(Config):
+        if f.name == "extra":
+            continue
+        value = getattr(cfg, f.name)
+        if f.name == "socket_mode":
+            out.append(f"{f.name} = 0o{value:o}")
+        elif value is None:
+            out.append(f"# {f.name} is unset")
+        else:
+            out.append(f"{f.name} = {_toml_value(value)}")
+    out.append("# resolved:")
+    out.append(f"#   socket path   {cfg.socket_path}")
+    out.append(f"#   database      {cfg.db_path}")
+    try:
+        module = cfg.pkcs11_module or f"{find_softhsm()} (embedded SoftHSM)"
+    except ConfigError:
+        module = "(embedded SoftHSM, not installed)"
+    out.append(f"#   pkcs11 module {module}")
+    try:
+        out.append(f"#   PIN file      {cfg.resolve_pin_file()}")
+    except ConfigError:
+        out.append("#   PIN file      (none)")
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def check(cfg: Config) -> list[str]:
+    """What would stop the daemon from starting with ``cfg`` (empty: nothing found)."""
+    problems = []
+    try:
+        pin = cfg.resolve_pin_file()
+    except ConfigError as exc:
+        problems.append(str(exc))
+        pin = None
+    if cfg.embedded:
+        try:
+            find_softhsm()
+        except ConfigError as exc:
+            problems.append(str(exc))
+        if pin is not None and pin != cfg.generated_pin_file and not pin.is_file():
+            problems.append(f"the PIN file {pin} does not exist")
+    else:
+        if not Path(cfg.pkcs11_module).is_file():
+            problems.append(f"pkcs11_module {cfg.pkcs11_module} does not exist")
+        if pin is not None and not pin.is_file():
+            problems.append(f"the PIN file {pin} does not exist")
+    if pin is not None and pin.is_file() and not os.access(pin, os.R_OK):
+        problems.append(f"the PIN file {pin} is not readable by this user")
+    existing = next((p for p in (cfg.state_dir, *cfg.state_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        problems.append(f"the state directory {cfg.state_dir} is not writable ({existing})")
+    return problems

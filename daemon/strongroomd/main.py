@@ -2,6 +2,13 @@
 
 strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH]
 strongroomd check-config [--config FILE]
+strongroomd audit verify [--state-dir DIR | --db FILE]
+strongroomd backup --out FILE
+strongroomd restore --in FILE --state-dir DIR [--force]
+strongroomd admin rotate
+
+Exit status: 0 ok, 1 a check failed (audit chain broken), 2 configuration or
+usage error, 3 the daemon (or an offline command) could not start.
 """
 
 from __future__ import annotations
@@ -9,49 +16,141 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
+import time
+from pathlib import Path
 
 from strongroomd import config as config_mod
 from strongroomd.config import ConfigError
 
 EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STARTUP_FAILURE = 3
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="strongroomd", description=__doc__.splitlines()[0])
-    p.add_argument("command", nargs="?", default="serve", choices=["serve", "check-config"])
-    p.add_argument("--config", help="TOML settings file")
-    p.add_argument("--state-dir", help="state directory (default ./var or $STRONGROOM_STATE_DIR)")
-    p.add_argument("--socket", help="Unix socket path (default <state-dir>/strongroomd.sock)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command is not reset by the subcommand's default.
+    s = argparse.SUPPRESS
+    common.add_argument("--config", default=s, help="TOML settings file")
+    common.add_argument(
+        "--state-dir", default=s, help="state directory (default ./var or $STRONGROOM_STATE_DIR)"
+    )
+    common.add_argument(
+        "--socket", default=s, help="Unix socket path (default <state-dir>/strongroomd.sock)"
+    )
+    common.add_argument("--log-level", default=s, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = argparse.ArgumentParser(
+        prog="strongroomd", description=__doc__.splitlines()[0], parents=[common]
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("serve", parents=[common], help="serve in the foreground (the default)")
+    sub.add_parser(
+        "check-config", parents=[common], help="print the resolved settings, or what is wrong"
+    )
+    audit = sub.add_parser("audit", parents=[common], help="audit log tools")
+    audit_sub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
+    verify = audit_sub.add_parser(
+        "verify", parents=[common], help="check the audit hash chain of a database file, offline"
+    )
+    verify.add_argument("--db", help="database file (default <state-dir>/strongroom.db)")
+    backup = sub.add_parser(
+        "backup", parents=[common], help="write a consistent snapshot (tar, 0600)"
+    )
+    backup.add_argument("--out", required=True, help="the tar file to write")
+    restore = sub.add_parser(
+        "restore", parents=[common], help="bring a snapshot back into a state directory"
+    )
+    restore.add_argument("--in", dest="in_", required=True, help="the tar file to read")
+    restore.add_argument("--force", action="store_true", help="replace a non-empty state dir")
+    admin = sub.add_parser("admin", parents=[common], help="administrator credential")
+    admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
+    admin_sub.add_parser(
+        "rotate",
+        parents=[common],
+        help="new admin API key in <state-dir>/admin.key (the daemon must be stopped)",
+    )
     return p
 
 
+# -- logging ---------------------------------------------------------------------------
+
+
+def _logfmt_value(value: object) -> str:
+    text = str(value)
+    if text and not any(c in text for c in ' ="\\\n\r\t') and text.isprintable():
+        return text
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    return f'"{text}"'
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One line per event: ``ts=... level=... logger=... msg="..." [exc="..."]``.
+
+    Values are quoted and escaped as logfmt does, so a message or a traceback
+    with newlines still makes exactly one line (journald and grep-friendly).
+    Extra fields given with ``log.info(..., extra={"fields": {...}})`` follow.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        t = record.created
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+        parts = [
+            f"ts={ts}",
+            f"level={record.levelname.lower()}",
+            f"logger={_logfmt_value(record.name)}",
+            f"msg={_logfmt_value(record.getMessage())}",
+        ]
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            parts += [f"{k}={_logfmt_value(v)}" for k, v in fields.items()]
+        if record.exc_info:
+            parts.append(f"exc={_logfmt_value(self.formatException(record.exc_info))}")
+        return " ".join(parts)
+
+
 def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    setup_logging(args.log_level)
+# -- commands --------------------------------------------------------------------------
+
+
+def _check_config(cfg: config_mod.Config) -> int:
+    for line in config_mod.describe(cfg):
+        print(line)
+    problems = config_mod.check(cfg)
+    for problem in problems:
+        print(f"strongroomd: configuration error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG if problems else EXIT_OK
+
+
+def _audit_verify(cfg: config_mod.Config, db: str | None) -> int:
+    from strongroomd.audit import verify_file
+
+    path = Path(db) if db else cfg.db_path
     try:
-        cfg = config_mod.load(args.config, state_dir=args.state_dir, socket=args.socket)
-    except ConfigError as exc:
-        print(f"strongroomd: configuration error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    if args.command == "check-config":
-        for name in cfg.__slots__:
-            if name != "extra":
-                print(f"{name} = {getattr(cfg, name)!r}")
+        checked, brk = verify_file(path)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        print(f"strongroomd: cannot read {path}: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILURE
+    if brk is None:
+        print(f"audit chain intact: {checked} records")
         return EXIT_OK
+    print(f"audit chain broken at record {brk.seq}: {brk.reason} ({checked} records before it)")
+    return EXIT_CHECK_FAILED
 
+
+def _serve(cfg: config_mod.Config) -> int:
     from strongroomd.server import Server, StartupError
 
     try:
@@ -62,6 +161,48 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
     return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"))
+    command = args.command or "serve"
+    try:
+        cfg = config_mod.load(
+            getattr(args, "config", None),
+            state_dir=getattr(args, "state_dir", None),
+            socket=getattr(args, "socket", None),
+        )
+    except ConfigError as exc:
+        print(f"strongroomd: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if command == "check-config":
+        return _check_config(cfg)
+    if command == "audit":
+        return _audit_verify(cfg, args.db)
+    try:
+        if command == "backup":
+            from strongroomd import backup
+
+            backup.backup(cfg, Path(args.out))
+            print(f"strongroomd: backup written to {args.out}")
+            return EXIT_OK
+        if command == "restore":
+            from strongroomd import backup
+
+            backup.restore(cfg, Path(args.in_), force=args.force)
+            print(f"strongroomd: restored into {cfg.state_dir}")
+            return EXIT_OK
+        if command == "admin":
+            from strongroomd import admin
+
+            path = admin.rotate(cfg)
+            print(f"strongroomd: new admin API key in {path}")
+            return EXIT_OK
+    except ConfigError as exc:
+        print(f"strongroomd: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILURE
+    return _serve(cfg)
 
 
 if __name__ == "__main__":

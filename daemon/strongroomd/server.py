@@ -19,6 +19,8 @@ import socket
 import uuid
 from pathlib import Path
 
+import sdnotify
+
 from strongroomd import _sandbox, state
 from strongroomd._token import Token
 from strongroomd.api import ROUTES
@@ -151,13 +153,17 @@ class Server:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        notifier = sdnotify.SystemdNotifier()  # a no-op without $NOTIFY_SOCKET
         try:
+            notifier.notify("STATUS=starting: state directory, token, database")
             await self.start()
             log.info("serving on %s", self.config.socket_path)
             print(f"strongroomd: socket {self.config.socket_path}", flush=True)
             print(f"strongroomd: admin API key file {self.config.admin_key_path}", flush=True)
+            notifier.notify(f"READY=1\nSTATUS=serving on {self.config.socket_path}")
             await self._stop.wait()
         finally:
+            notifier.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests")
             await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)

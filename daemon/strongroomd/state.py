@@ -85,7 +85,10 @@ def prepare(cfg: Config) -> TokenSettings:
     so_pin_file, user_pin_file = hsm / "so.pin", cfg.resolve_pin_file()
     if not so_pin_file.exists():
         write_secret(so_pin_file, secrets.token_urlsafe(24))
-    if not user_pin_file.exists():
+    # Only the generated PIN is ever made here; a configured pin_file or a systemd
+    # credential is the operator's (often on a read-only path) and must exist: its
+    # value becomes the user PIN of a token made now, or must match an existing one.
+    if not user_pin_file.exists() and user_pin_file == cfg.generated_pin_file:
         write_secret(user_pin_file, secrets.token_urlsafe(24))
     so_pin, user_pin = read_secret(so_pin_file), read_secret(user_pin_file)
 
