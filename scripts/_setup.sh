@@ -7,6 +7,7 @@ VENV="$ROOT/.venv"
 need_apt=()
 [ -e /usr/lib/softhsm/libsofthsm2.so ] || need_apt+=(softhsm2)
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the web console's editor
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies the unit in tests
 for extra in ${STRONGROOM_APT_EXTRA:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
@@ -29,4 +30,12 @@ if [ ! -e "$stamp" ]; then
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}" >&2
   rm -f "$VENV"/.installed-*
   touch "$stamp"
+fi
+
+# The web console's editor (CodeMirror), pinned by console/package-lock.json.
+CONSOLE="$ROOT/console"
+if [ ! -e "$CONSOLE/node_modules/.package-lock.json" ] \
+  || [ "$CONSOLE/package-lock.json" -nt "$CONSOLE/node_modules/.package-lock.json" ]; then
+  echo "setup: installing the console's packages (npm ci)" >&2
+  (cd "$CONSOLE" && npm ci --no-audit --no-fund --loglevel=error) >&2
 fi

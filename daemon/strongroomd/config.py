@@ -2,11 +2,12 @@
 
 Precedence, lowest first: built-in defaults, the TOML file given with
 ``--config``, then the environment (``STRONGROOM_STATE_DIR``,
-``STRONGROOM_SOCKET``, ``STRONGROOM_PKCS11_MODULE``).
+``STRONGROOM_SOCKET``, ``STRONGROOM_PKCS11_MODULE``, ``STRONGROOM_HTTP``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -63,6 +64,19 @@ class Config:
     plugin_warm_workers: int = 2
     #: Plugin sandbox: most worker processes alive at once.
     plugin_max_workers: int = 8
+    #: HTTP/JSON gateway and web console: off unless enabled (``STRONGROOM_HTTP=1``
+    #: does it too; ``scripts/run`` sets it).
+    http_enabled: bool = False
+    #: Gateway address. Loopback only, unless ``http_allow_remote`` is set.
+    http_host: str = "127.0.0.1"
+    #: Gateway TCP port; 0 picks a free one. The URL is logged and written to
+    #: ``<state_dir>/http.url`` once the gateway listens.
+    http_port: int = 8480
+    #: Allow a non-loopback ``http_host``. The gateway speaks plain HTTP: only
+    #: behind a TLS-terminating proxy.
+    http_allow_remote: bool = False
+    #: Web console files; default the ``console/`` folder of the source tree.
+    http_console_dir: Path | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -110,7 +124,7 @@ class Config:
         return self.generated_pin_file
 
 
-_PATHS = {"state_dir", "socket", "pin_file"}
+_PATHS = {"state_dir", "socket", "pin_file", "http_console_dir"}
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
@@ -130,6 +144,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "pkcs11_module": os.environ.get("STRONGROOM_PKCS11_MODULE"),
     }
     values.update({k: v for k, v in env.items() if v})
+    if os.environ.get("STRONGROOM_HTTP", "").lower() in ("1", "true", "yes", "on"):
+        values["http_enabled"] = True
     values.update({k: v for k, v in overrides.items() if v is not None})
 
     known = {f.name: f for f in fields(Config) if f.name != "extra"}
@@ -154,7 +170,27 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")
+    _check_http(cfg)
     return cfg
+
+
+def _check_http(cfg: Config) -> None:
+    if not 0 <= cfg.http_port <= 65535:
+        raise ConfigError("setting 'http_port' must be 0..65535")
+    if cfg.http_enabled and not cfg.http_allow_remote and not is_loopback(cfg.http_host):
+        raise ConfigError(
+            f"http_host {cfg.http_host!r} is not a loopback address; the gateway speaks plain "
+            "HTTP: set http_allow_remote = true only behind a TLS-terminating proxy"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

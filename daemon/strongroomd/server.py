@@ -18,6 +18,7 @@ import signal
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import sdnotify
 
@@ -48,6 +49,7 @@ class Server:
         self.dispatcher: Dispatcher | None = None
         self.connections: set[Connection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self.gateway: Any = None  # strongroomd.gateway.Gateway when http_enabled
         self._stop = asyncio.Event()
         self._lock: int | None = None
         self._stopping = False
@@ -84,6 +86,8 @@ class Server:
             log.warning("reconciled token and database: %s", found)
         audit.record("daemon.start", detail={"keys": len(store.keys), **found})
         await self._ensure_admin()
+        if cfg.http_enabled:
+            await self._serve_http()
         await self._listen()
 
     async def _ensure_admin(self) -> None:
@@ -119,6 +123,21 @@ class Server:
         state.write_secret(cfg.admin_key_path, api_key(admin.id, secret) + "\n")
         await store.put_principal(admin)
         log.info("created the admin credential in %s", cfg.admin_key_path)
+
+    async def _serve_http(self) -> None:
+        from strongroomd.gateway import Gateway  # aiohttp is imported only when enabled
+
+        assert self.services is not None and self.dispatcher is not None
+        url_file = self.config.state_dir / "http.url"
+        url_file.unlink(missing_ok=True)
+        gateway = Gateway(self.config, self.dispatcher, self.services.extra["keyring"])
+        try:
+            url = await gateway.start()
+        except OSError as exc:
+            raise StartupError(f"HTTP gateway: {exc.strerror}") from exc
+        self.gateway = gateway
+        url_file.write_text(url + "\n")
+        log.info("HTTP gateway on %s", url)
 
     async def _listen(self) -> None:
         assert self.dispatcher is not None
@@ -160,6 +179,8 @@ class Server:
             log.info("serving on %s", self.config.socket_path)
             print(f"strongroomd: socket {self.config.socket_path}", flush=True)
             print(f"strongroomd: admin API key file {self.config.admin_key_path}", flush=True)
+            if self.gateway is not None:
+                print(f"strongroomd: console {self.gateway.url}/console/", flush=True)
             notifier.notify(f"READY=1\nSTATUS=serving on {self.config.socket_path}")
             await self._stop.wait()
         finally:
@@ -186,6 +207,11 @@ class Server:
     async def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                await self.gateway.close()
+            (self.config.state_dir / "http.url").unlink(missing_ok=True)
+            self.gateway = None
         await asyncio.gather(*(c.drain(self.config.shutdown_grace) for c in list(self.connections)))
         for _ in range(100):  # let connection clean-ups (transient keys) run
             await asyncio.sleep(0)

@@ -1,0 +1,373 @@
+"""HTTP/JSON gateway: the socket's API over loopback HTTP, plus the web console.
+
+Served by the daemon on its own event loop (aiohttp), started and stopped by
+:class:`strongroomd.server.Server`. Every API request goes through
+:meth:`strongroomd.dispatch.Dispatcher.handle`, so authentication, the
+permission rules and the audit trail are the socket's own.
+
+- Same paths, bodies and status codes as the socket, in JSON. Binary values
+  are base64 strings: fields a route declares as bytes are decoded on the way
+  in, every bytes value is encoded on the way out. On GET, query parameters
+  become body fields (``?limit=10`` is the integer 10).
+- ``Authorization: Bearer <access_token>`` authenticates a request. The API
+  key itself is accepted as ``Authorization: Basic <api_key>`` (it already is
+  base64("id:secret")) on ``POST /sys/v1/session/auth`` only, so a slow
+  scrypt check runs once per login, never per request.
+- Each request is its own connection (``Owner``): ``transient: true`` is a 400
+  here, since such a key would vanish with the request that made it.
+- Request bodies are bounded by ``max_frame`` (413 ``too_large``), strings in
+  them by ``max_field``. Responses carry a strict CSP and no CORS headers;
+  the Host header must name the loopback address (DNS rebinding).
+- ``GET /openapi.json``: the gateway's OpenAPI 3.1 document;
+  ``GET /metrics``: Prometheus text from :mod:`strongroomd.metrics` when that
+  module exists (404 otherwise); ``/console/``: the web console's files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib
+import json
+import logging
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from strongroomd import openapi
+from strongroomd.context import Owner
+from strongroomd.errors import ApiError, BadRequest, Unauthenticated
+from strongroomd.protocol import MAX_PATH, METHODS
+from strongroomd.router import Route
+
+if TYPE_CHECKING:
+    from strongroomd.config import Config
+    from strongroomd.dispatch import Dispatcher
+    from strongroomd.keyring import Keyring
+
+log = logging.getLogger("strongroomd.gateway")
+
+AUTH_PATH = "/sys/v1/session/auth"
+SOURCE_CONSOLE = Path(__file__).resolve().parents[2] / "console"
+#: The console's own files, and the editor files it takes from console/node_modules.
+CONSOLE_FILES = {"index.html", "app.js", "style.css"}
+VENDOR_FILES = {
+    "codemirror.js": "codemirror/lib/codemirror.js",
+    "codemirror.css": "codemirror/lib/codemirror.css",
+    "lua.js": "codemirror/mode/lua/lua.js",
+    "matchbrackets.js": "codemirror/addon/edit/matchbrackets.js",
+}
+TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+class Gateway:
+    def __init__(self, config: Config, dispatcher: Dispatcher, keyring: Keyring) -> None:
+        self.config = config
+        self.dispatcher = dispatcher
+        self.keyring = keyring
+        self.console_dir = config.http_console_dir or SOURCE_CONSOLE
+        self.url = ""
+        self._hosts: set[str] = set()
+        self._runner: web.AppRunner | None = None
+        self._openapi: bytes | None = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def start(self) -> str:
+        app = web.Application(client_max_size=self.config.max_frame)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        app.on_response_prepare.append(_headers)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        host, port = self.config.http_host, self.config.http_port
+        site = web.TCPSite(runner, host, port, shutdown_timeout=self.config.shutdown_grace)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self._runner = runner
+        bound = runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{bound}"
+        self._hosts = {f"{h}:{bound}" for h in (shown, "127.0.0.1", "localhost", "[::1]")}
+        return self.url
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops listening, lets requests finish
+            self._runner = None
+
+    # -- requests --------------------------------------------------------------------
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if not self.config.http_allow_remote and request.host not in self._hosts:
+            return _error(403, "forbidden", f"unexpected Host {request.host!r}")
+        path = request.path
+        if path.startswith(("/sys/", "/crypto/")):
+            return await self._api(request)
+        if request.method not in ("GET", "HEAD"):
+            return _error(405, "method_not_allowed", f"{request.method} is not allowed here")
+        if path in ("/", "/console"):
+            raise web.HTTPFound("/console/")
+        if path.startswith("/console/"):
+            return self._console(path.removeprefix("/console/"))
+        if path == "/openapi.json":
+            return self._openapi_doc()
+        if path == "/metrics":
+            return _metrics()
+        return _error(404, "no_such_route", f"no route for {path}")
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method, path = request.method, request.path
+        if method not in METHODS:
+            return _error(405, "method_not_allowed", f"{method} is not allowed")
+        if len(path) > MAX_PATH:
+            return _error(400, "malformed_frame", "path too long")
+        route = self._route(method, path)
+        owner = Owner(id=f"http-{uuid.uuid4()}")
+        try:
+            body = await self._body(request, route)
+            body = self._authorization(request, route, owner, body)
+            if isinstance(body, dict) and route is not None and route.fields is not None:
+                body = self._decode_binary(route, body)
+            status, out = await self.dispatcher.handle(owner, method, path, body)
+        except ApiError as exc:
+            status, out = exc.status, exc.body()
+        finally:
+            if owner.transient:
+                await self.keyring.drop_owner(owner)
+        if status == 204:
+            return web.Response(status=204, headers={"Cache-Control": "no-store"})
+        resp = _json(status, out)
+        if status == 401:
+            resp.headers["WWW-Authenticate"] = 'Bearer realm="strongroom"'
+        return resp
+
+    def _route(self, method: str, path: str) -> Route | None:
+        try:
+            return self.dispatcher.router.match(method, path)[0]
+        except ApiError:
+            return None  # the dispatcher answers 404/405 and audits it
+
+    async def _body(self, request: web.Request, route: Route | None) -> Any:
+        if (request.content_length or 0) > self.config.max_frame:
+            raise ApiError(f"the body is over {self.config.max_frame} bytes", code="too_large")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise ApiError(
+                f"the body is over {self.config.max_frame} bytes", code="too_large"
+            ) from None
+        body: Any = None
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, RecursionError):
+                raise BadRequest("the body is not valid JSON", code="malformed_frame") from None
+            _check_sizes(body, self.config.max_field)
+        if request.query:
+            if request.method != "GET":
+                raise BadRequest(
+                    "query parameters are read on GET only; send a JSON body",
+                    code="invalid_field",
+                )
+            if body is not None and not isinstance(body, dict):
+                raise BadRequest("the request body must be a map", code="invalid_field")
+            body = {**(body or {}), **_query_fields(request, route)}
+        if (
+            isinstance(body, dict)
+            and body.get("transient") is True
+            and route is not None
+            and route.fields is not None
+            and "transient" in route.fields
+        ):
+            raise BadRequest(
+                "transient keys live as long as their connection, and over HTTP each request "
+                "is its own: use the Unix socket (or a plugin) for transient keys",
+                code="invalid_value",
+            )
+        return body
+
+    def _authorization(
+        self, request: web.Request, route: Route | None, owner: Owner, body: Any
+    ) -> Any:
+        """Bind a bearer token to the request's owner; a Basic API key becomes the body."""
+        value = request.headers.get("Authorization")
+        if value is None:
+            return body
+        scheme, _, cred = value.strip().partition(" ")
+        scheme, cred = scheme.lower(), cred.strip()
+        is_auth = route is not None and route.path == AUTH_PATH and request.method == "POST"
+        if scheme == "bearer" and cred:
+            if not is_auth:  # session/auth with a bearer would end that session
+                owner.token = cred
+            return body
+        if scheme == "basic" and cred:
+            if not is_auth:
+                raise Unauthenticated(
+                    "Basic (the API key) is accepted on POST /sys/v1/session/auth only; "
+                    "send the bearer token it returns",
+                )
+            if body not in (None, {}):
+                raise BadRequest(
+                    "give the API key in the Authorization header or the body, not both",
+                    code="invalid_field",
+                )
+            return {"api_key": cred}
+        raise Unauthenticated("Authorization must be Bearer <token> (or Basic <api_key>)")
+
+    def _decode_binary(self, route: Route, body: dict[str, Any]) -> dict[str, Any]:
+        assert route.fields is not None
+        out = dict(body)
+        for name, value in body.items():
+            f = route.fields.get(name)
+            if f is None:
+                continue
+            types = f.types if isinstance(f.types, tuple) else (f.types,)
+            if bytes in types and str not in types and isinstance(value, str):
+                out[name] = _b64(name, value)
+            elif f.items is bytes and isinstance(value, list):
+                out[name] = [_b64(name, v) if isinstance(v, str) else v for v in value]
+        return out
+
+    # -- other resources -----------------------------------------------------------------
+    def _openapi_doc(self) -> web.Response:
+        if self._openapi is None:
+            doc = openapi.document(self.dispatcher.router.routes)
+            self._openapi = openapi.dumps(doc).encode()
+        return web.Response(
+            body=self._openapi,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
+
+    def _console(self, name: str) -> web.StreamResponse:
+        if name in ("", "index.html"):
+            path = self.console_dir / "index.html"
+        elif name in CONSOLE_FILES:
+            path = self.console_dir / name
+        elif name.startswith("vendor/") and name.removeprefix("vendor/") in VENDOR_FILES:
+            path = self.console_dir / "node_modules" / VENDOR_FILES[name.removeprefix("vendor/")]
+        else:
+            return _error(404, "not_found", f"no console file {name!r}")
+        if not path.is_file():
+            return _error(
+                404,
+                "not_found",
+                f"{path} is missing: the console is installed by scripts/_setup.sh (npm ci)",
+            )
+        return web.FileResponse(
+            path,
+            headers={
+                "Content-Type": TYPES[path.suffix] + "; charset=utf-8",
+                "Cache-Control": "no-cache",
+            },
+        )
+
+
+def _metrics() -> web.Response:
+    try:
+        metrics = importlib.import_module("strongroomd.metrics")
+    except ModuleNotFoundError as exc:
+        if exc.name != "strongroomd.metrics":
+            raise
+        return _error(404, "not_found", "metrics are not available in this build")
+    body, content_type = metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"}
+    )
+
+
+async def _headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    response.headers.setdefault("Cache-Control", "no-store")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(value).decode()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _json(status: int, body: Any) -> web.Response:
+    try:
+        text = json.dumps(body, default=_json_default, ensure_ascii=False)
+    except (TypeError, ValueError):
+        log.exception("unencodable response")
+        status, text = 500, json.dumps({"error": "internal", "message": "unencodable response"})
+    return web.Response(
+        status=status,
+        text=text,
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return _json(status, {"error": code, "message": message})
+
+
+def _b64(name: str, value: str) -> bytes:
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeError, ValueError):
+        raise BadRequest(f"field {name!r} must be base64", code="invalid_field") from None
+
+
+def _check_sizes(value: Any, limit: int) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if len(v) > limit:
+                raise ApiError(f"a field is over {limit} bytes", code="too_large")
+        elif isinstance(v, list):
+            if len(v) > limit:
+                raise ApiError(f"an array is over {limit} items", code="too_large")
+            stack.extend(v)
+        elif isinstance(v, dict):
+            if len(v) > limit:
+                raise ApiError(f"a map is over {limit} entries", code="too_large")
+            stack.extend(v.keys())
+            stack.extend(v.values())
+
+
+def _query_fields(request: web.Request, route: Route | None) -> dict[str, Any]:
+    fields = (route.fields or {}) if route is not None else {}
+    out: dict[str, Any] = {}
+    for name in request.query:
+        values = request.query.getall(name)
+        f = fields.get(name)
+        types = () if f is None else f.types if isinstance(f.types, tuple) else (f.types,)
+        if list in types:
+            out[name] = values
+            continue
+        value = values[-1]
+        if int in types and bool not in types:
+            try:
+                out[name] = int(value)
+            except ValueError:
+                raise BadRequest(f"{name} must be an integer", code="invalid_field") from None
+        elif bool in types:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise BadRequest(f"{name} must be true or false", code="invalid_field")
+            out[name] = value.lower() in ("true", "1")
+        else:
+            out[name] = value
+    return out
