@@ -8,14 +8,17 @@ permission engine and one audit path whatever the transport.
 from __future__ import annotations
 
 import logging
+from time import perf_counter
 from typing import Any
 
+from strongroomd import metrics
 from strongroomd.auth import Principal
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, Internal, Unauthenticated
 from strongroomd.router import Router, check_body
 
 log = logging.getLogger("strongroomd.dispatch")
+mstate = metrics.state
 
 
 class Dispatcher:
@@ -33,11 +36,34 @@ class Dispatcher:
     async def handle(
         self, owner: Owner, method: str, path: str, body: Any, auth: str | None = None
     ) -> tuple[int, Any]:
+        """Answer one request; every front end comes through here (metrics too)."""
+        t0 = perf_counter()
+        mstate.inflight += 1
+        matched: list[str] = []  # the route template, once matched
+        try:
+            status, result = await self._handle(owner, method, path, body, auth, matched)
+        finally:
+            mstate.inflight -= 1
+        metrics.observe(
+            method, matched[0] if matched else None, status, perf_counter() - t0, result
+        )
+        return status, result
+
+    async def _handle(
+        self,
+        owner: Owner,
+        method: str,
+        path: str,
+        body: Any,
+        auth: str | None,
+        matched: list[str],
+    ) -> tuple[int, Any]:
         principal: Principal | None = None
         req: Request | None = None
         action = f"{method} {path}"
         try:
             route, params = self.router.match(method, path)
+            matched.append(route.path)
             action = f"{method} {route.path}"
             if not route.public:
                 principal = self.authenticate(owner, auth)

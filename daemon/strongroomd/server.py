@@ -22,7 +22,7 @@ from typing import Any
 
 import sdnotify
 
-from strongroomd import _sandbox, state
+from strongroomd import _sandbox, metrics, state
 from strongroomd._token import Token
 from strongroomd.api import ROUTES
 from strongroomd.audit import Audit
@@ -81,6 +81,7 @@ class Server:
         pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
         services.extra["sandbox"] = pool
         await pool.start()
+        metrics.bind(connections=lambda: len(self.connections), sandbox=lambda: pool.stats)
         found = await keyring.reconcile()
         if any(found.values()):
             log.warning("reconciled token and database: %s", found)
