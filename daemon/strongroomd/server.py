@@ -22,7 +22,7 @@ from typing import Any
 
 import sdnotify
 
-from strongroomd import _sandbox, metrics, state
+from strongroomd import _sandbox, backup, metrics, state
 from strongroomd._token import Token
 from strongroomd.api import ROUTES
 from strongroomd.audit import Audit
@@ -63,7 +63,10 @@ class Server:
         await store.open()
         try:
             token = await Token.open(
-                token_settings.module, token_settings.label, token_settings.pin
+                token_settings.module,
+                token_settings.label,
+                token_settings.pin,
+                write_lock=backup.token_lock_path(cfg),
             )
         except Exception as exc:
             await store.close()

@@ -15,8 +15,11 @@ and hot session copies of stored keys made on first use.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hmac
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 from pkcs11 import Mechanism
@@ -35,6 +38,18 @@ _SYMMETRIC = frozenset(("AES", "DES3"))
 _PKCS11Error = p11e.PKCS11Error
 # One Token at a time per process: two threads inside the module crash it.
 _open_lock = threading.Lock()
+# Operations that may write token objects (files, for SoftHSM).
+_WRITES = frozenset(("delete", "generate", "import", "rename", "persist", "unwrap", "agree"))
+
+
+def _holding(fd: int, fn: Any, *args: Any) -> Any:
+    """Run ``fn`` (on the token thread) under a shared flock on ``fd``; a backup's
+    exclusive lock makes this wait, and with it the token thread."""
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        return fn(*args)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _asym_type(key: KeyRef) -> str:
@@ -47,24 +62,32 @@ def _asym_type(key: KeyRef) -> str:
 class Token:
     """One logged-in session on one PKCS#11 token, driven from asyncio."""
 
-    def __init__(self, worker: Worker, core: Core) -> None:
+    def __init__(self, worker: Worker, core: Core, write_lock: int | None = None) -> None:
         self._worker = worker
         self._core = core
         self._call = worker.call
+        self._write_lock = write_lock
 
     @classmethod
-    async def open(cls, module: str, label: str, pin: str) -> Token:
+    async def open(cls, module: str, label: str, pin: str, write_lock: Path | None = None) -> Token:
+        """``write_lock``: a file whose shared flock every write to the token holds
+        (see ``strongroomd.backup``: a backup takes it exclusively to freeze the token)."""
         if not _open_lock.acquire(blocking=False):
             raise RuntimeError("a Token is already open in this process")
+        fd = None
+        if write_lock is not None:
+            fd = os.open(write_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         worker = Worker(asyncio.get_running_loop())
         worker.start()
         try:
             core = await worker.call(Core, module, label, pin)
         except BaseException:
             await worker.stop()
+            if fd is not None:
+                os.close(fd)
             _open_lock.release()
             raise
-        return cls(worker, core)
+        return cls(worker, core, fd)
 
     async def close(self) -> None:
         if self._core is None:
@@ -73,6 +96,9 @@ class Token:
         try:
             await self._worker.stop(core.close)
         finally:
+            if self._write_lock is not None:
+                os.close(self._write_lock)
+                self._write_lock = None
             _open_lock.release()
 
     def kids(self) -> set[str]:
@@ -82,6 +108,8 @@ class Token:
 
     async def _run(self, what: str, fn: Any, *args: Any) -> Any:
         try:
+            if what in _WRITES and self._write_lock is not None:
+                return await self._call(_holding, self._write_lock, fn, self._core, *args)
             return await self._call(fn, self._core, *args)
         except _PKCS11Error as exc:
             raise token_error(exc, what) from None
