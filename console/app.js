@@ -57,7 +57,7 @@ function el(tag, attrs = {}, ...children) {
     else if (k === "dataset") Object.assign(node.dataset, v);
     else node.setAttribute(k, v);
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c !== null && c !== undefined) node.append(c instanceof Node ? c : String(c));
   }
   return node;
@@ -343,8 +343,10 @@ async function invokePlugin() {
   if (inv) {
     const recs = await api("GET", `/sys/v1/logs?invocation_id=${encodeURIComponent(inv)}&limit=500`);
     const box = $("#invoke-audit");
-    renderAudit(box.querySelector(".audit-tree"), recs);
+    renderAudit(box.querySelector(".audit-tree"), recs, true);
     box.hidden = false;
+    const head = recs.find(isInvocation);
+    if (head && head.detail && head.detail.output) $("#run-output").textContent = head.detail.output;
   }
 }
 
@@ -405,7 +407,7 @@ async function loadAudit() {
 const isInvocation = (r) => r.invocation_id && r.actor_kind !== "plugin" && r.action.startsWith("POST /sys/v1/plugins/");
 
 // Records newest first; a plugin's own operations nest under the invocation that ran them.
-function renderAudit(box, records) {
+function renderAudit(box, records, compact = false) {
   const heads = new Map(records.filter(isInvocation).map((r) => [r.invocation_id, r]));
   const nested = new Map();
   const top = [];
@@ -419,7 +421,7 @@ function renderAudit(box, records) {
     el(
       "div",
       { class: `audit-row ${r.status >= 400 ? "failed" : ""}`, dataset: { seq: r.seq } },
-      el("span", { class: "time" }, r.time),
+      el("span", { class: "time", title: r.time }, compact ? r.time.slice(11, 23) : r.time),
       el("span", { class: "actor" }, `${r.actor_kind || "-"} ${short(r.actor_id)}`),
       el("span", { class: "action" }, r.action),
       el("span", { class: "object" }, short(r.object_id)),

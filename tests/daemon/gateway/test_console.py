@@ -1,0 +1,180 @@
+"""The web console in headless Chromium (Debian's, driven by Playwright; never downloaded).
+
+One scenario, as a person would use it: log in, make a group, a key and an
+app, write a plugin in the editor, test it, break it and follow the
+traceback to the line, save it, invoke it and read its nested audit trail.
+Screenshots go to test-output/screenshots/.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import unique
+from tests.daemon.gateway.conftest import ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SHOTS = ROOT / "test-output" / "screenshots"
+
+GOOD = """-- encrypt the input's text with the named key
+function run(input)
+  local key = assert(Sobject { name = input.key })
+  local out = assert(key:encrypt { plain = Blob.from_bytes(input.text), alg = "AES" })
+  print("encrypted", #input.text, "bytes")
+  return { size = #out.cipher, kid = key.kid }
+end
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), "chromium is missing: scripts/test installs it (apt)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser: Any, http_daemon: Any) -> Iterator[Any]:
+    ctx = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(15_000)
+    pg.problems = []
+    pg.on("pageerror", lambda e: pg.problems.append(f"page error: {e}"))
+    pg.on("console", lambda m: m.type == "error" and pg.problems.append(m.text))
+    # Every asset comes from the gateway itself: anything else would be a bug.
+    pg.route(
+        lambda url: not url.startswith(http_daemon.url),
+        lambda route: (pg.problems.append(f"external request {route.request.url}"), route.abort()),
+    )
+    yield pg
+    ctx.close()
+
+
+def shot(pg: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    pg.screenshot(path=str(SHOTS / f"console-{name}.png"), full_page=True)
+
+
+def cm(pg: Any, js: str) -> Any:
+    return pg.evaluate(
+        f"(() => {{ const cm = document.querySelector('.CodeMirror').CodeMirror; {js} }})()"
+    )
+
+
+def test_console_scenario(page: Any, http_daemon: Any) -> None:
+    pg = page
+    pg.goto(f"{http_daemon.url}/")
+    pg.fill("#login-key", "bm9ib2R5Om5vdGhpbmc=")  # nobody:nothing
+    pg.click("#login-form button")
+    pg.wait_for_selector("#flash:not([hidden])")
+    assert "Log in failed" in pg.text_content("#flash")
+    pg.problems.clear()  # the refused login logged its 401
+    pg.fill("#login-key", http_daemon.admin_key)
+    pg.click("#login-form button")
+    pg.wait_for_selector("#view-keys:not([hidden])")
+    assert "admin" in pg.text_content("#who-name")
+
+    # A group, a key in it, an app in it (whose API key shows once).
+    group, key, app = unique("cg"), unique("ck"), unique("ca")
+    pg.click("#nav button[data-view=groups]")
+    pg.fill("#group-form [name=name]", group)
+    pg.click("#group-form button")
+    pg.wait_for_selector(f"#groups-table td:text-is('{group}')")
+    pg.click("#nav button[data-view=keys]")
+    pg.fill("#key-form [name=name]", key)
+    pg.select_option("#key-form [name=group_id]", label=group)
+    pg.click("#key-form button")
+    pg.wait_for_selector("#key-detail:not([hidden])")
+    detail = pg.text_content("#key-detail")
+    assert key in detail and "AES" in detail and group in detail and "ENCRYPT" in detail
+    pg.click(f"#keys-table td:text-is('{key}')")
+    pg.click("#nav button[data-view=apps]")
+    pg.fill("#app-form [name=name]", app)
+    pg.locator("#app-form label.pick", has_text=group).locator("input").check()
+    pg.click("#app-form button[type=submit]")
+    pg.wait_for_selector("#app-secret:not([hidden])")
+    assert len(pg.text_content("#app-secret-key").strip()) > 40
+    pg.wait_for_selector(f"#apps-table td:text-is('{app}')")
+    shot(pg, "1-app-key")
+    pg.click("#app-secret-done")
+
+    # A new plugin in the editor, in that group only.
+    pg.click("#nav button[data-view=plugins]")
+    pg.click("#plugin-new")
+    pg.wait_for_selector("#view-editor:not([hidden]) .CodeMirror")
+    name = unique("cplug")
+    pg.fill("#plugin-name", name)
+    for box in pg.locator("#plugin-groups input").all():
+        box.uncheck()
+    pg.locator("#plugin-groups label.pick", has_text=group).locator("input").check()
+    cm(pg, f"cm.setValue({json.dumps(GOOD)});")
+    keywords = pg.locator("#editor .cm-keyword").all_text_contents()
+    assert {"function", "local", "return", "end"} <= set(keywords)
+    assert pg.locator("#editor .cm-string").count() >= 3
+    assert pg.locator("#editor .CodeMirror-linenumber").count() >= 7
+
+    # Test run with mock input: result, printed output, time and resources.
+    pg.fill("#plugin-input", json.dumps({"key": key, "text": "hello"}))
+    pg.click("#plugin-test")
+    pg.wait_for_selector("#run-title:text('Test run: 200')")
+    assert json.loads(pg.text_content("#run-result"))["size"] == 5
+    assert "encrypted\t5\tbytes" in pg.text_content("#run-output")
+    stats = pg.text_content("#run-stats")
+    assert "ms" in stats and "instructions" in stats and "memory peak" in stats
+    shot(pg, "2-test-run")
+
+    # Break it: the traceback's line link moves the editor to the line.
+    cm(pg, "cm.focus(); cm.setCursor({line: 4, ch: 0});")
+    pg.keyboard.press("End")
+    pg.keyboard.type("\nlocal boom = nil .. 'x'")
+    pg.click("#plugin-test")
+    pg.wait_for_selector("#run-title:text('Test run: 500')")
+    assert "attempt to concatenate" in pg.text_content("#run-error")
+    assert "test:6:" in pg.text_content("#run-traceback")
+    cm(pg, "cm.setCursor({line: 0, ch: 0});")
+    pg.click("#run-traceback a.line-link[data-line='6']")
+    assert cm(pg, "return cm.getCursor().line;") == 5
+    shot(pg, "3-traceback")
+
+    # Fix, save (version 1), change and save again (version 2).
+    cm(pg, f"cm.setValue({json.dumps(GOOD)});")
+    pg.click("#plugin-save")
+    pg.wait_for_selector("#plugin-version:text('version 1')")
+    cm(pg, "cm.replaceRange('-- v2\\n', {line: 0, ch: 0});")
+    pg.click("#plugin-save")
+    pg.wait_for_selector("#plugin-version:text('version 2')")
+
+    # Invoke the saved plugin; its own operations nest under the invocation.
+    pg.click("#plugin-invoke")
+    pg.wait_for_selector("#invoke-audit:not([hidden]) .invocation")
+    assert pg.text_content("#run-title") == "Invocation: 200"
+    head = pg.text_content("#invoke-audit .invocation > .audit-row .action")
+    assert head == "POST /sys/v1/plugins/{plugin_id}"
+    nested = pg.locator("#invoke-audit .invocation .nested .action").all_text_contents()
+    assert "POST /crypto/v1/encrypt" in nested and "POST /crypto/v1/keys/info" in nested
+    assert "encrypted" in pg.text_content("#run-output")  # kept in the invocation's record
+    shot(pg, "4-invoke")
+
+    pg.click("#nav button[data-view=audit]")
+    pg.wait_for_selector("#audit-list .invocation .nested")
+    shot(pg, "5-audit")
+    assert pg.problems == []
