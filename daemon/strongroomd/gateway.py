@@ -295,6 +295,7 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
     response.headers.setdefault("Cache-Control", "no-store")
+    response.headers["Server"] = "strongroomd"  # not the library and its version
 
 
 def _json_default(value: Any) -> Any:
