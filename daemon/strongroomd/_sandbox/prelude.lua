@@ -1,0 +1,893 @@
+-- Strongroom's trusted Lua core (Lua 5.3), loaded into every fresh runtime.
+--
+-- The chunk is called once with the worker's one Python callable, `py`, and
+-- returns the entry function the worker calls for one invocation. `py` lives
+-- only as an upvalue of the closures below: it is never returned, stored in a
+-- table or passed to plugin code, and whatever it raises is turned into a
+-- plain string before plugin code can see it. Everything that crosses the
+-- Python boundary is a Lua string, number, boolean or nil.
+--
+-- Plugin code runs in its own coroutine with an instruction-count hook; the
+-- main thread (this file's entry) never runs plugin code, so a blown budget
+-- cannot follow us out. Only the locals captured here are used, so a plugin
+-- that rewrites `string` or `table` changes nothing this file relies on.
+
+local py = ...
+
+local type, next, select, tostring, tonumber = type, next, select, tostring, tonumber
+local rawget, rawset, rawlen, rawequal = rawget, rawset, rawlen, rawequal
+local setmetatable, getmetatable = setmetatable, getmetatable
+local error, pcall, xpcall, assert, ipairs, pairs = error, pcall, xpcall, assert, ipairs, pairs
+local load = load
+local string, table, math, utf8, os, coroutine, debug = string, table, math, utf8, os, coroutine, debug
+local s_byte, s_char, s_sub, s_find, s_format = string.byte, string.char, string.sub, string.find, string.format
+local s_pack, s_unpack, s_rep, s_gsub, s_match = string.pack, string.unpack, string.rep, string.gsub, string.match
+local t_concat, t_pack, t_unpack = table.concat, table.pack, table.unpack
+local m_type, m_floor, m_huge = math.type, math.floor, math.huge
+local utf8_len = utf8.len
+local co_create, co_resume, co_status, co_wrap = coroutine.create, coroutine.resume, coroutine.status, coroutine.wrap
+local sethook, traceback = debug.sethook, debug.traceback
+local collectgarbage = collectgarbage
+
+local HOOK_EVERY = 1000
+local MAX_DEPTH = 100
+local MEM_MSG = "not enough memory"
+
+-- Per-invocation state (this runtime serves exactly one invocation).
+local budget, count, exceeded, mem_exceeded, mem_peak = m_huge, 0, false, false, 0
+local out, out_n, out_len, out_cap, out_cut = {}, 0, 0, 65536, false
+local ctx = {}
+
+local function is_mem_error(e)
+  return type(e) == "string" and s_find(e, MEM_MSG, 1, true) ~= nil
+end
+
+local function hook()
+  count = count + HOOK_EVERY
+  local kb = collectgarbage("count")
+  if kb > mem_peak then mem_peak = kb end
+  if count > budget then
+    exceeded = true
+    error("instruction budget exceeded (time_limit)", 0)
+  end
+end
+
+-- A call into Python. Any failure comes back as a string: never an object.
+local function pycall(op, a, b, c)
+  local ok, v, err = pcall(py, op, a, b, c)
+  if not ok then
+    if is_mem_error(v) then error(MEM_MSG, 0) end
+    return nil, "internal error in " .. op
+  end
+  return v, err
+end
+
+local function pycall_or_raise(level, op, a, b, c)
+  local v, err = pycall(op, a, b, c)
+  if v == nil then error(err, level + 1) end
+  return v
+end
+
+------------------------------------------------------------------------------
+-- Private registries: what is a Blob, an Error, a Time, an Sobject.
+local BYTES = setmetatable({}, { __mode = "k" })
+local ERRORS = setmetatable({}, { __mode = "k" })
+local TIMES = setmetatable({}, { __mode = "k" })
+local SOBJECTS = setmetatable({}, { __mode = "k" })
+local PRINCIPALS = setmetatable({}, { __mode = "k" })
+
+local null = setmetatable({}, {
+  __metatable = "null",
+  __tostring = function() return "null" end,
+  __newindex = function() error("null is read-only", 2) end,
+})
+
+------------------------------------------------------------------------------
+-- Blob
+local Blob = {}
+local blob_methods = {}
+local Blob_mt = { __metatable = "Blob", __index = blob_methods }
+
+local function new_blob(s)
+  local b = setmetatable({}, Blob_mt)
+  BYTES[b] = s
+  return b
+end
+
+local function bytes_of(v, what, level)
+  local s = BYTES[v]
+  if s ~= nil then return s end
+  if type(v) == "string" then return v end
+  error(s_format("%s: expected a Blob or a string, got %s", what, type(v)), level + 1)
+end
+
+local function self_bytes(b, name)
+  local s = BYTES[b]
+  if s == nil then error("Blob:" .. name .. ": not a Blob", 3) end
+  return s
+end
+
+function Blob.from_bytes(s)
+  if type(s) ~= "string" then error("Blob.from_bytes: expected a string", 2) end
+  return new_blob(s)
+end
+function Blob.from_hex(s)
+  if type(s) ~= "string" then error("Blob.from_hex: expected a string", 2) end
+  return new_blob(pycall_or_raise(2, "hexd", s))
+end
+function Blob.from_base64(s)
+  if type(s) ~= "string" then error("Blob.from_base64: expected a string", 2) end
+  return new_blob(pycall_or_raise(2, "b64d", s))
+end
+function Blob.random(n)
+  if type(n) == "table" then
+    if n.bytes ~= nil then n = n.bytes
+    elseif n.bits ~= nil then
+      if m_type(n.bits) ~= "integer" or n.bits % 8 ~= 0 then
+        error("Blob.random: bits must be a multiple of 8", 2)
+      end
+      n = n.bits // 8
+    end
+  end
+  if m_type(n) ~= "integer" or n < 0 or n > 1048576 then
+    error("Blob.random: give a byte count from 0 to 1048576", 2)
+  end
+  return new_blob(pycall_or_raise(2, "rand", n))
+end
+
+function blob_methods.bytes(b) return self_bytes(b, "bytes") end
+function blob_methods.hex(b) return pycall_or_raise(2, "hexe", self_bytes(b, "hex")) end
+function blob_methods.base64(b) return pycall_or_raise(2, "b64e", self_bytes(b, "base64")) end
+function blob_methods.base64_urlsafe(b)
+  return pycall_or_raise(2, "b64u", self_bytes(b, "base64_urlsafe"))
+end
+function blob_methods.slice(b, i, j)
+  local s = self_bytes(b, "slice")
+  if m_type(i) ~= "integer" or (j ~= nil and m_type(j) ~= "integer") then
+    error("Blob:slice: indices must be integers", 2)
+  end
+  return new_blob(s_sub(s, i, j or -1))
+end
+
+local function blob_bitop(op)
+  return function(a, b)
+    local x, y = BYTES[a], BYTES[b]
+    if x == nil or y == nil then error("bitwise operation on a Blob and a non-Blob", 2) end
+    if #x ~= #y then error("bitwise operation on Blobs of different lengths", 2) end
+    return new_blob(pycall_or_raise(2, op, x, y))
+  end
+end
+Blob_mt.__band = blob_bitop("and")
+Blob_mt.__bor = blob_bitop("or")
+Blob_mt.__bxor = blob_bitop("xor")
+Blob_mt.__len = function(b) return #BYTES[b] end
+Blob_mt.__eq = function(a, b)
+  local x, y = BYTES[a], BYTES[b]
+  return x ~= nil and x == y
+end
+Blob_mt.__concat = function(a, b)
+  return new_blob(bytes_of(a, "Blob ..", 2) .. bytes_of(b, "Blob ..", 2))
+end
+Blob_mt.__tostring = function(b) return "Blob(" .. #BYTES[b] .. " bytes)" end
+
+------------------------------------------------------------------------------
+-- Error
+local Error = {}
+local Error_mt = { __metatable = "Error" }
+Error_mt.__tostring = function(e) return tostring(rawget(e, "message")) end
+
+local function new_error(status, message, code)
+  local e = setmetatable({ status = status, message = message, error = code }, Error_mt)
+  ERRORS[e] = true
+  return e
+end
+
+function Error.new(arg)
+  if type(arg) == "table" then
+    local status = arg.status
+    if status ~= nil and (m_type(status) ~= "integer" or status < 400 or status > 599) then
+      error("Error.new: status must be an integer from 400 to 599", 2)
+    end
+    return new_error(status or 400, tostring(arg.message or ""), arg.error)
+  end
+  return new_error(400, tostring(arg))
+end
+
+------------------------------------------------------------------------------
+-- msgpack codec: the only format that crosses the channel.
+local TOO_LARGE = {}
+
+local function mp_encode(root, limit, too_large)
+  local buf, n, size = {}, 0, 0
+  local seen = {}
+  local function put(s)
+    n = n + 1
+    buf[n] = s
+    size = size + #s
+    if size > limit then error(too_large, 0) end
+  end
+  local function put_str(s)
+    local len = #s
+    if len < 32 then put(s_char(0xa0 + len))
+    elseif len < 256 then put("\217" .. s_char(len))
+    elseif len < 65536 then put(s_pack(">BI2", 0xda, len))
+    else put(s_pack(">BI4", 0xdb, len)) end
+    put(s)
+  end
+  local function put_bin(s)
+    local len = #s
+    if len < 256 then put("\196" .. s_char(len))
+    elseif len < 65536 then put(s_pack(">BI2", 0xc5, len))
+    else put(s_pack(">BI4", 0xc6, len)) end
+    put(s)
+  end
+  local enc
+  function enc(v, depth)
+    local tv = type(v)
+    if v == nil or rawequal(v, null) then put("\192")
+    elseif tv == "boolean" then put(v and "\195" or "\194")
+    elseif tv == "number" then
+      if m_type(v) == "integer" then
+        if v >= 0 then
+          if v < 128 then put(s_char(v))
+          elseif v < 0x100 then put(s_pack(">BI1", 0xcc, v))
+          elseif v < 0x10000 then put(s_pack(">BI2", 0xcd, v))
+          elseif v < 0x100000000 then put(s_pack(">BI4", 0xce, v))
+          else put(s_pack(">Bi8", 0xd3, v)) end
+        elseif v >= -32 then put(s_char(v + 256))
+        elseif v >= -128 then put(s_pack(">Bi1", 0xd0, v))
+        elseif v >= -32768 then put(s_pack(">Bi2", 0xd1, v))
+        elseif v >= -2147483648 then put(s_pack(">Bi4", 0xd2, v))
+        else put(s_pack(">Bi8", 0xd3, v)) end
+      else
+        put(s_pack(">Bd", 0xcb, v))
+      end
+    elseif tv == "string" then
+      if utf8_len(v) then put_str(v) else put_bin(v) end
+    elseif tv == "table" then
+      local b = BYTES[v]
+      if b ~= nil then return put_bin(b) end
+      if TIMES[v] then error("cannot encode a Time value; use :to_iso8601()", 0) end
+      if depth > MAX_DEPTH then error("value nested too deeply to encode", 0) end
+      if seen[v] then error("cannot encode a table that contains itself", 0) end
+      seen[v] = true
+      local cnt, max, arr = 0, 0, true
+      for k in next, v do
+        cnt = cnt + 1
+        if arr then
+          if m_type(k) == "integer" and k >= 1 then
+            if k > max then max = k end
+          else
+            arr = false
+          end
+        end
+      end
+      if arr and cnt > 0 and max == cnt then
+        if cnt < 16 then put(s_char(0x90 + cnt))
+        elseif cnt < 65536 then put(s_pack(">BI2", 0xdc, cnt))
+        else put(s_pack(">BI4", 0xdd, cnt)) end
+        for i = 1, cnt do enc(rawget(v, i), depth + 1) end
+      else
+        if cnt < 16 then put(s_char(0x80 + cnt))
+        elseif cnt < 65536 then put(s_pack(">BI2", 0xde, cnt))
+        else put(s_pack(">BI4", 0xdf, cnt)) end
+        for k, x in next, v do
+          local tk = type(k)
+          if tk == "string" then
+            if not utf8_len(k) then error("cannot encode a table key that is not UTF-8", 0) end
+            put_str(k)
+          elseif tk == "number" then
+            put_str(m_type(k) == "integer" and s_format("%d", k) or s_format("%.17g", k))
+          else
+            error("cannot encode a table key of type " .. tk, 0)
+          end
+          enc(x, depth + 1)
+        end
+      end
+      seen[v] = nil
+    else
+      error("cannot encode a " .. tv .. " value", 0)
+    end
+  end
+  enc(root, 0)
+  return t_concat(buf)
+end
+
+local function mp_decode(s)
+  local pos = 1
+  local dec
+  local function take(len)
+    local v = s_sub(s, pos, pos + len - 1)
+    if #v ~= len then error("truncated msgpack", 0) end
+    pos = pos + len
+    return v
+  end
+  local function num(fmt)
+    local v
+    v, pos = s_unpack(fmt, s, pos)
+    return v
+  end
+  local function arr(len, depth)
+    local t = {}
+    for i = 1, len do t[i] = dec(depth + 1) end
+    return t
+  end
+  local function map(len, depth)
+    local t = {}
+    for _ = 1, len do
+      local k = dec(depth + 1)
+      if rawequal(k, null) then error("msgpack map with a nil key", 0) end
+      t[k] = dec(depth + 1)
+    end
+    return t
+  end
+  function dec(depth)
+    if depth > MAX_DEPTH then error("msgpack value nested too deeply", 0) end
+    local b = s_byte(s, pos)
+    if b == nil then error("truncated msgpack", 0) end
+    pos = pos + 1
+    if b < 0x80 then return b
+    elseif b >= 0xe0 then return b - 256
+    elseif b >= 0xa0 and b < 0xc0 then return take(b - 0xa0)
+    elseif b >= 0x90 and b < 0xa0 then return arr(b - 0x90, depth)
+    elseif b >= 0x80 and b < 0x90 then return map(b - 0x80, depth)
+    elseif b == 0xc0 then return null
+    elseif b == 0xc2 then return false
+    elseif b == 0xc3 then return true
+    elseif b == 0xc4 then return new_blob(take(num("B")))
+    elseif b == 0xc5 then return new_blob(take(num(">I2")))
+    elseif b == 0xc6 then return new_blob(take(num(">I4")))
+    elseif b == 0xca then return num(">f")
+    elseif b == 0xcb then return num(">d")
+    elseif b == 0xcc then return num("B")
+    elseif b == 0xcd then return num(">I2")
+    elseif b == 0xce then return num(">I4")
+    elseif b == 0xcf then return num(">i8")
+    elseif b == 0xd0 then return num(">i1")
+    elseif b == 0xd1 then return num(">i2")
+    elseif b == 0xd2 then return num(">i4")
+    elseif b == 0xd3 then return num(">i8")
+    elseif b == 0xd9 then return take(num("B"))
+    elseif b == 0xda then return take(num(">I2"))
+    elseif b == 0xdb then return take(num(">I4"))
+    elseif b == 0xdc then return arr(num(">I2"), depth)
+    elseif b == 0xdd then return arr(num(">I4"), depth)
+    elseif b == 0xde then return map(num(">I2"), depth)
+    elseif b == 0xdf then return map(num(">I4"), depth)
+    end
+    error(s_format("unsupported msgpack type 0x%02x", b), 0)
+  end
+  local v = dec(0)
+  if pos <= #s then error("trailing bytes after msgpack value", 0) end
+  return v
+end
+
+local MAX_CALL = 4 * 1024 * 1024
+
+------------------------------------------------------------------------------
+-- json, cbor: encoded and decoded by the worker (Python), under size limits.
+local function codec_encode(op, v, level)
+  local ok, packed = pcall(mp_encode, v, MAX_CALL, "value too large to encode")
+  if not ok then error(packed, level + 1) end
+  return pycall_or_raise(level + 1, op, packed)
+end
+local function codec_decode(op, s, level)
+  local packed = pycall_or_raise(level + 1, op, s)
+  local ok, v = pcall(mp_decode, packed)
+  if not ok then error(v, level + 1) end
+  return v
+end
+
+local json = {}
+function json.encode(v) return codec_encode("json_e", v, 2) end
+function json.decode(s)
+  if type(s) ~= "string" then error("json.decode: expected a string", 2) end
+  return codec_decode("json_d", s, 2)
+end
+local cbor = {}
+function cbor.encode(v) return new_blob(codec_encode("cbor_e", v, 2)) end
+function cbor.decode(s) return codec_decode("cbor_d", bytes_of(s, "cbor.decode", 2), 2) end
+
+------------------------------------------------------------------------------
+-- Time (nanoseconds since the epoch, kept privately)
+local Time = {}
+local time_methods = {}
+local Time_mt = { __metatable = "Time", __index = time_methods }
+local function new_time(ns)
+  local t = setmetatable({}, Time_mt)
+  TIMES[t] = ns
+  return t
+end
+local function ns_of(t, name)
+  local ns = TIMES[t]
+  if ns == nil then error("Time:" .. name .. ": not a Time", 3) end
+  return ns
+end
+function Time.now_insecure() return new_time(pycall_or_raise(2, "now")) end
+function Time.at(secs)
+  if type(secs) ~= "number" then error("Time.at: expected a number of seconds", 2) end
+  return new_time(m_floor(secs * 1000000000))
+end
+function Time.from_iso8601(s)
+  if type(s) ~= "string" then error("Time.from_iso8601: expected a string", 2) end
+  return new_time(pycall_or_raise(2, "iso_p", s))
+end
+function time_methods.unix_epoch_seconds(t) return ns_of(t, "unix_epoch_seconds") // 1000000000 end
+function time_methods.unix_epoch_nanoseconds(t) return ns_of(t, "unix_epoch_nanoseconds") end
+function time_methods.to_iso8601(t) return pycall_or_raise(2, "iso_f", ns_of(t, "to_iso8601")) end
+function time_methods.add_seconds(t, n)
+  if type(n) ~= "number" then error("Time:add_seconds: expected a number", 2) end
+  return new_time(ns_of(t, "add_seconds") + m_floor(n * 1000000000))
+end
+Time_mt.__eq = function(a, b) return TIMES[a] ~= nil and TIMES[a] == TIMES[b] end
+Time_mt.__lt = function(a, b) return ns_of(a, "<") < ns_of(b, "<") end
+Time_mt.__le = function(a, b) return ns_of(a, "<=") <= ns_of(b, "<=") end
+Time_mt.__tostring = function(t) return time_methods.to_iso8601(t) end
+
+------------------------------------------------------------------------------
+-- The REST API, as the plugin's principal, over the worker's channel.
+local function api(method, path, body)
+  local ok, frame = pcall(mp_encode, { t = "call", method = method, path = path, body = body },
+    MAX_CALL, "request too large")
+  if not ok then return nil, new_error(400, tostring(frame), "too_large") end
+  local reply, err = pycall("call", frame)
+  if reply == nil then return nil, new_error(500, err, "internal") end
+  local ok2, r = pcall(mp_decode, reply)
+  if not ok2 or type(r) ~= "table" then return nil, new_error(500, "bad reply", "internal") end
+  local status, rbody = r.status, r.body
+  if m_type(status) ~= "integer" or status >= 400 then
+    local msg, code = "request failed", "internal"
+    if type(rbody) == "table" then
+      if type(rbody.message) == "string" then msg = rbody.message end
+      if type(rbody.error) == "string" then code = rbody.error end
+    end
+    return nil, new_error(m_type(status) == "integer" and status or 500, msg, code)
+  end
+  if rawequal(rbody, null) then return nil end
+  return rbody
+end
+
+local BINARY = {
+  plain = true, cipher = true, iv = true, ad = true, tag = true, data = true, hash = true,
+  signature = true, mac = true, value = true, wrapped_key = true,
+}
+
+-- A request body from a plugin's argument table: shallow copy, base64 strings
+-- of the known binary fields decoded.
+local function body_of(t, extra)
+  local b = {}
+  if t ~= nil then
+    if type(t) ~= "table" then return nil, "expected a table of request fields" end
+    for k, v in pairs(t) do
+      if BINARY[k] and type(v) == "string" then
+        local raw, err = pycall("b64d", v)
+        if raw == nil then return nil, s_format("field %s: %s", k, err) end
+        v = new_blob(raw)
+      end
+      b[k] = v
+    end
+  end
+  if extra then for k, v in next, extra do b[k] = v end end
+  return b
+end
+
+local sobject_methods = {}
+local Sobject_mt = { __metatable = "Sobject", __index = sobject_methods }
+local function as_sobject(v)
+  if type(v) == "table" and not BYTES[v] then
+    setmetatable(v, Sobject_mt)
+    SOBJECTS[v] = true
+  end
+  return v
+end
+
+local function descriptor(so)
+  if type(so) ~= "table" then return nil end
+  local tk = rawget(so, "transient_key")
+  if tk ~= nil then return { transient_key = tk } end
+  if SOBJECTS[so] then return { kid = rawget(so, "kid") } end
+  return so -- already a descriptor table
+end
+
+local function call(method, path, t, extra, wrap)
+  local b, err = body_of(t, extra)
+  if b == nil then return nil, new_error(400, err, "invalid_field") end
+  local r, e = api(method, path, b)
+  if r == nil then return nil, e end
+  if wrap then return as_sobject(r) end
+  return r
+end
+
+local function op(path, wrap)
+  return function(self, t)
+    return call("POST", path, t, { key = descriptor(self) }, wrap)
+  end
+end
+sobject_methods.encrypt = op("/crypto/v1/encrypt")
+sobject_methods.decrypt = op("/crypto/v1/decrypt")
+sobject_methods.sign = op("/crypto/v1/sign")
+sobject_methods.verify = op("/crypto/v1/verify")
+sobject_methods.mac = op("/crypto/v1/mac")
+sobject_methods.mac_verify = op("/crypto/v1/macverify")
+sobject_methods.unwrap = op("/crypto/v1/unwrapkey", true)
+function sobject_methods.wrap(self, t)
+  local subject = type(t) == "table" and descriptor(t.subject) or nil
+  return call("POST", "/crypto/v1/wrapkey", t, { key = descriptor(self), subject = subject })
+end
+function sobject_methods.agree(self, t)
+  local pub = type(t) == "table" and descriptor(t.public_key) or nil
+  return call("POST", "/crypto/v1/agree", t, { private_key = descriptor(self), public_key = pub },
+    true)
+end
+function sobject_methods.export(self)
+  return call("POST", "/crypto/v1/keys/export", nil, descriptor(self), true)
+end
+local function kid_path(self)
+  local kid = rawget(self, "kid") or rawget(self, "transient_key")
+  if type(kid) ~= "string" then return nil end
+  return "/crypto/v1/keys/" .. kid
+end
+function sobject_methods.update(self, t)
+  local path = kid_path(self)
+  if not path then return nil, new_error(400, "not an sobject", "invalid_field") end
+  return call("PATCH", path, t, nil, true)
+end
+function sobject_methods.delete(self)
+  local path = kid_path(self)
+  if not path then return nil, new_error(400, "not an sobject", "invalid_field") end
+  local _, e = api("DELETE", path, nil)
+  if e then return nil, e end
+  return true
+end
+function sobject_methods.persist(self, t)
+  return call("POST", "/crypto/v1/keys/persist", t, { key = descriptor(self) }, true)
+end
+
+local Sobject = {}
+function Sobject.create(t) return call("POST", "/crypto/v1/keys", t, nil, true) end
+function Sobject.import(t) return call("PUT", "/crypto/v1/keys", t, nil, true) end
+function Sobject.get_all(t)
+  local r, e = call("GET", "/crypto/v1/keys", t)
+  if r == nil then return nil, e end
+  for i = 1, #r do as_sobject(r[i]) end
+  return r
+end
+setmetatable(Sobject, {
+  __metatable = "Sobject",
+  __call = function(_, t)
+    if type(t) ~= "table" then return nil, new_error(400, "Sobject: expected {name=} or {kid=}") end
+    local d = {}
+    if t.id ~= nil then d.kid = t.id end
+    for _, k in ipairs({ "kid", "name", "transient_key" }) do
+      if t[k] ~= nil then d[k] = t[k] end
+    end
+    return call("POST", "/crypto/v1/keys/info", nil, d, true)
+  end,
+})
+
+local function digest(t)
+  if type(t) ~= "table" then return nil, new_error(400, "digest: expected {alg=, data=}") end
+  return call("POST", "/crypto/v1/digest", { alg = t.alg, data = t.data })
+end
+
+local AuditLog = {}
+function AuditLog.log(t)
+  if type(t) ~= "table" or type(t.message) ~= "string" then
+    error("AuditLog.log: expected {message=, severity=}", 2)
+  end
+  local sev = t.severity or "INFO"
+  if sev ~= "INFO" and sev ~= "WARNING" and sev ~= "ERROR" and sev ~= "CRITICAL" then
+    error("AuditLog.log: severity must be INFO, WARNING, ERROR or CRITICAL", 2)
+  end
+  local _, err = pycall("log", t.message, sev)
+  if err then error(err, 2) end
+end
+
+------------------------------------------------------------------------------
+-- principal(), this_plugin()
+local principal_methods = {}
+local function copy_list(l)
+  local c = {}
+  if type(l) == "table" then for i = 1, #l do c[i] = l[i] end end
+  return c
+end
+local function principal()
+  local p = ctx.principal or {}
+  local r = setmetatable({ kind = p.kind, id = p.id, name = p.name, groups = copy_list(p.groups) },
+    { __index = principal_methods })
+  PRINCIPALS[r] = true
+  return r
+end
+local function this_plugin()
+  local p = ctx.this_plugin or {}
+  return { id = p.id, name = p.name, groups = copy_list(p.groups) }
+end
+
+-- `principal():id()` and `principal().id` both give the id: a string field
+-- that answers a call with the principal as its only argument. Calling any
+-- other string fails exactly as before.
+local string_mt = getmetatable("")
+string_mt.__call = function(s, self)
+  if PRINCIPALS[self] then return s end
+  error("attempt to call a string value", 2)
+end
+string_mt.__metatable = "string"
+string.dump = nil
+
+------------------------------------------------------------------------------
+-- bit32 (Lua 5.2) on top of 5.3 operators
+local bit32 = {}
+do
+  local M = 0xffffffff
+  local function n(x) return m_floor(x) & M end
+  function bit32.band(...)
+    local r = M
+    for i = 1, select("#", ...) do r = r & n((select(i, ...))) end
+    return r
+  end
+  function bit32.bor(...)
+    local r = 0
+    for i = 1, select("#", ...) do r = r | n((select(i, ...))) end
+    return r
+  end
+  function bit32.bxor(...)
+    local r = 0
+    for i = 1, select("#", ...) do r = r ~ n((select(i, ...))) end
+    return r
+  end
+  function bit32.btest(...) return bit32.band(...) ~= 0 end
+  function bit32.bnot(x) return ~n(x) & M end
+  function bit32.lshift(x, d)
+    if d <= -32 or d >= 32 then return 0 end
+    if d < 0 then return n(x) >> -d end
+    return (n(x) << d) & M
+  end
+  function bit32.rshift(x, d) return bit32.lshift(x, -d) end
+  function bit32.arshift(x, d)
+    x = n(x)
+    if d <= 0 then return bit32.lshift(x, -d) end
+    if x & 0x80000000 == 0 then return bit32.rshift(x, d) end
+    if d >= 32 then return M end
+    return ((x >> d) | ~(M >> d)) & M
+  end
+  function bit32.lrotate(x, d)
+    x, d = n(x), m_floor(d) % 32
+    return ((x << d) | (x >> (32 - d))) & M
+  end
+  function bit32.rrotate(x, d) return bit32.lrotate(x, -d) end
+  function bit32.extract(x, f, w)
+    w = w or 1
+    if f < 0 or w <= 0 or f + w > 32 then error("bit32.extract: bad field", 2) end
+    return (n(x) >> f) & ((1 << w) - 1)
+  end
+  function bit32.replace(x, v, f, w)
+    w = w or 1
+    if f < 0 or w <= 0 or f + w > 32 then error("bit32.replace: bad field", 2) end
+    local mask = ((1 << w) - 1) << f
+    return (n(x) & ~mask) | ((n(v) << f) & mask)
+  end
+end
+
+------------------------------------------------------------------------------
+-- The plugin's environment: a whitelist.
+local function copy(t)
+  local c = {}
+  for k, v in next, t do c[k] = v end
+  return c
+end
+
+-- pcall/xpcall/resume cannot swallow a blown budget or an exhausted memory cap.
+local function rethrow(ok, ...)
+  if exceeded then error("instruction budget exceeded (time_limit)", 0) end
+  if not ok then
+    local e = ...
+    if mem_exceeded or is_mem_error(e) then
+      mem_exceeded = true
+      error(MEM_MSG, 0)
+    end
+  end
+  return ok, ...
+end
+
+local env = {}
+local function plugin_print(...)
+  local n = select("#", ...)
+  local parts = {}
+  for i = 1, n do parts[i] = tostring((select(i, ...))) end
+  local line = t_concat(parts, "\t") .. "\n"
+  if out_cut then return end
+  if out_len + #line > out_cap then
+    line = s_sub(line, 1, out_cap - out_len)
+    out_cut = true
+  end
+  out_n = out_n + 1
+  out[out_n] = line
+  out_len = out_len + #line
+end
+
+local coro = copy(coroutine)
+function coro.create(f)
+  local co = co_create(f)
+  sethook(co, hook, "", HOOK_EVERY)
+  return co
+end
+function coro.wrap(f)
+  if type(f) ~= "function" then error("bad argument #1 to 'wrap' (function expected)", 2) end
+  return co_wrap(function(...)
+    sethook(hook, "", HOOK_EVERY)
+    return f(...)
+  end)
+end
+function coro.resume(co, ...) return rethrow(co_resume(co, ...)) end
+
+local safe_os = { time = os.time, clock = os.clock, date = os.date }
+local math_ = copy(math)
+local table_ = copy(table)
+local utf8_ = copy(utf8)
+
+for _, k in ipairs({
+  "assert", "error", "ipairs", "next", "pairs", "rawequal", "rawget", "rawlen", "rawset",
+  "select", "tonumber", "tostring", "type", "getmetatable", "_VERSION",
+}) do
+  env[k] = _ENV[k]
+end
+env.pcall = function(f, ...) return rethrow(pcall(f, ...)) end
+-- A hook error leaves hooks off while the message handler runs: once over
+-- budget, the plugin's handler is not called at all.
+env.xpcall = function(f, h, ...)
+  return rethrow(xpcall(f, function(e)
+    if exceeded then return e end
+    return h(e)
+  end, ...))
+end
+env.setmetatable = function(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then
+    error("setmetatable: __gc metamethods are not allowed", 2)
+  end
+  return setmetatable(t, mt)
+end
+env.collectgarbage = function(opt)
+  if opt == "count" then return collectgarbage("count") end
+  error("collectgarbage: only \"count\" is allowed", 2)
+end
+env.load = function(chunk, name, mode, e)
+  if type(chunk) ~= "string" then error("load: only text chunks (strings) are allowed", 2) end
+  if mode ~= nil and mode ~= "t" then error("load: only mode \"t\" is allowed", 2) end
+  if e == nil then e = env end
+  return load(chunk, name or "=(load)", "t", e)
+end
+env.print = plugin_print
+env.unpack = t_unpack
+env.coroutine = coro
+env.string = string
+env.math = math_
+env.table = table_
+env.utf8 = utf8_
+env.os = safe_os
+env.bit32 = bit32
+env._G = env
+env.null = null
+env.Blob = Blob
+env.Error = Error
+env.Time = Time
+env.json = json
+env.cbor = cbor
+env.Sobject = Sobject
+env.digest = digest
+env.AuditLog = AuditLog
+env.principal = principal
+env.this_plugin = this_plugin
+
+------------------------------------------------------------------------------
+-- One invocation.
+
+local function error_of(v)
+  if ERRORS[v] then return v end
+  if type(v) == "string" then return new_error(400, v) end
+  if v ~= nil and not rawequal(v, null) then return new_error(400, "plugin error") end
+  return nil
+end
+
+-- What a check/run return list means: nil (go on / 204), or an Error.
+local function failure(r)
+  if ERRORS[r[1]] then return r[1] end
+  if r.n >= 2 and ERRORS[r[2]] then return r[2] end
+  if r[1] == nil and r.n >= 2 then return error_of(r[2]) end
+  return nil
+end
+
+local function clean_traceback(tb)
+  local lines, n = {}, 0
+  for line in tb:gmatch("[^\n]+") do
+    if not s_find(line, "^%s*%?:") and not s_find(line, "^%s*%[C%]: in %?$")
+      and not s_find(line, "^%s*%(%.%.%.tail calls%.%.%.%)$") then
+      n = n + 1
+      lines[n] = line
+    end
+  end
+  return t_concat(lines, "\n")
+end
+
+local function safe_message(m)
+  if type(m) == "string" then return m end
+  if type(m) == "number" then return tostring(m) end
+  return ""
+end
+
+local function message_of(e)
+  local te = type(e)
+  if te == "string" then return e end
+  if te == "number" then return tostring(e) end
+  if ERRORS[e] then return safe_message(rawget(e, "message")) end
+  return "(error object is a " .. te .. " value)"
+end
+
+local function output()
+  local s = t_concat(out)
+  if out_cut then s = s .. "\n[output truncated]\n" end
+  return s
+end
+
+-- Returns kind, body, status, message, traceback, instructions, memory peak (KiB), output.
+--   "ok":      body = msgpack of the result, or nil (204)
+--   "error":   status, message (an Error: returned, or raised), traceback when raised
+--   "runtime": message, traceback (an uncaught error)
+--   "time" | "memory" | "too_large" | "syntax": message
+return function(code, chunkname, binary, args, budget_, max_output, max_result)
+  budget, out_cap = budget_, max_output
+  local fn, err = load(code, chunkname, binary and "b" or "t", env)
+  if not fn then return "syntax", nil, 400, err, nil, 0, 0, "" end
+  local a = mp_decode(args)
+  local input, url, method = a[1], a[2], a[3]
+  ctx = a[4]
+  if type(url) == "table" and rawequal(url.query, null) then url.query = nil end
+
+  local co = co_create(function()
+    fn()
+    local check = env.check
+    if check ~= nil then
+      local e = failure(t_pack(check(input, url, method)))
+      if e then return "error", e end
+    end
+    local run = env.run
+    if run == nil then error("the plugin does not define run(input, url, method)", 0) end
+    local r = t_pack(run(input, url, method))
+    local e = failure(r)
+    if e then return "error", e end
+    if r[1] == nil then return "ok", nil end
+    return "ok", mp_encode(r[1], max_result, TOO_LARGE)
+  end)
+  sethook(co, hook, "", HOOK_EVERY)
+  local ok, kind, val = co_resume(co)
+  sethook(co)
+  local kb = collectgarbage("count")
+  if kb > mem_peak then mem_peak = kb end
+  local n, peak = count, mem_peak
+  if exceeded then
+    return "time", nil, 504, "the plugin exceeded its instruction budget", nil, n, peak, output()
+  end
+  if ok then
+    if co_status(co) ~= "dead" then
+      return "runtime", nil, 500, "attempt to yield from outside a coroutine", nil, n, peak,
+        output()
+    end
+    if kind == "error" then
+      return "error", nil, rawget(val, "status"), message_of(val), nil, n, peak, output()
+    end
+    return "ok", val, val and 200 or 204, nil, nil, n, peak, output()
+  end
+  local e = kind
+  if mem_exceeded or is_mem_error(e) then
+    return "memory", nil, 413, "the plugin exceeded its memory limit", nil, n, peak, output()
+  end
+  if rawequal(e, TOO_LARGE) then
+    return "too_large", nil, 413, "the result is larger than " .. max_result .. " bytes", nil, n,
+      peak, output()
+  end
+  local msg = message_of(e)
+  local tb = clean_traceback(traceback(co, msg))
+  if ERRORS[e] then
+    return "error", nil, rawget(e, "status"), msg, tb, n, peak, output()
+  end
+  return "runtime", nil, 500, msg, tb, n, peak, output()
+end
