@@ -334,9 +334,10 @@ class Pool:
             async with self._changed:
                 await self._changed.wait()
 
-    def _release(self, w: _Worker, *, healthy: bool) -> None:
-        if not healthy or not w.alive or self._closed:
-            self._stats["restarts"] += 1
+    def _release(self, w: _Worker, *, healthy: bool, keep: bool = True) -> None:
+        if not healthy or not w.alive or not keep or self._closed:
+            if not healthy or not w.alive:
+                self._stats["restarts"] += 1
             self._discard(w)
         elif w.key is None:
             self._blank.append(w)
@@ -429,7 +430,7 @@ class Pool:
             raise
         finally:
             w.invocations += 1
-            self._release(w, healthy=healthy and not discard)
+            self._release(w, healthy=healthy, keep=not discard)
         outcome.stats.update({"elapsed_ms": _ms(t0), "worker_pid": w.pid, "api_calls": calls})
         return outcome
 

@@ -195,6 +195,12 @@ end
 
 ------------------------------------------------------------------------------
 -- msgpack codec: the only format that crosses the channel.
+-- Lua -> msgpack: a table whose keys are exactly 1..n is an array; any other
+-- table is a map, and an empty table is an empty map ({}), as DSM's json
+-- encodes it. Number keys become strings (JSON semantics); a string that is
+-- not valid UTF-8 travels as bin; a Blob is bin; null and nil are nil.
+-- msgpack -> Lua: maps and arrays are tables (arrays 1-based), bin is a
+-- Blob, nil is `null` (so arrays keep their holes).
 local TOO_LARGE = {}
 
 local function mp_encode(root, limit, too_large)

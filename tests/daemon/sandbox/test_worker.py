@@ -593,10 +593,13 @@ def test_no_python_object_is_reachable(worker: Worker) -> None:
       local roots = {_G = _G, smt = getmetatable(""), blob = Blob.from_bytes("x"),
                      err = Error.new("x"), time = Time.at(0), p = principal()}
       for name, r in pairs(roots) do walk(r, name) end
-      return {found = found, py = python, err = select(2, pcall(Blob.from_hex, "zz"))}
+      local tables = 0
+      for _ in pairs(seen) do tables = tables + 1 end
+      return {found = found, py = python, err = select(2, pcall(Blob.from_hex, "zz")),
+              tables = tables}
     end"""
     body = ok(worker, code, instructions=50_000_000)
-    assert body["found"] == {} and "py" not in body
+    assert body["found"] == {} and "py" not in body and body["tables"] > 20
     assert "non-hexadecimal" in body["err"]
 
 
