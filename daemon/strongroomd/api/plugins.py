@@ -174,6 +174,7 @@ async def update(req: Request) -> dict[str, Any]:
     row.version += 1
     row.updated_at = now_stamp()
     await s.store.put_plugin(row)
+    await _pool(s).forget(row.id)  # idle workers hold the old version
     return view(row, with_code=True)
 
 
@@ -181,6 +182,7 @@ async def delete(req: Request) -> None:
     require_admin(req.caller)
     row = _get(req)
     await req.services.store.delete_plugin(row.id)
+    await _pool(req.services).forget(row.id)
 
 
 class _Host:
@@ -206,7 +208,9 @@ class _Host:
         )
 
 
-async def _run(req: Request, row: PluginRow, input_: Any, invoker: dict[str, Any]) -> Any:
+async def _run(
+    req: Request, row: PluginRow, input_: Any, invoker: dict[str, Any], *, test: bool = False
+) -> Any:
     s = req.services
     inv = str(uuid.uuid4())
     req.invocation_id = inv
@@ -227,6 +231,7 @@ async def _run(req: Request, row: PluginRow, input_: Any, invoker: dict[str, Any
             context=context,
             host=host,
             limits=_limits(s, row.limits),
+            discard=test,  # a test run's worker is never reused
         )
     finally:
         await s.extra["keyring"].drop_owner(host.owner)
@@ -284,7 +289,7 @@ async def test(req: Request) -> dict[str, Any]:
         if who is None:
             raise NotFound(f"no app {b['invoker']!r} to invoke as")
         invoker = {"kind": who.kind, "id": who.id, "name": who.name, "groups": list(who.groups)}
-    inv, outcome = await _run(req, row, b.get("input"), invoker)
+    inv, outcome = await _run(req, row, b.get("input"), invoker, test=True)
     out: dict[str, Any] = {
         "status": outcome.status,
         "output": outcome.output,
