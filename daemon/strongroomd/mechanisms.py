@@ -111,7 +111,6 @@ CURVES: dict[str, Curve] = {
 CURVE_BY_OID = {c.oid_der: c for c in CURVES.values()}
 
 
-
 class _RandomPool:
     """os.urandom, drawn 4 KiB at a time.
 
@@ -136,6 +135,7 @@ class _RandomPool:
 
 
 random_bytes = _RandomPool().take
+
 
 def curve(name: Any) -> Curve:
     if name not in CURVES:
