@@ -91,7 +91,10 @@ def verify_file(path: Path, head: tuple[int, bytes] | None = None) -> tuple[int,
         if brk is None and head is not None and head[0] > 0:
             row = db.execute("SELECT hash FROM audit WHERE seq = ?", (head[0],)).fetchone()
             if row is None:
-                brk = ChainBreak(head[0], "is missing: the newest records were removed")
+                # The chain is whole up to its last record: the one after it is the
+                # first of the newest records that were removed.
+                (last,) = db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()
+                brk = ChainBreak(last + 1, "is missing: the newest records were removed")
             elif row[0] != head[1]:
                 brk = ChainBreak(head[0], "its contents were changed")
         return checked, brk
