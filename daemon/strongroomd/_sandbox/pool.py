@@ -282,21 +282,25 @@ class Pool:
     def _room(self) -> bool:
         return len(self._workers) + self._starting < self.max_workers
 
-    def _evict_lru(self) -> bool:
-        if not self._idle:
-            return False
-        w, _ = self._idle.popitem(last=False)
-        self._stats["evicted"] += 1
-        self._discard(w)
-        return True
+    def _evict_lru(self, spare: tuple[str, int] | None = None) -> bool:
+        """Retire the least recently used idle worker, but none bound to ``spare``."""
+        for w in self._idle:
+            if spare is None or w.key != spare:
+                del self._idle[w]
+                self._stats["evicted"] += 1
+                self._discard(w)
+                return True
+        return False
 
     def _replenish_soon(self) -> None:
         if not self._closed and self._changed is not None:
             self._task(self._replenish())
 
     async def _replenish(self) -> None:
+        # Blanks are made only where there is room: retiring a bound idle worker
+        # to make one would throw away the worker the next invocation wants.
         while not self._closed and len(self._blank) + self._starting < self.warm:
-            if not self._room() and not self._evict_lru():
+            if not self._room():
                 return
             try:
                 w = await self._spawn()
@@ -314,25 +318,30 @@ class Pool:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _blank_worker(self) -> _Worker:
-        """A blank worker: a warm one, a new one, or the next one that frees up."""
+    async def _blank_worker(self, spare: tuple[str, int] | None = None) -> _Worker | None:
+        """A blank worker now (a warm one, or a new one where there is room), or None."""
         if self._changed is None:
             raise RuntimeError("Pool.start() was not called")
-        while True:
-            if self._closed:
-                raise Internal("the sandbox pool is closed")
-            while self._blank:
-                w = self._blank.pop()
-                if w.alive:
-                    self._replenish_soon()
-                    return w
-                self._discard(w)
-            if self._room() or self._evict_lru():
-                w = await self._spawn()
+        if self._closed:
+            raise Internal("the sandbox pool is closed")
+        while self._blank:
+            w = self._blank.pop()
+            if w.alive:
                 self._replenish_soon()
                 return w
-            async with self._changed:
-                await self._changed.wait()
+            self._discard(w)
+        if self._room() or self._evict_lru(spare):
+            w = await self._spawn()
+            self._replenish_soon()
+            return w
+        return None
+
+    async def _wait_for_change(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            # A notify may come between the caller's look and this wait: look again soon.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), 0.05)
 
     def _release(self, w: _Worker, *, healthy: bool, keep: bool = True) -> None:
         if not healthy or not w.alive or not keep or self._closed:
@@ -347,7 +356,8 @@ class Pool:
 
     # -- the interface -------------------------------------------------------------
     async def check_syntax(self, code: str, name: str) -> None:
-        w = await self._blank_worker()
+        while (w := await self._blank_worker()) is None:
+            await self._wait_for_change()
         healthy = False
         try:
             async with asyncio.timeout(SYNTAX_TIMEOUT):
@@ -365,15 +375,21 @@ class Pool:
         self, plugin: PluginCode, limits: Limits, discard: bool
     ) -> tuple[_Worker | None, str | None]:
         key = (plugin.id, plugin.version)
-        if not discard:
-            for w in reversed(self._idle):
-                if w.key == key:
-                    del self._idle[w]
-                    return w, None
-            for w in [w for w in self._idle if w.key and w.key[0] == plugin.id]:
-                self._idle.pop(w, None)
-                self._discard(w)  # an older version of this plugin
-        w = await self._blank_worker()
+        while True:
+            if not discard:
+                for w in reversed(self._idle):
+                    if w.key == key:
+                        del self._idle[w]
+                        return w, None
+                for w in [w for w in self._idle if w.key and w.key[0] == plugin.id]:
+                    self._idle.pop(w, None)
+                    self._discard(w)  # an older version of this plugin
+            blank = await self._blank_worker(spare=None if discard else key)
+            if blank is not None:
+                w = blank
+                break
+            # Every worker is busy: the next one released may be bound to this plugin.
+            await self._wait_for_change()
         try:
             await w.send(
                 {
