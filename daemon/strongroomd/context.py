@@ -21,6 +21,10 @@ class Services:
     auth: Authenticator
     audit: Audit
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Socket requests read and not yet answered, over all connections: the
+    #: token layer runs short operations inline only when this is 1 (see
+    #: ``strongroomd._token.Token.quiet``).
+    socket_pending: int = 0
 
 
 @dataclass(slots=True)

@@ -41,6 +41,7 @@ class Connection(asyncio.Protocol):
         max_inflight: int,
     ) -> None:
         self.dispatcher = dispatcher
+        self.services = dispatcher.services
         self.keyring = keyring
         self.connections = connections
         self.max_field = max_field
@@ -117,7 +118,12 @@ class Connection(asyncio.Protocol):
             return
         task = self._loop.create_task(self._run(rid, method, path, msg.get("body"), auth))
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.services.socket_pending += 1
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.services.socket_pending -= 1
 
     async def _run(self, rid: int, method: str, path: str, body: Any, auth: str | None) -> None:
         status, out = await self.dispatcher.handle(self.owner, method, path, body, auth)

@@ -76,6 +76,9 @@ class Server:
         audit = Audit(store)
         await audit.start()
         services = Services(cfg, store, token, Authenticator(store, cfg.session_ttl), audit)
+        # Alone on the socket, a short operation runs inline (no thread hand-offs);
+        # under load it queues, so the token thread works beside the event loop.
+        token.quiet = lambda: services.socket_pending <= 1
         keyring = Keyring(services)
         services.extra["keyring"] = keyring
         self.services = services
