@@ -1,0 +1,178 @@
+"""Administration: ``login``, ``groups``, ``apps``, ``logs``, ``audit``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from strongroom._cli._common import (
+    EXIT_API,
+    State,
+    group_id,
+    pass_state,
+    print_json,
+    resolve,
+    show,
+)
+
+
+@click.command()
+@pass_state
+def login(state: State) -> None:
+    """Check the credentials; print the entity id."""
+    if state.api_key() is None:
+        raise click.UsageError("no API key: set STRONGROOM_API_KEY or STRONGROOM_API_KEY_FILE")
+    r = state.client.session.auth()
+    if state.json:
+        print_json({"entity_id": r.get("entity_id"), "expires_in": r.get("expires_in")})
+    else:
+        click.echo(r.get("entity_id"))
+
+
+# -- groups ----------------------------------------------------------------------------
+
+
+@click.group()
+def groups() -> None:
+    """Manage groups."""
+
+
+@groups.command("list")
+@pass_state
+def groups_list(state: State) -> None:
+    show(state, state.client.groups.list(), ["group_id", "name", "description"])
+
+
+@groups.command("create")
+@click.argument("name")
+@click.option("--description")
+@pass_state
+def groups_create(state: State, name: str, description: str | None) -> None:
+    show(state, state.client.groups.create(name, description=description))
+
+
+@groups.command("show")
+@click.argument("group")
+@pass_state
+def groups_show(state: State, group: str) -> None:
+    show(state, state.client.groups.get(group_id(state, group)))
+
+
+@groups.command("delete")
+@click.argument("group")
+@pass_state
+def groups_delete(state: State, group: str) -> None:
+    state.client.groups.delete(group_id(state, group))
+
+
+# -- apps ------------------------------------------------------------------------------
+
+
+@click.group()
+def apps() -> None:
+    """Manage apps (API clients)."""
+
+
+def _app_id(state: State, value: str) -> str:
+    return resolve(state.client.apps.list(), value, "app_id", "app")["app_id"]
+
+
+def _show_credential(state: State, app: Any) -> None:
+    if state.json:
+        print_json(app)
+        return
+    shown = {k: v for k, v in app.items() if k != "credential"}
+    show(state, shown)
+    click.echo(f"\napi_key  {app['credential']['api_key']}")
+    click.echo("(shown once: store it now)", err=True)
+
+
+@apps.command("list")
+@pass_state
+def apps_list(state: State) -> None:
+    show(state, state.client.apps.list(), ["app_id", "name", "groups", "default_group"])
+
+
+@apps.command("create")
+@click.argument("name")
+@click.option("--group", "groups_", multiple=True, required=True, help="Group name or id.")
+@click.option("--default-group", help="Group name or id (default: the first --group).")
+@click.option("--description")
+@pass_state
+def apps_create(
+    state: State,
+    name: str,
+    groups_: tuple[str, ...],
+    default_group: str | None,
+    description: str | None,
+) -> None:
+    """Create an app; prints its API key once."""
+    gids = [group_id(state, g) for g in groups_]
+    default = group_id(state, default_group) if default_group else None
+    app = state.client.apps.create(
+        name, groups=gids, default_group=default, description=description
+    )
+    _show_credential(state, app)
+
+
+@apps.command("show")
+@click.argument("app")
+@pass_state
+def apps_show(state: State, app: str) -> None:
+    show(state, state.client.apps.get(_app_id(state, app)))
+
+
+@apps.command("delete")
+@click.argument("app")
+@pass_state
+def apps_delete(state: State, app: str) -> None:
+    state.client.apps.delete(_app_id(state, app))
+
+
+@apps.command("reset-secret")
+@click.argument("app")
+@pass_state
+def apps_reset_secret(state: State, app: str) -> None:
+    """Give the app a new secret; prints its new API key once."""
+    _show_credential(state, state.client.apps.reset_secret(_app_id(state, app)))
+
+
+# -- logs, audit -----------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--object", "object_id", help="Only records about this object id.")
+@click.option("--actor", "actor_id", help="Only records by this principal id.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--offset", type=int)
+@pass_state
+def logs(state: State, object_id, actor_id, limit, offset) -> None:
+    """Show audit records."""
+    rows = state.client.logs.list(
+        object_id=object_id, actor_id=actor_id, limit=limit, offset=offset
+    )
+    if isinstance(rows, dict):  # a paged answer
+        rows = rows.get("items", [])
+    columns = ["seq", "time", "actor_kind", "actor_id", "action", "object_id", "status", "code"]
+    show(state, rows, columns)
+
+
+@click.group()
+def audit() -> None:
+    """Audit log checks."""
+
+
+@audit.command("verify")
+@pass_state
+def audit_verify(state: State) -> None:
+    """Check the audit hash chain in the daemon; exit 1 naming the first bad record."""
+    r = state.client.logs.verify()
+    if state.json:
+        print_json(r)
+    elif r["ok"]:
+        click.echo(f"audit chain intact: {r['records']} records")
+    else:
+        click.echo(f"audit chain broken: {r['reason']}")
+    if not r["ok"]:
+        click.get_current_context().exit(EXIT_API)

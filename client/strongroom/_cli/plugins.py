@@ -1,0 +1,118 @@
+"""``plugin``: push, list, delete, invoke and test Lua plugins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from strongroom._cli._common import (
+    EXIT_API,
+    State,
+    group_id,
+    json_arg,
+    jsonable,
+    pass_state,
+    print_json,
+    read_input,
+    resolve,
+    show,
+)
+from strongroom._exceptions import ApiError
+
+
+@click.group()
+def plugin() -> None:
+    """Manage, invoke and test Lua plugins."""
+
+
+def _plugin_id(state: State, value: str) -> str:
+    return resolve(state.client.plugins.list(), value, "plugin_id", "plugin")["plugin_id"]
+
+
+def _read_code(path: str) -> str:
+    return read_input(path).decode("utf-8")
+
+
+@plugin.command("push")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--group", "groups_", multiple=True, required=True, help="Group name or id.")
+@click.option("--name", help="Plugin name (default: the file's stem).")
+@click.option("--description")
+@pass_state
+def plugin_push(state: State, file: str, groups_: tuple[str, ...], name, description) -> None:
+    """Create the plugin, or update the one with that name."""
+    name = name or Path(file).stem
+    code = _read_code(file)
+    gids = [group_id(state, g) for g in groups_]
+    existing = [p for p in state.client.plugins.list() if p.get("name") == name]
+    if existing:
+        r = state.client.plugins.update(
+            existing[0]["plugin_id"], code=code, groups=gids, description=description
+        )
+    else:
+        r = state.client.plugins.create(name, code, groups=gids, description=description)
+    show(state, {k: v for k, v in r.items() if k != "source"})
+
+
+@plugin.command("list")
+@pass_state
+def plugin_list(state: State) -> None:
+    show(state, state.client.plugins.list(), ["plugin_id", "name", "groups", "enabled"])
+
+
+@plugin.command("delete")
+@click.argument("plugin_")
+@pass_state
+def plugin_delete(state: State, plugin_: str) -> None:
+    state.client.plugins.delete(_plugin_id(state, plugin_))
+
+
+@plugin.command("invoke")
+@click.argument("plugin_", metavar="NAME_OR_ID")
+@click.option("--input", "input_", metavar="JSON", help="The plugin's input (default null).")
+@pass_state
+def plugin_invoke(state: State, plugin_: str, input_: str | None) -> None:
+    """Invoke a plugin; prints its result as JSON."""
+    print_json(state.client.plugins.invoke(_plugin_id(state, plugin_), json_arg(input_)))
+
+
+@plugin.command("test")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--input", "input_", metavar="JSON", help="The plugin's input (default null).")
+@click.option("--group", "groups_", multiple=True, help="Group name or id to run in.")
+@pass_state
+def plugin_test(state: State, file: str, input_: str | None, groups_: tuple[str, ...]) -> None:
+    """Run unsaved code; prints the result, what it printed, and any error."""
+    gids = [group_id(state, g) for g in groups_] or None
+    try:
+        r = state.client.plugins.test(_read_code(file), json_arg(input_), groups=gids)
+    except ApiError as exc:  # a failed run may still have printed something
+        if isinstance(exc.body, dict) and not state.json:
+            _echo_output(exc.body)
+        raise
+    if state.json:
+        print_json(r)
+        if r.get("error"):
+            click.get_current_context().exit(EXIT_API)
+        return
+    _echo_output(r)
+    error = r.get("error")
+    if error:
+        err = error if isinstance(error, dict) else {"message": error}
+        click.echo(f"error: {err.get('message', '')}", err=True)
+        tb = err.get("traceback") or r.get("traceback")
+        if tb:
+            click.echo(tb, err=True)
+        click.get_current_context().exit(EXIT_API)
+    click.echo("result:")
+    click.echo(json.dumps(jsonable(r.get("result")), indent=2, sort_keys=True))
+
+
+def _echo_output(body: dict[str, Any]) -> None:
+    output = body.get("output", body.get("printed"))
+    if output:
+        click.echo("output:")
+        click.echo(output if isinstance(output, str) else "\n".join(map(str, output)))
