@@ -46,6 +46,9 @@ def _limit(which: int, soft: int, hard: int | None = None) -> None:
         resource.setrlimit(which, (soft, soft if hard is None else hard))
 
 
+NICE = 5
+
+
 def _confine() -> None:
     """rlimits and no_new_privs; applied before lupa (or anything big) loads."""
     _limit(resource.RLIMIT_AS, ADDRESS_SPACE)
@@ -61,6 +64,10 @@ def _confine() -> None:
     except (OSError, AttributeError):
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Plugin code never outranks the daemon for the CPU: the daemon keeps
+    # serving other requests while a plugin computes, and the next Lua state
+    # (built after each reply) does not compete with the reply's delivery.
+    os.nice(NICE)
 
 
 # -- channel -------------------------------------------------------------------
