@@ -38,6 +38,10 @@ log = logging.getLogger("strongroomd.sandbox")
 START_TIMEOUT = 20.0
 SYNTAX_TIMEOUT = 5.0
 MAX_CALL_FRAME = 8 * 1024 * 1024
+# AuditLog.log entries kept per invocation (the prelude refuses more); each one is an
+# audit record, and a worker must not be able to flood the audit log.
+MAX_LOGS = 100
+MAX_LOG_CHARS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +467,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.wall_seconds
         max_frame = max(limits.max_result, MAX_CALL_FRAME) + 65536
-        calls = 0
+        calls = logs = 0
         try:
             await w.send(
                 {
@@ -491,7 +495,10 @@ class Pool:
                     status, body = await self._host_call(host, msg)
                     await w.send({"t": "reply", "status": status, "body": body})
                 elif t == "log":
-                    host.log(str(msg.get("message", "")), str(msg.get("severity", "INFO")))
+                    logs += 1
+                    if logs <= MAX_LOGS:
+                        message = str(msg.get("message", ""))[:MAX_LOG_CHARS]
+                        host.log(message, str(msg.get("severity", "INFO"))[:16])
                 else:
                     raise FrameError("malformed_frame", f"unexpected worker message {t!r}")
         except TimeoutError:

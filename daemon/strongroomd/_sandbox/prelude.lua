@@ -22,8 +22,13 @@ local load = load
 local string, table, math, utf8, os, coroutine, debug = string, table, math, utf8, os, coroutine, debug
 local s_byte, s_char, s_sub, s_find, s_format = string.byte, string.char, string.sub, string.find, string.format
 local s_pack, s_unpack, s_rep, s_gsub, s_match = string.pack, string.unpack, string.rep, string.gsub, string.match
+-- Never call a string method with `s:name()` in this file: that looks the name up
+-- in the `string` table, which is the plugin's `string` too (it can replace any
+-- entry), and the main thread below runs without the instruction hook.
+local s_gmatch = string.gmatch
 local t_concat, t_pack, t_unpack = table.concat, table.pack, table.unpack
-local m_type, m_floor, m_huge = math.type, math.floor, math.huge
+local t_insert, t_remove, t_move = table.insert, table.remove, table.move
+local m_type, m_floor, m_huge, m_toint = math.type, math.floor, math.huge, math.tointeger
 local utf8_len = utf8.len
 local co_create, co_resume, co_status, co_wrap = coroutine.create, coroutine.resume, coroutine.status, coroutine.wrap
 local sethook, traceback = debug.sethook, debug.traceback
@@ -46,6 +51,17 @@ local function hook()
   count = count + HOOK_EVERY
   local kb = collectgarbage("count")
   if kb > mem_peak then mem_peak = kb end
+  if count > budget then
+    exceeded = true
+    error("instruction budget exceeded (time_limit)", 0)
+  end
+end
+
+-- Work done by a single C call that the count hook cannot see (it fires only
+-- between VM instructions): charged to the budget up front, one instruction per
+-- element, so an unbounded C loop is refused instead of running to the wall clock.
+local function charge(n)
+  count = count + n
   if count > budget then
     exceeded = true
     error("instruction budget exceeded (time_limit)", 0)
@@ -203,6 +219,13 @@ end
 -- Blob, nil is `null` (so arrays keep their holes).
 local TOO_LARGE = {}
 
+-- Lua 5.3's utf8.len accepts UTF-16 surrogates (U+D800..U+DFFF, bytes ED A0..BF),
+-- which msgpack readers refuse as "str": such a string made the daemon drop the
+-- worker as broken. They travel as bin, like any other non-UTF-8 string.
+local function is_utf8(s)
+  return utf8_len(s) ~= nil and not s_find(s, "\237[\160-\191]")
+end
+
 local function mp_encode(root, limit, too_large)
   local buf, n, size = {}, 0, 0
   local seen = {}
@@ -249,7 +272,7 @@ local function mp_encode(root, limit, too_large)
         put(s_pack(">Bd", 0xcb, v))
       end
     elseif tv == "string" then
-      if utf8_len(v) then put_str(v) else put_bin(v) end
+      if is_utf8(v) then put_str(v) else put_bin(v) end
     elseif tv == "table" then
       local b = BYTES[v]
       if b ~= nil then return put_bin(b) end
@@ -280,7 +303,7 @@ local function mp_encode(root, limit, too_large)
         for k, x in next, v do
           local tk = type(k)
           if tk == "string" then
-            if not utf8_len(k) then error("cannot encode a table key that is not UTF-8", 0) end
+            if not is_utf8(k) then error("cannot encode a table key that is not UTF-8", 0) end
             put_str(k)
           elseif tk == "number" then
             put_str(m_type(k) == "integer" and s_format("%d", k) or s_format("%.17g", k))
@@ -348,7 +371,12 @@ local function mp_decode(s)
     elseif b == 0xcc then return num("B")
     elseif b == 0xcd then return num(">I2")
     elseif b == 0xce then return num(">I4")
-    elseif b == 0xcf then return num(">i8")
+    elseif b == 0xcf then
+      -- uint64: Lua 5.3 has no unsigned integers, and reading it as int64 turned
+      -- 2^64 - 1 into -1; values past math.maxinteger become (positive) floats.
+      local v = num(">i8")
+      if v < 0 then return v + 18446744073709551616.0 end
+      return v
     elseif b == 0xd0 then return num(">i1")
     elseif b == 0xd1 then return num(">i2")
     elseif b == 0xd2 then return num(">i4")
@@ -577,6 +605,10 @@ local function digest(t)
 end
 
 local AuditLog = {}
+-- Each entry becomes an audit record in the daemon: without a cap one invocation
+-- wrote tens of thousands of 4 KiB records (hundreds of MB) before its deadline.
+-- The daemon enforces the same cap (pool.MAX_LOGS); this gives a clean error.
+local MAX_LOGS, MAX_LOG_BYTES, logs = 100, 4096, 0
 function AuditLog.log(t)
   if type(t) ~= "table" or type(t.message) ~= "string" then
     error("AuditLog.log: expected {message=, severity=}", 2)
@@ -585,13 +617,19 @@ function AuditLog.log(t)
   if sev ~= "INFO" and sev ~= "WARNING" and sev ~= "ERROR" and sev ~= "CRITICAL" then
     error("AuditLog.log: severity must be INFO, WARNING, ERROR or CRITICAL", 2)
   end
-  local _, err = pycall("log", t.message, sev)
+  if logs >= MAX_LOGS then
+    error(s_format("AuditLog.log: at most %d entries per invocation", MAX_LOGS), 2)
+  end
+  logs = logs + 1
+  local _, err = pycall("log", s_sub(t.message, 1, MAX_LOG_BYTES), sev)
   if err then error(err, 2) end
 end
 
 ------------------------------------------------------------------------------
 -- principal(), this_plugin()
 local principal_methods = {}
+-- Locked like Blob/Error/Time: getmetatable(principal()) gives a name, not the table.
+local principal_mt = { __index = principal_methods, __metatable = "principal" }
 local function copy_list(l)
   local c = {}
   if type(l) == "table" then for i = 1, #l do c[i] = l[i] end end
@@ -600,7 +638,7 @@ end
 local function principal()
   local p = ctx.principal or {}
   local r = setmetatable({ kind = p.kind, id = p.id, name = p.name, groups = copy_list(p.groups) },
-    { __index = principal_methods })
+    principal_mt)
   PRINCIPALS[r] = true
   return r
 end
@@ -729,6 +767,36 @@ function coro.resume(co, ...) return rethrow(co_resume(co, ...)) end
 local safe_os = { time = os.time, clock = os.clock, date = os.date }
 local math_ = copy(math)
 local table_ = copy(table)
+
+-- C loops whose length is not bounded by memory (see charge()).
+-- string.rep of an empty string allocates nothing and loops n times.
+string.rep = function(s, n, sep)
+  if s == "" and (sep == nil or sep == "") and type(n) == "number" and n > 0 then n = 0 end
+  return s_rep(s, n, sep)
+end
+-- table.move copies e - f + 1 slots, nils included.
+-- (m_toint: the C functions take 1e12 and "12" as integers too.)
+table_.move = function(a1, f, e, t, a2)
+  local i, j = m_toint(f), m_toint(e)
+  if i and j and j >= i then charge(j - i + 1) end
+  return t_move(a1, f, e, t, a2)
+end
+-- insert/remove shift up to #t slots, and #t may come from a __len metamethod.
+table_.insert = function(t, ...)
+  if select("#", ...) == 2 and type(t) == "table" then
+    local pos, n = m_toint((...)), m_toint(#t)
+    if pos and n and pos <= n then charge(n - pos + 1) end
+  end
+  return t_insert(t, ...)
+end
+table_.remove = function(t, pos)
+  if pos ~= nil and type(t) == "table" then
+    local i, n = m_toint(pos), m_toint(#t)
+    if i and n and i < n then charge(n - i) end
+  end
+  if pos == nil then return t_remove(t) end
+  return t_remove(t, pos)
+end
 local utf8_ = copy(utf8)
 
 for _, k in ipairs({
@@ -804,7 +872,7 @@ end
 
 local function clean_traceback(tb)
   local lines, n = {}, 0
-  for line in tb:gmatch("[^\n]+") do
+  for line in s_gmatch(tb, "[^\n]+") do
     if not s_find(line, "^%s*%?:") and not s_find(line, "^%s*%[C%]: in %?$")
       and not s_find(line, "^%s*%(%.%.%.tail calls%.%.%.%)$") then
       n = n + 1
@@ -820,11 +888,17 @@ local function safe_message(m)
   return ""
 end
 
+-- A message goes into the traceback and the done frame: megabytes of it only
+-- exhausted the memory cap here or made the frame too large for the daemon.
+local MAX_MESSAGE = 4096
 local function message_of(e)
   local te = type(e)
-  if te == "string" then return e end
+  if te == "string" then
+    if #e > MAX_MESSAGE then return s_sub(e, 1, MAX_MESSAGE) .. " [truncated]" end
+    return e
+  end
   if te == "number" then return tostring(e) end
-  if ERRORS[e] then return safe_message(rawget(e, "message")) end
+  if ERRORS[e] then return message_of(safe_message(rawget(e, "message"))) end
   return "(error object is a " .. te .. " value)"
 end
 

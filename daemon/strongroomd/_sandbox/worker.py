@@ -39,6 +39,11 @@ MAX_FRAME = 64 * 1024 * 1024
 ADDRESS_SPACE = 1024 * 1024 * 1024
 CPU_HARD = 3600  # seconds of CPU over the worker's life; it retires at half of this
 MAX_CODEC = 4 * 1024 * 1024
+# An error message or traceback is a few lines; a plugin's `error(string.rep(...))`
+# of megabytes made the done frame larger than the daemon accepts, and the worker
+# was dropped as broken. Cut them here (characters, after decoding).
+MAX_MESSAGE = 4096
+MAX_TRACEBACK = 16384
 
 
 def _limit(which: int, soft: int, hard: int | None = None) -> None:
@@ -141,7 +146,10 @@ def _iso_parse(s: bytes, _b: Any, _c: Any) -> int:
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=datetime.UTC)
     delta = dt - datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    ns = (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+    if not -(2**63) <= ns < 2**63:  # else lupa fails to convert it: "internal error"
+        raise ValueError("time out of range (years 1678 to 2262)")
+    return ns
 
 
 def _iso_format(ns: int, _b: Any, _c: Any) -> bytes:
@@ -410,8 +418,8 @@ class _Runner:
             "kind": kind,
             "status": status if isinstance(status, int) else None,
             "body": body,
-            "message": _text(message),
-            "traceback": _text(tb),
+            "message": _cut(_text(message), MAX_MESSAGE),
+            "traceback": _cut(_text(tb), MAX_TRACEBACK),
             "output": _text(output) or "",
             "instructions": int(instructions or 0),
             "memory_peak": int((peak_kb or 0) * 1024),
@@ -433,6 +441,12 @@ def _text(v: Any) -> str | None:
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     return str(v)
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return text[:limit] + " [truncated]"
 
 
 def _cpu_used() -> float:
