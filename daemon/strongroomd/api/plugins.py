@@ -23,6 +23,8 @@ from strongroomd.store import PluginRow, now_stamp
 LIMIT_FIELDS = {"memory_bytes": int, "instructions": int, "wall_seconds": (int, float)}
 MAX_CODE = 512 * 1024
 OUTPUT_NOTE = 1024
+#: What a running plugin may ask of the daemon (the Lua API's paths).
+PLUGIN_PATHS = ("/crypto/v1/",)
 
 
 def view(row: PluginRow, *, with_code: bool) -> dict[str, Any]:
@@ -196,6 +198,11 @@ class _Host:
         self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
 
     async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        # The Lua API needs keys and crypto only. A worker that escaped Lua must not
+        # reach management paths, nor invoke plugins (itself included) from a plugin.
+        if not isinstance(path, str) or not path.startswith(PLUGIN_PATHS):
+            err = ApiError("plugins may call /crypto/v1/ paths only", code="forbidden")
+            return err.status, err.body()
         return await self.dispatcher.handle(self.owner, method, path, body)
 
     def log(self, message: str, severity: str) -> None:

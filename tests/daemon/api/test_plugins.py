@@ -319,3 +319,31 @@ def test_test_endpoint_returns_result_output_and_traceback(world) -> None:
         )
     )
     assert who["result"] == a1.id
+
+
+def test_a_plugin_host_reaches_crypto_paths_only() -> None:
+    """A worker that escaped Lua still cannot manage the daemon or invoke plugins.
+
+    Lua itself cannot choose paths (the red-team tests show that), so this checks the
+    host's own rule with a recording dispatcher in place of the route table.
+    """
+    import asyncio
+
+    from strongroomd.api.plugins import _Host
+
+    class RecordingDispatcher:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        async def handle(self, owner, method, path, body):
+            self.seen.append(path)
+            return 200, {}
+
+    host = _Host.__new__(_Host)
+    host.dispatcher = RecordingDispatcher()
+    host.owner = None
+    for path in ("/sys/v1/plugins/x", "/sys/v1/apps", "/sys/v1/session/auth", "/../crypto/v1/x"):
+        status, body = asyncio.run(host.request("POST", path, {}))
+        assert status == 403 and body["error"] == "forbidden", path
+    assert asyncio.run(host.request("POST", "/crypto/v1/encrypt", {})) == (200, {})
+    assert host.dispatcher.seen == ["/crypto/v1/encrypt"]
