@@ -64,6 +64,8 @@ class Config:
     plugin_warm_workers: int = 2
     #: Plugin sandbox: most worker processes alive at once.
     plugin_max_workers: int = 8
+    #: Plugin sandbox: API calls one invocation may make (each is audited).
+    plugin_max_api_calls: int = 10_000
     #: HTTP/JSON gateway and web console: off unless enabled (``STRONGROOM_HTTP=1``
     #: does it too; ``scripts/run`` sets it).
     http_enabled: bool = False
@@ -167,6 +169,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "plugin_instructions",
         "plugin_wall_seconds",
         "plugin_max_workers",
+        "plugin_max_api_calls",
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")

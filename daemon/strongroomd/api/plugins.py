@@ -196,12 +196,18 @@ class _Host:
         self.row = row
         self.principal = principal
         self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
+        self.calls = 0
+        self.max_calls = req.services.config.plugin_max_api_calls
 
     async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         # The Lua API needs keys and crypto only. A worker that escaped Lua must not
         # reach management paths, nor invoke plugins (itself included) from a plugin.
         if not isinstance(path, str) or not path.startswith(PLUGIN_PATHS):
             err = ApiError("plugins may call /crypto/v1/ paths only", code="forbidden")
+            return err.status, err.body()
+        self.calls += 1
+        if self.calls > self.max_calls:
+            err = ApiError(f"more than {self.max_calls} API calls in one invocation", code="busy")
             return err.status, err.body()
         return await self.dispatcher.handle(self.owner, method, path, body)
 

@@ -342,8 +342,39 @@ def test_a_plugin_host_reaches_crypto_paths_only() -> None:
     host = _Host.__new__(_Host)
     host.dispatcher = RecordingDispatcher()
     host.owner = None
+    host.calls, host.max_calls = 0, 10
     for path in ("/sys/v1/plugins/x", "/sys/v1/apps", "/sys/v1/session/auth", "/../crypto/v1/x"):
         status, body = asyncio.run(host.request("POST", path, {}))
         assert status == 403 and body["error"] == "forbidden", path
     assert asyncio.run(host.request("POST", "/crypto/v1/encrypt", {})) == (200, {})
     assert host.dispatcher.seen == ["/crypto/v1/encrypt"]
+
+
+def test_api_calls_per_invocation_are_capped(tmp_path) -> None:
+    from tests.conftest import start_daemon
+
+    d = start_daemon(tmp_path, config="plugin_max_api_calls = 5\n")
+    try:
+        admin = Raw(d.socket)
+        admin.login(d.admin_key)
+        g = new_group(admin)
+        out = ok(
+            admin.call(
+                "POST",
+                "/sys/v1/plugins/test",
+                {
+                    "groups": [g],
+                    "code": """
+            function run()
+              for i = 1, 10 do
+                local r, err = digest{alg = 'SHA256', data = Blob.from_bytes('x')}
+                if not r then return {made = i - 1, status = err.status} end
+              end
+            end""",
+                },
+            )
+        )
+        assert out["result"] == {"made": 5, "status": 429}
+        admin.close()
+    finally:
+        assert d.stop() == 0
