@@ -6,9 +6,10 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from strongroomd.api.groups import membership
 from strongroomd.auth import api_key, new_secret, require_admin
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Conflict, Forbidden, NotFound
+from strongroomd.errors import Conflict, Forbidden, NotFound
 from strongroomd.keyring import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import PrincipalRow, now_stamp
@@ -38,16 +39,7 @@ def _get(req: Request) -> PrincipalRow:
 
 
 def _groups(req: Request, groups: list[str], default: str | None) -> tuple[list[str], str]:
-    store = req.services.store
-    if not groups:
-        raise BadRequest("an app needs at least one group", code="invalid_value")
-    for gid in groups:
-        if gid not in store.groups:
-            raise NotFound(f"no group {gid}")
-    default = default or groups[0]
-    if default not in groups:
-        raise BadRequest("default_group must be one of groups", code="invalid_value")
-    return list(dict.fromkeys(groups)), default
+    return membership(req.services.store, groups, default, "an app")
 
 
 def _unique(req: Request, name: str, but: str | None = None) -> None:

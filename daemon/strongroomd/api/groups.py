@@ -7,10 +7,10 @@ from typing import Any
 
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
-from strongroomd.errors import Conflict, Forbidden, NotFound
+from strongroomd.errors import BadRequest, Conflict, Forbidden, NotFound
 from strongroomd.keyring import check_name
 from strongroomd.router import F, Route
-from strongroomd.store import GroupRow, now_stamp
+from strongroomd.store import GroupRow, Store, now_stamp
 
 
 def view(row: GroupRow) -> dict[str, Any]:
@@ -20,6 +20,21 @@ def view(row: GroupRow) -> dict[str, Any]:
         "description": row.description,
         "created_at": row.created_at,
     }
+
+
+def membership(
+    store: Store, groups: list[str], default: str | None, who: str
+) -> tuple[list[str], str]:
+    """Check the groups an app or plugin is put in; returns them (deduplicated) and its default."""
+    if not groups:
+        raise BadRequest(f"{who} needs at least one group", code="invalid_value")
+    for gid in groups:
+        if gid not in store.groups:
+            raise NotFound(f"no group {gid}")
+    default = default or groups[0]
+    if default not in groups:
+        raise BadRequest("default_group must be one of groups", code="invalid_value")
+    return list(dict.fromkeys(groups)), default
 
 
 def _get(req: Request) -> GroupRow:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from strongroomd import _sandbox
+from strongroomd.api.groups import membership
 from strongroomd.auth import Principal, require_admin
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound
@@ -75,15 +76,7 @@ def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
 
 
 def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[str], str]:
-    if not groups:
-        raise BadRequest("a plugin needs at least one group", code="invalid_value")
-    for gid in groups:
-        if gid not in s.store.groups:
-            raise NotFound(f"no group {gid}")
-    default = default or groups[0]
-    if default not in groups:
-        raise BadRequest("default_group must be one of groups", code="invalid_value")
-    return list(dict.fromkeys(groups)), default
+    return membership(s.store, groups, default, "a plugin")
 
 
 def _code(body: dict[str, Any]) -> str:

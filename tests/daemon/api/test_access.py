@@ -13,16 +13,6 @@ from tests.daemon.api.helpers import err, new_app, new_group, new_key, ok
 ENC = {"alg": "AES", "mode": "GCM", "plain": b"secret data"}
 
 
-@pytest.fixture
-def world(daemon, admin_raw: Raw):
-    g1, g2 = new_group(admin_raw), new_group(admin_raw)
-    a1 = new_app(daemon, admin_raw, [g1])
-    a2 = new_app(daemon, admin_raw, [g2])
-    yield admin_raw, g1, g2, a1, a2
-    a1.conn.close()
-    a2.conn.close()
-
-
 # -- credentials -------------------------------------------------------------------
 
 

@@ -5,10 +5,8 @@ Real daemon, real sandbox workers, real token.
 
 from __future__ import annotations
 
-import pytest
-
 from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import err, new_app, new_group, new_key, ok
+from tests.daemon.api.helpers import err, new_group, new_key, ok
 
 
 def push(admin: Raw, code: str, groups: list[str], **extra) -> dict:
@@ -23,16 +21,6 @@ def push(admin: Raw, code: str, groups: list[str], **extra) -> dict:
 
 def invoke(conn: Raw, plugin: dict, body=None) -> dict:
     return conn.call("POST", f"/sys/v1/plugins/{plugin['plugin_id']}", body)
-
-
-@pytest.fixture
-def world(daemon, admin_raw: Raw):
-    g1, g2 = new_group(admin_raw), new_group(admin_raw)
-    a1 = new_app(daemon, admin_raw, [g1])
-    a2 = new_app(daemon, admin_raw, [g2])
-    yield admin_raw, g1, g2, a1, a2
-    a1.conn.close()
-    a2.conn.close()
 
 
 # -- management ------------------------------------------------------------------------
