@@ -227,3 +227,29 @@ def test_audit_records_every_operation(daemon: Daemon, admin_raw: Raw) -> None:
         ("POST /crypto/v1/keys", 200),
     ]
     assert all(rec["actor_kind"] == "admin" for rec in logs)
+
+
+def test_a_half_written_token_object_does_not_stop_the_daemon(tmp_path) -> None:
+    """SoftHSM writes object files attribute by attribute; a kill leaves a partial one."""
+    d = start_daemon(tmp_path)
+    r = Raw(d.socket)
+    r.login(d.admin_key)
+    key = ok(r.call("POST", "/crypto/v1/keys", {"name": unique("whole"), "obj_type": "AES"}))
+    r.close()
+    assert d.stop() == 0
+    tokens = next((d.state_dir / "softhsm" / "tokens").iterdir())
+    some = next(tokens.glob("*.object"))
+    broken = tokens / "00000000-dead-beef-0000-000000000000.object"
+    broken.write_bytes(some.read_bytes()[:32])
+    (tokens / "00000000-dead-beef-0000-000000000000.lock").touch()
+    d.start()
+    r = Raw(d.socket)
+    r.login(d.admin_key)
+    ok(
+        r.call(
+            "POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, "alg": "AES", "plain": b"x"}
+        )
+    )
+    r.close()
+    assert d.stop() == 0
+    assert "skipped 1 token objects that cannot be read back" in d.log.read_text()
