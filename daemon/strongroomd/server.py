@@ -207,10 +207,6 @@ class Server:
         self._stopping = True
         self._stop.set()
 
-    def request_stop(self) -> None:
-        self._stopping = True
-        self._stop.set()
-
     async def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()

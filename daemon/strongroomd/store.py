@@ -21,7 +21,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS groups (
     id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '',
     created_at TEXT NOT NULL);
@@ -214,14 +213,6 @@ class Store:
         assert self._db is not None
         db = self._db
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
-
-    # -- meta -----------------------------------------------------------------
-    async def get_meta(self, k: str) -> str | None:
-        rows = await self.query("SELECT v FROM meta WHERE k=?", (k,))
-        return rows[0]["v"] if rows else None
-
-    async def set_meta(self, k: str, v: str) -> None:
-        await self.execute([("INSERT OR REPLACE INTO meta(k, v) VALUES (?, ?)", (k, v))])
 
     # -- generic upsert/delete with cache --------------------------------------
     @staticmethod
