@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from strongroomd._sandbox import Pool
     from strongroomd._token import Token
     from strongroomd.audit import Audit
     from strongroomd.auth import Authenticator, Principal
     from strongroomd.config import Config
+    from strongroomd.dispatch import Dispatcher
+    from strongroomd.keyring import Keyring
     from strongroomd.store import KeyRow, Store
 
 
@@ -20,7 +23,10 @@ class Services:
     token: Token
     auth: Authenticator
     audit: Audit
-    extra: dict[str, Any] = field(default_factory=dict)
+    keyring: Keyring
+    sandbox: Pool
+    #: Set once the route table exists (it needs these services first).
+    dispatcher: Dispatcher = field(init=False)
     #: Socket requests read and not yet answered, over all connections: the
     #: token layer runs short operations inline only when this is 1 (see
     #: ``strongroomd._token.Token.quiet``).

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from strongroomd.auth import Principal, check_group_target, check_key_use
-from strongroomd.context import Owner, Services
+from strongroomd.context import Owner
 from strongroomd.errors import ApiError, BadRequest, Conflict, Internal, NotFound, TooLarge
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
-from strongroomd.store import KeyRow, now_stamp
+from strongroomd.store import KeyRow, Store, now_stamp
+
+if TYPE_CHECKING:
+    from strongroomd._token import Token
+    from strongroomd.config import Config
 
 log = logging.getLogger("strongroomd.keyring")
 
@@ -149,8 +153,10 @@ def choose_ops(
 
 
 class Keyring:
-    def __init__(self, services: Services) -> None:
-        self.s = services
+    def __init__(self, config: Config, store: Store, token: Token) -> None:
+        self.config = config
+        self.store = store
+        self.token = token
 
     # -- lookup ---------------------------------------------------------------
     def find(self, owner: Owner, descriptor: Any) -> KeyRow:
@@ -162,7 +168,7 @@ class Keyring:
         ((field, value),) = descriptor.items()
         if not isinstance(value, str):
             raise BadRequest(f"key descriptor {field!r} must be a string", code="invalid_field")
-        store = self.s.store
+        store = self.store
         row: KeyRow | None
         if field in ("kid", "id"):
             row = store.keys.get(value) or owner.transient.get(value)
@@ -199,9 +205,9 @@ class Keyring:
         transient = bool(body.get("transient", False))
         name = check_name(body.get("name") or ("transient" if transient else ""))
         if transient:
-            if len(owner.transient) >= self.s.config.max_transient_keys:
+            if len(owner.transient) >= self.config.max_transient_keys:
                 raise TooLarge("too many transient keys on this connection")
-        elif name in self.s.store.key_names:
+        elif name in self.store.key_names:
             raise Conflict(f"a key named {name!r} exists", code="name_exists")
         return NewKey(str(uuid.uuid4()), name, obj_type, key_size, curve, exportable, transient)
 
@@ -237,17 +243,17 @@ class Keyring:
             owner.transient[row.kid] = row
             return row
         try:
-            if new.name in self.s.store.key_names:  # lost a race with another creation
+            if new.name in self.store.key_names:  # lost a race with another creation
                 raise Conflict(f"a key named {new.name!r} exists", code="name_exists")
-            await self.s.store.put_key(row)
+            await self.store.put_key(row)
         except BaseException:
-            await self.s.token.remove(new.kid)
+            await self.token.remove(new.kid)
             raise
         return row
 
     def target_group(self, principal: Principal, group_id: str | None) -> str:
         gid = check_group_target(principal, group_id)
-        if gid not in self.s.store.groups:
+        if gid not in self.store.groups:
             raise NotFound(f"no group {gid}")
         return gid
 
@@ -256,15 +262,15 @@ class Keyring:
         if row.transient:
             owner.transient.pop(row.kid, None)
         else:
-            await self.s.store.delete_key(row.kid)
-        await self.s.token.remove(row.kid)
+            await self.store.delete_key(row.kid)
+        await self.token.remove(row.kid)
 
     async def drop_owner(self, owner: Owner) -> None:
         """Destroy the transient keys of a connection or invocation that ended."""
         rows, owner.transient = list(owner.transient.values()), {}
         for row in rows:
             try:
-                await self.s.token.remove(row.kid)
+                await self.token.remove(row.kid)
             except Exception:
                 log.exception("could not destroy transient key %s", row.kid)
 
@@ -276,12 +282,12 @@ class Keyring:
         it. A row without a token object is kept but marked missing, so the
         operator sees it instead of it vanishing.
         """
-        on_token = self.s.token.kids()
-        store = self.s.store
+        on_token = self.token.kids()
+        store = self.store
         orphans = on_token - set(store.keys)
         for kid in orphans:
             log.warning("removing token object %s that has no database row", kid)
-            await self.s.token.remove(kid)
+            await self.token.remove(kid)
         marked = 0
         for row in list(store.keys.values()):
             lost = row.kid not in on_token

@@ -75,17 +75,16 @@ class Server:
             ) from exc
         audit = Audit(store)
         await audit.start()
-        services = Services(cfg, store, token, Authenticator(store, cfg.session_ttl), audit)
+        keyring = Keyring(cfg, store, token)
+        pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
+        services = Services(
+            cfg, store, token, Authenticator(store, cfg.session_ttl), audit, keyring, pool
+        )
         # Alone on the socket, a short operation runs inline (no thread hand-offs);
         # under load it queues, so the token thread works beside the event loop.
         token.quiet = lambda: services.socket_pending <= 1
-        keyring = Keyring(services)
-        services.extra["keyring"] = keyring
         self.services = services
-        self.dispatcher = Dispatcher(services, Router(ROUTES))
-        services.extra["dispatcher"] = self.dispatcher
-        pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
-        services.extra["sandbox"] = pool
+        self.dispatcher = services.dispatcher = Dispatcher(services, Router(ROUTES))
         await pool.start()
         metrics.bind(connections=lambda: len(self.connections), sandbox=lambda: pool.stats)
         found = await keyring.reconcile()
@@ -137,7 +136,7 @@ class Server:
         assert self.services is not None and self.dispatcher is not None
         url_file = self.config.state_dir / "http.url"
         url_file.unlink(missing_ok=True)
-        gateway = Gateway(self.config, self.dispatcher, self.services.extra["keyring"])
+        gateway = Gateway(self.config, self.dispatcher, self.services.keyring)
         try:
             url = await gateway.start()
         except OSError as exc:
@@ -155,7 +154,7 @@ class Server:
                 raise StartupError(f"another daemon is serving {path}")
             path.unlink()
         cfg, dispatcher = self.config, self.dispatcher
-        keyring = self.services.extra["keyring"] if self.services else None
+        keyring = self.services.keyring if self.services else None
 
         def factory() -> Connection:
             return Connection(
@@ -220,11 +219,10 @@ class Server:
             await asyncio.sleep(0)
         if self.services is not None:
             s = self.services
-            keyring: Keyring = s.extra["keyring"]
             for conn in list(self.connections):
-                await keyring.drop_owner(conn.owner)
+                await s.keyring.drop_owner(conn.owner)
             with contextlib.suppress(Exception):
-                await s.extra["sandbox"].close()
+                await s.sandbox.close()
             s.audit.record("daemon.stop")
             with contextlib.suppress(Exception):
                 await s.audit.close()

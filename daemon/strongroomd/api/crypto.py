@@ -19,7 +19,7 @@ from strongroomd.store import KeyRow
 
 
 def _keyring(req: Request) -> Keyring:
-    return req.services.extra["keyring"]
+    return req.services.keyring
 
 
 def _use(req: Request, op: str, field: str = "key") -> KeyRow:

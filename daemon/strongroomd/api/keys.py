@@ -27,7 +27,7 @@ SYMMETRIC = {"AES", "DES3", "HMAC", "SECRET"}
 
 
 def _keyring(req: Request) -> Keyring:
-    return req.services.extra["keyring"]
+    return req.services.keyring
 
 
 async def create(req: Request) -> dict[str, Any]:

@@ -51,7 +51,7 @@ def plugin_principal(row: PluginRow) -> Principal:
 
 
 def _pool(s: Services) -> Any:
-    return s.extra["sandbox"]
+    return s.sandbox
 
 
 def _limits(s: Services, overrides: dict[str, Any]) -> Any:
@@ -184,7 +184,7 @@ class _Host:
     """What a running plugin may ask of the daemon: requests as the plugin, audit notes."""
 
     def __init__(self, req: Request, row: PluginRow, principal: Principal, inv: str) -> None:
-        self.dispatcher = req.services.extra["dispatcher"]
+        self.dispatcher = req.services.dispatcher
         self.audit = req.services.audit
         self.row = row
         self.principal = principal
@@ -240,7 +240,7 @@ async def _run(
             discard=test,  # a test run's worker is never reused
         )
     finally:
-        await s.extra["keyring"].drop_owner(host.owner)
+        await s.keyring.drop_owner(host.owner)
     return inv, outcome
 
 
