@@ -72,6 +72,11 @@ function flash(message, kind = "error") {
   flash.timer = setTimeout(() => (box.hidden = true), 6000);
 }
 
+function clearFlash() {
+  clearTimeout(flash.timer);
+  $("#flash").hidden = true;
+}
+
 function guard(fn) {
   return async (event) => {
     if (event && event.preventDefault) event.preventDefault();
@@ -95,6 +100,17 @@ function fillTable(table, rows, cells, onClick) {
   if (!rows.length) tbody.append(el("tr", {}, el("td", { colspan: "9", class: "muted" }, "none")));
 }
 
+// One date format everywhere: "2026-11-30 22:30:15" (UTC). The API gives both
+// "20261130T223015Z" (objects' created_at) and ISO 8601 with milliseconds (audit).
+function when(stamp, withMillis = false) {
+  if (!stamp) return "";
+  const s = String(stamp);
+  const m = s.match(/^(\d{4})-?(\d{2})-?(\d{2})T(\d{2}):?(\d{2}):?(\d{2})(\.\d+)?Z?$/);
+  if (!m) return s;
+  const ms = withMillis && m[7] ? m[7].slice(0, 4) : "";
+  return `${m[1]}-${m[2]}-${m[3]} ${m[4]}:${m[5]}:${m[6]}${ms}`;
+}
+
 const short = (id) => (id ? String(id).slice(0, 8) : "");
 const groupName = (gid) => (state.groups.find((g) => g.group_id === gid) || {}).name || short(gid);
 const pretty = (v) => (v === undefined ? "" : JSON.stringify(v, null, 2));
@@ -111,6 +127,7 @@ async function login(event) {
     sessionStorage.setItem("sr.kind", s.kind);
     sessionStorage.setItem("sr.id", s.entity_id);
     $("#login-key").value = "";
+    clearFlash();
     await enter();
   } catch (err) {
     flash(`Log in failed: ${err.message}`);
@@ -155,7 +172,7 @@ async function show(view) {
 
 async function loadGroups() {
   state.groups = await api("GET", "/sys/v1/groups");
-  fillTable($("#groups-table"), state.groups, (g) => [g.name, g.description, short(g.group_id), g.created_at]);
+  fillTable($("#groups-table"), state.groups, (g) => [g.name, g.description, short(g.group_id), when(g.created_at)]);
   for (const sel of document.querySelectorAll(".group-select")) {
     sel.replaceChildren(...state.groups.map((g) => el("option", { value: g.group_id }, g.name)));
   }
@@ -213,8 +230,100 @@ async function loadKeys() {
   );
 }
 
-function pem(b64, label) {
-  return `-----BEGIN ${label}-----\n${b64.match(/.{1,64}/g).join("\n")}\n-----END ${label}-----`;
+// -- public keys: the SubjectPublicKeyInfo in pub_key, re-encoded (as the client's _pubkey.py) --
+
+const b64bytes = (b64) => Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const bytesB64 = (bytes) => btoa(String.fromCharCode(...bytes));
+const b64url = (bytes) => bytesB64(bytes).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+const hex = (bytes) => [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+
+// One DER element at `at` -> {tag, body, end}.
+function tlv(d, at) {
+  const tag = d[at];
+  let n = d[at + 1];
+  at += 2;
+  if (n & 0x80) {
+    const w = n & 0x7f;
+    n = 0;
+    for (let i = 0; i < w; i++) n = n * 256 + d[at + i];
+    at += w;
+  }
+  if (at + n > d.length) throw new Error("truncated DER");
+  return { tag, body: d.subarray(at, at + n), end: at + n };
+}
+
+function children(d) {
+  const out = [];
+  for (let at = 0; at < d.length; ) {
+    const e = tlv(d, at);
+    out.push(e);
+    at = e.end;
+  }
+  return out;
+}
+
+const CURVES = {
+  "2a8648ce3d030107": ["P-256", "nistp256", 32],
+  "2b81040022": ["P-384", "nistp384", 48],
+  "2b81040023": ["P-521", "nistp521", 66],
+  "2b8104000a": ["secp256k1", null, 32],
+};
+
+function parseSpki(der) {
+  const [alg, bits] = children(tlv(der, 0).body);
+  const [oid, params] = children(alg.body);
+  const key = bits.body.subarray(1);
+  const strip = (b) => { let i = 0; while (i < b.length - 1 && b[i] === 0) i++; return b.subarray(i); };
+  switch (hex(oid.body)) {
+    case "2a864886f70d010101": {
+      const [n, e] = children(tlv(key, 0).body);
+      return { kind: "RSA", n: strip(n.body), e: strip(e.body) };
+    }
+    case "2a8648ce3d0201": {
+      const [crv, ssh, size] = CURVES[hex(params.body)] || [];
+      if (!crv) throw new Error("unknown curve");
+      return { kind: "EC", crv, ssh, size, point: key };
+    }
+    case "2b6570":
+      return { kind: "Ed25519", x: key };
+  }
+  throw new Error("unknown key algorithm");
+}
+
+function sshString(bytes) {
+  const out = new Uint8Array(4 + bytes.length);
+  new DataView(out.buffer).setUint32(0, bytes.length);
+  out.set(bytes, 4);
+  return out;
+}
+
+const ascii = (s) => new TextEncoder().encode(s);
+const mpint = (b) => sshString(b[0] & 0x80 ? Uint8Array.from([0, ...b]) : b);
+const concat = (...parts) => Uint8Array.from(parts.flatMap((p) => [...p]));
+
+function publicKeyText(k, format) {
+  const der = b64bytes(k.pub_key);
+  if (format === "DER") return bytesB64(der);
+  if (format === "PEM") {
+    return `-----BEGIN PUBLIC KEY-----\n${bytesB64(der).match(/.{1,64}/g).join("\n")}\n-----END PUBLIC KEY-----`;
+  }
+  const f = parseSpki(der);
+  if (format === "JWK") {
+    let jwk;
+    if (f.kind === "RSA") jwk = { kty: "RSA", n: b64url(f.n), e: b64url(f.e) };
+    else if (f.kind === "EC") {
+      jwk = { kty: "EC", crv: f.crv, x: b64url(f.point.subarray(1, 1 + f.size)), y: b64url(f.point.subarray(1 + f.size)) };
+    } else jwk = { kty: "OKP", crv: "Ed25519", x: b64url(f.x) };
+    return JSON.stringify({ ...jwk, kid: k.kid }, null, 2);
+  }
+  let name, blob;
+  if (f.kind === "RSA") [name, blob] = ["ssh-rsa", concat(sshString(ascii("ssh-rsa")), mpint(f.e), mpint(f.n))];
+  else if (f.kind === "EC") {
+    if (!f.ssh) return `OpenSSH has no key type for the curve ${f.crv}.`;
+    name = `ecdsa-sha2-${f.ssh}`;
+    blob = concat(sshString(ascii(name)), sshString(ascii(f.ssh)), sshString(f.point));
+  } else [name, blob] = ["ssh-ed25519", concat(sshString(ascii("ssh-ed25519")), sshString(f.x))];
+  return `${name} ${bytesB64(blob)} ${k.name}`;
 }
 
 function showKey(k) {
@@ -225,25 +334,54 @@ function showKey(k) {
     ["curve", k.elliptic_curve],
     ["group", `${groupName(k.group_id)} (${short(k.group_id)})`],
     ["key ops", (k.key_ops || []).join(", ")],
-    ["created", k.created_at],
-    ["creator", k.creator ? Object.entries(k.creator).map(([a, b]) => `${a} ${short(b)}`).join("") : ""],
+    ["created", when(k.created_at)],
+    ["creator", k.creator ? Object.entries(k.creator).map(([a, b]) => `${a} ${short(b)}`).join(", ") : ""],
     ["enabled", String(k.enabled)],
     ["description", k.description],
   ].filter(([, v]) => v !== undefined && v !== null && v !== "");
   const box = $("#key-detail");
-  box.replaceChildren(
-    el("h3", {}, k.name),
-    el("dl", {}, rows.map(([a, b]) => [el("dt", {}, a), el("dd", {}, b)])),
-    k.pub_key ? [el("h4", {}, "Public key"), el("pre", { class: "pem" }, pem(k.pub_key, "PUBLIC KEY"))] : null,
-  );
+  const parts = [el("h3", {}, k.name), el("dl", {}, rows.map(([a, b]) => [el("dt", {}, a), el("dd", {}, b)]))];
+  if (k.pub_key) {
+    const out = el("pre", { id: "pub-key", class: "pem" }, publicKeyText(k, "PEM"));
+    const pick = el(
+      "select",
+      { id: "pub-format", "aria-label": "Public key format" },
+      ["PEM", "DER", "JWK", "OpenSSH"].map((f) => el("option", { value: f.toUpperCase() }, f === "DER" ? "DER (base64)" : f)),
+    );
+    pick.addEventListener("change", () => (out.textContent = publicKeyText(k, pick.value)));
+    parts.push(el("div", { class: "row pub-head" }, el("h4", {}, "Public key"), pick), out);
+  }
+  box.replaceChildren(...parts);
   box.hidden = false;
+}
+
+// The new-key form shows only the fields that the chosen type takes.
+const KEY_FIELDS = {
+  AES: { sizes: [128, 192, 256], size: 256 },
+  RSA: { sizes: [2048, 3072, 4096], size: 2048 },
+  HMAC: { sizes: [256, 384, 512], size: 256 },
+  SECRET: { sizes: [128, 256, 512], size: 256 },
+  DES3: {},
+  EC: { curve: true },
+};
+
+function keyTypeChanged() {
+  const f = $("#key-form");
+  const spec = KEY_FIELDS[f.obj_type.value] || {};
+  $("#key-size-field").hidden = !spec.sizes;
+  $("#key-curve-field").hidden = !spec.curve;
+  if (spec.sizes) {
+    f.key_size.replaceChildren(...spec.sizes.map((n) => el("option", { value: n }, n)));
+    f.key_size.value = String(spec.size);
+  }
 }
 
 async function createKey(event) {
   const f = event.target;
   const body = { name: f.name.value, obj_type: f.obj_type.value, group_id: f.group_id.value };
-  if (body.obj_type === "EC") body.elliptic_curve = f.elliptic_curve.value;
-  else body.key_size = Number(f.key_size.value);
+  const spec = KEY_FIELDS[body.obj_type] || {};
+  if (spec.curve) body.elliptic_curve = f.elliptic_curve.value;
+  if (spec.sizes) body.key_size = Number(f.key_size.value);
   const k = await api("POST", "/crypto/v1/keys", body);
   f.name.value = "";
   await loadKeys();
@@ -257,7 +395,7 @@ async function loadPlugins() {
   fillTable(
     $("#plugins-table"),
     plugins,
-    (p) => [p.name, p.version, p.groups.map(groupName).join(", "), p.enabled ? "yes" : "no", p.updated_at],
+    (p) => [p.name, p.version, p.groups.map(groupName).join(", "), p.enabled ? "yes" : "no", when(p.updated_at || p.created_at)],
     guard(async (p) => openEditor(await api("GET", `/sys/v1/plugins/${p.plugin_id}`))),
   );
 }
@@ -280,6 +418,11 @@ function openEditor(plugin) {
   $("#editor-title").textContent = plugin ? `Plugin ${plugin.name}` : "New plugin";
   $("#plugin-version").textContent = plugin ? `version ${plugin.version}` : "not saved";
   $("#plugin-invoke").disabled = !plugin;
+  const admin = state.kind === "admin";
+  state.editor.setOption("readOnly", !admin);
+  $("#editor").hidden = !admin;
+  $("#editor-note").hidden = admin;
+  for (const i of document.querySelectorAll("#plugin-name, #plugin-description, #plugin-groups input")) i.disabled = !admin;
   $("#run-panel").hidden = $("#invoke-audit").hidden = true;
   show("editor");
 }
@@ -335,6 +478,7 @@ async function invokePlugin() {
     out = { status: err.status, error: err.body, traceback: err.body.traceback, invocation_id: err.body.invocation_id };
   }
   showRun(`Invocation: ${out.status}`, out);
+  if (state.kind !== "admin") return; // the audit trail is for admins
   let inv = out.invocation_id;
   if (!inv) {
     const last = await api("GET", `/sys/v1/logs?object_id=${encodeURIComponent(p.plugin_id)}&limit=1`);
@@ -356,7 +500,10 @@ function showRun(title, out) {
   const st = out.stats || {};
   const stats = [];
   if (st.elapsed_ms !== undefined) stats.push(`time ${st.elapsed_ms.toFixed(1)} ms`);
-  if (st.instructions !== undefined) stats.push(`${st.instructions.toLocaleString()} instructions`);
+  // The sandbox counts instructions in steps of 1,000 (its hook's period): 0 means fewer.
+  if (st.instructions !== undefined) {
+    stats.push(st.instructions > 0 ? `${st.instructions.toLocaleString("en")} instructions` : "under 1,000 instructions");
+  }
   if (st.memory_peak !== undefined) stats.push(`memory peak ${(st.memory_peak / 1024).toFixed(0)} KiB`);
   if (st.api_calls !== undefined) stats.push(`${st.api_calls} API calls`);
   if (out.invocation_id) stats.push(`invocation ${short(out.invocation_id)}`);
@@ -400,8 +547,19 @@ function gotoLine(line) {
 
 // -- audit -----------------------------------------------------------------------------------
 
+// Id filters go to the daemon; "action contains" and "failures only" filter what came back.
 async function loadAudit() {
-  renderAudit($("#audit-list"), await api("GET", "/sys/v1/logs?limit=300"));
+  const f = $("#audit-filters");
+  const query = new URLSearchParams({ limit: "300" });
+  for (const name of ["actor_id", "object_id", "invocation_id"]) {
+    const v = f[name].value.trim();
+    if (v) query.set(name, v);
+  }
+  let records = await api("GET", `/sys/v1/logs?${query}`);
+  const action = f.action.value.trim().toLowerCase();
+  if (action) records = records.filter((r) => r.action.toLowerCase().includes(action));
+  if (f.failed.checked) records = records.filter((r) => r.status >= 400);
+  renderAudit($("#audit-list"), records);
 }
 
 const isInvocation = (r) => r.invocation_id && r.actor_kind !== "plugin" && r.action.startsWith("POST /sys/v1/plugins/");
@@ -421,7 +579,7 @@ function renderAudit(box, records, compact = false) {
     el(
       "div",
       { class: `audit-row ${r.status >= 400 ? "failed" : ""}`, dataset: { seq: r.seq } },
-      el("span", { class: "time", title: r.time }, compact ? r.time.slice(11, 23) : r.time),
+      el("span", { class: "time", title: r.time }, compact ? when(r.time, true).slice(11) : when(r.time, true)),
       el("span", { class: "actor" }, `${r.actor_kind || "-"} ${short(r.actor_id)}`),
       el("span", { class: "action" }, r.action),
       el("span", { class: "object" }, short(r.object_id)),
@@ -460,7 +618,10 @@ $("#plugin-new").addEventListener("click", () => openEditor(null));
 $("#plugin-save").addEventListener("click", guard(savePlugin));
 $("#plugin-test").addEventListener("click", guard(testPlugin));
 $("#plugin-invoke").addEventListener("click", guard(invokePlugin));
-$("#audit-refresh").addEventListener("click", guard(loadAudit));
+$("#audit-filters").addEventListener("submit", guard(loadAudit));
+$("#audit-filters").addEventListener("reset", () => setTimeout(guard(loadAudit)));
+$("#key-form [name=obj_type]").addEventListener("change", keyTypeChanged);
+keyTypeChanged();
 
 if (state.token) enter().catch(() => logout());
 else show("login");

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from strongroom._models import Record, Sobject
+from strongroom._pubkey import public_key
 from strongroom._types import IdLike, KeyLike
 
 if TYPE_CHECKING:
@@ -221,6 +222,27 @@ class Keys(_Namespace):
 
     def delete(self, kid: IdLike) -> Any:
         return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
+
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: str = "PEM",
+    ) -> Any:
+        """The key's public half: PEM (str, default), DER (bytes), JWK (dict) or OpenSSH (str).
+
+        Computed here from the key info's ``pub_key`` (a SubjectPublicKeyInfo);
+        needs no EXPORT permission. Raises ValueError for a key without one.
+        """
+        body = key_descriptor(key, kid=kid, name=name)
+        fmt = format.upper()
+        if fmt not in ("PEM", "DER", "JWK", "OPENSSH"):
+            raise ValueError(f"unknown format {format!r}: one of PEM, DER, JWK, OpenSSH")
+        return self._c._call(
+            "POST", "/crypto/v1/keys/info", body, lambda info: public_key(Sobject(info), fmt)
+        )
 
     def export(
         self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None

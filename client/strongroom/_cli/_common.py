@@ -154,6 +154,15 @@ def key_args(key: str | None, kid: str | None) -> dict[str, str]:
     return {"name": key} if key is not None else {"kid": kid}  # type: ignore[dict-item]
 
 
+def key_ref(positional: str | None, key: str | None, kid: str | None) -> dict[str, str]:
+    """The descriptor for commands taking ``KEY`` (a name) or ``--key NAME`` or ``--kid KID``."""
+    if positional is not None:
+        if key is not None or kid is not None:
+            raise click.UsageError("name the key once: KEY, --key NAME or --kid KID")
+        return {"name": positional}
+    return key_args(key, kid)
+
+
 # -- shared options --------------------------------------------------------------------
 
 key_options = [
@@ -164,6 +173,27 @@ io_options = [
     click.option("--in", "in_path", metavar="FILE", help="Input file (default stdin)."),
     click.option("--out", "out_path", metavar="FILE", help="Output file (default stdout)."),
 ]
+
+
+yes_option = click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask for confirmation (for scripts)."
+)
+
+
+def confirm(state: State, yes: bool, question: str) -> None:
+    """Ask on a terminal before a destructive step; elsewhere go on (scripts pass --yes)."""
+    if yes or not sys.stdin.isatty() or not sys.stderr.isatty():
+        return
+    if not click.confirm(question, default=False, err=True):
+        raise click.Abort()
+
+
+def done(state: State, record: dict[str, Any], message: str) -> None:
+    """Report a step that has no answer body: JSON under --json, else a line on stderr."""
+    if state.json:
+        print_json(record)
+    else:
+        click.echo(message, err=True)
 
 
 def apply(options: list[Any]) -> Any:

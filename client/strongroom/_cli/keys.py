@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import click
 
 from strongroom._cli._common import (
     State,
     apply,
+    confirm,
+    done,
     group_id,
-    key_args,
     key_options,
+    key_ref,
     pass_state,
     print_json,
     show,
     write_output,
+    yes_option,
 )
 
 KEY_COLUMNS = ["kid", "name", "obj_type", "key_size", "elliptic_curve", "group_id", "key_ops"]
@@ -73,30 +78,80 @@ def keys_create(
     show(state, key)
 
 
+key_arg = click.argument("name", required=False, metavar="[KEY]")
+
+
 @keys.command("show")
+@key_arg
 @apply(key_options)
 @pass_state
-def keys_show(state: State, key: str | None, kid: str | None) -> None:
-    show(state, state.client.keys.info(**key_args(key, kid)))
+def keys_show(state: State, name: str | None, key: str | None, kid: str | None) -> None:
+    """Show a key's description: KEY (a name), --key NAME or --kid KID."""
+    show(state, state.client.keys.info(**key_ref(name, key, kid)))
 
 
 @keys.command("delete")
+@key_arg
 @apply(key_options)
+@yes_option
 @pass_state
-def keys_delete(state: State, key: str | None, kid: str | None) -> None:
-    if kid is None:
-        kid = state.client.keys.info(**key_args(key, kid))["kid"]
-    state.client.keys.delete(kid)
+def keys_delete(
+    state: State, name: str | None, key: str | None, kid: str | None, yes: bool
+) -> None:
+    """Delete a key from the token for good (asks first on a terminal)."""
+    info = state.client.keys.info(**key_ref(name, key, kid))
+    confirm(state, yes, f"Delete key {info.get('name')!r} ({info['kid']}) for good?")
+    state.client.keys.delete(info["kid"])
+    done(
+        state,
+        {"deleted": info["kid"], "name": info.get("name")},
+        f"deleted key {info.get('name')} ({info['kid']})",
+    )
 
 
 @keys.command("export")
+@key_arg
 @apply(key_options)
 @click.option("--out", "out_path", metavar="FILE", help="Write the raw value here.")
 @pass_state
-def keys_export(state: State, key: str | None, kid: str | None, out_path: str | None) -> None:
+def keys_export(
+    state: State, name: str | None, key: str | None, kid: str | None, out_path: str | None
+) -> None:
     """Export a key's value (keys with EXPORT only): raw, or the sobject with --json."""
-    sobject = state.client.keys.export(**key_args(key, kid))
+    sobject = state.client.keys.export(**key_ref(name, key, kid))
     if state.json:
         print_json(sobject)
     else:
         write_output(out_path, sobject["value"])
+
+
+@keys.command("public")
+@click.argument("name", required=False, metavar="[KEY]")
+@apply(key_options)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["PEM", "DER", "JWK", "OpenSSH"], case_sensitive=False),
+    default="PEM",
+    show_default=True,
+    help="Encoding of the public key.",
+)
+@click.option("--out", "out_path", metavar="FILE", help="Write it here (default stdout).")
+@pass_state
+def keys_public(state: State, name, key, kid, fmt: str, out_path: str | None) -> None:
+    """Print an asymmetric key's public key (no EXPORT needed)."""
+    desc = key_ref(name, key, kid)
+    try:
+        value = state.client.keys.public(**desc, format=fmt)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if isinstance(value, dict):
+        data = (json.dumps(value, indent=2) + "\n").encode()
+    elif isinstance(value, str):
+        data = (value if value.endswith("\n") else value + "\n").encode()
+    else:
+        data = value
+    if state.json and not isinstance(value, bytes):
+        print_json({"format": fmt.upper(), "public_key": value})
+    else:
+        write_output(out_path, data)

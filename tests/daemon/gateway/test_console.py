@@ -9,11 +9,14 @@ Screenshots go to test-output/screenshots/.
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import strongroom
 
 from tests.conftest import unique
 from tests.daemon.gateway.conftest import ROOT
@@ -30,6 +33,10 @@ ARGS = [
     "--disable-sync",
 ]
 SHOTS = ROOT / "test-output" / "screenshots"
+#: The console's one date format (UTC), with and without milliseconds.
+DATE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}")
+DATE_MS = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3}")
+COMPACT_DATE = re.compile(r"\d{8}T\d{6}Z")
 
 GOOD = """-- encrypt the input's text with the named key
 function run(input)
@@ -80,9 +87,24 @@ def cm(pg: Any, js: str) -> Any:
     )
 
 
+def rows(pg: Any, column: str) -> list[str]:
+    return pg.locator(f"#audit-list .audit-row .{column}").all_text_contents()
+
+
+def until(check: Any, timeout: float = 10.0) -> None:
+    """Poll ``check`` (the page's CSP forbids wait_for_function's eval)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def test_console_scenario(page: Any, http_daemon: Any) -> None:
     pg = page
     pg.goto(f"{http_daemon.url}/")
+    pg.wait_for_selector("#view-login:not([hidden])")
+    assert not pg.is_visible("#nav") and not pg.is_visible("#who")  # nothing to navigate yet
+    shot(pg, "0-login")
     pg.fill("#login-key", "bm9ib2R5Om5vdGhpbmc=")  # nobody:nothing
     pg.click("#login-form button")
     pg.wait_for_selector("#flash:not([hidden])")
@@ -92,6 +114,8 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     pg.click("#login-form button")
     pg.wait_for_selector("#view-keys:not([hidden])")
     assert "admin" in pg.text_content("#who-name")
+    assert not pg.is_visible("#flash")  # the failed login's message went with it
+    assert pg.is_visible("#nav button[data-view=apps]") and pg.is_visible("#nav")
 
     # A group, a key in it, an app in it (whose API key shows once).
     group, key, app = unique("cg"), unique("ck"), unique("ca")
@@ -99,14 +123,47 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     pg.fill("#group-form [name=name]", group)
     pg.click("#group-form button")
     pg.wait_for_selector(f"#groups-table td:text-is('{group}')")
+    created = pg.locator("#groups-table tr", has_text=group).locator("td").nth(3).text_content()
+    assert DATE.fullmatch(created), created
     pg.click("#nav button[data-view=keys]")
+    # The new-key form shows only the fields the chosen type takes.
+    assert pg.is_visible("#key-size-field") and not pg.is_visible("#key-curve-field")
+    for kind, size, curve in [("EC", False, True), ("DES3", False, False), ("RSA", True, False)]:
+        pg.select_option("#key-form [name=obj_type]", kind)
+        assert pg.is_visible("#key-size-field") == size, kind
+        assert pg.is_visible("#key-curve-field") == curve, kind
+    assert pg.input_value("#key-form [name=key_size]") == "2048"
+    pg.select_option("#key-form [name=obj_type]", "AES")
     pg.fill("#key-form [name=name]", key)
     pg.select_option("#key-form [name=group_id]", label=group)
     pg.click("#key-form button")
     pg.wait_for_selector("#key-detail:not([hidden])")
     detail = pg.text_content("#key-detail")
     assert key in detail and "AES" in detail and group in detail and "ENCRYPT" in detail
+    assert "[object" not in detail and not pg.is_visible("#pub-key")  # AES: no public key
+    assert DATE.search(detail) and not COMPACT_DATE.search(detail)
     pg.click(f"#keys-table td:text-is('{key}')")
+
+    # An EC key's detail shows its public key, in each form the client library gives.
+    ec_key = unique("cec")
+    pg.fill("#key-form [name=name]", ec_key)
+    pg.select_option("#key-form [name=obj_type]", "EC")
+    pg.select_option("#key-form [name=elliptic_curve]", "NistP256")
+    pg.click("#key-form button")
+    pg.wait_for_selector(f"#key-detail h3:text-is('{ec_key}')")
+    detail = pg.text_content("#key-detail")
+    assert "[object" not in detail
+    with strongroom.Client(http_daemon.socket, api_key=http_daemon.admin_key) as c:
+        pem = c.keys.public(name=ec_key)
+        jwk = c.keys.public(name=ec_key, format="JWK")
+        ssh = c.keys.public(name=ec_key, format="OpenSSH")
+    assert pg.text_content("#pub-key").strip() == pem.strip()
+    shot(pg, "1-key-public")
+    pg.select_option("#pub-format", "JWK")
+    assert json.loads(pg.text_content("#pub-key")) == jwk
+    pg.select_option("#pub-format", "OPENSSH")
+    assert pg.text_content("#pub-key") == ssh
+    pg.select_option("#key-form [name=obj_type]", "AES")
     pg.click("#nav button[data-view=apps]")
     pg.fill("#app-form [name=name]", app)
     pg.locator("#app-form label.pick", has_text=group).locator("input").check()
@@ -114,6 +171,7 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     pg.wait_for_selector("#app-secret:not([hidden])")
     assert len(pg.text_content("#app-secret-key").strip()) > 40
     pg.wait_for_selector(f"#apps-table td:text-is('{app}')")
+    app_key = pg.text_content("#app-secret-key").strip()
     shot(pg, "1-app-key")
     pg.click("#app-secret-done")
 
@@ -126,6 +184,11 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     for box in pg.locator("#plugin-groups input").all():
         box.uncheck()
     pg.locator("#plugin-groups label.pick", has_text=group).locator("input").check()
+    # A run too short for the sandbox's 1,000-instruction count step is not "0 instructions".
+    cm(pg, "cm.setValue('function run() return 1 end');")
+    pg.click("#plugin-test")
+    pg.wait_for_selector("#run-title:text('Test run: 200')")
+    assert "under 1,000 instructions" in pg.text_content("#run-stats")
     cm(pg, f"cm.setValue({json.dumps(GOOD)});")
     keywords = pg.locator("#editor .cm-keyword").all_text_contents()
     assert {"function", "local", "return", "end"} <= set(keywords)
@@ -140,6 +203,7 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     assert "encrypted\t5\tbytes" in pg.text_content("#run-output")
     stats = pg.text_content("#run-stats")
     assert "ms" in stats and "instructions" in stats and "memory peak" in stats
+    assert not re.search(r"(?<![\d,])0 instructions", stats), stats  # a run that ran code
     shot(pg, "2-test-run")
 
     # Break it: the traceback's line link moves the editor to the line.
@@ -176,5 +240,48 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
 
     pg.click("#nav button[data-view=audit]")
     pg.wait_for_selector("#audit-list .invocation .nested")
+    heads = pg.locator("#view-audit .audit-head span").all_text_contents()
+    assert heads[:5] == ["Time (UTC)", "Actor", "Action", "Object", "Status"]
+    times = pg.locator("#audit-list .audit-row .time").all_text_contents()
+    assert times and all(DATE_MS.fullmatch(t) for t in times), times[:3]
     shot(pg, "5-audit")
+    pg.fill("#audit-filters [name=action]", "encrypt")
+    pg.click("#audit-refresh")
+    until(lambda: all("encrypt" in a for a in rows(pg, "action")))
+    assert pg.locator("#audit-list .audit-row").count() >= 1
+    pg.click("#audit-filters button[type=reset]")
+    pg.check("#audit-filters [name=failed]")
+    pg.click("#audit-refresh")
+    until(lambda: all(int(s.split()[0]) >= 400 for s in rows(pg, "status")))
+    assert "401" in pg.text_content("#audit-list")  # the refused login
+    shot(pg, "6-audit-failures")
+    pg.fill("#audit-filters [name=invocation_id]", "no-such-invocation")
+    pg.click("#audit-refresh")
+    pg.wait_for_selector("#audit-list p.muted:text('no records')")
+    assert pg.problems == []
+
+    # An app sees no admin views or forms, and can invoke the plugin in its group.
+    pg.click("#logout")
+    pg.wait_for_selector("#view-login:not([hidden])")
+    assert not pg.is_visible("#nav")
+    pg.fill("#login-key", app_key)
+    pg.click("#login-form button")
+    pg.wait_for_selector("#view-keys:not([hidden])")
+    assert "app" in pg.text_content("#who-name")
+    assert not pg.is_visible("#nav button[data-view=apps]")
+    assert not pg.is_visible("#nav button[data-view=audit]")
+    pg.click("#nav button[data-view=groups]")
+    assert not pg.is_visible("#group-form")
+    pg.click("#nav button[data-view=plugins]")
+    assert not pg.is_visible("#plugin-new")
+    pg.click(f"#plugins-table td:text-is('{name}')")
+    pg.wait_for_selector("#view-editor:not([hidden])")
+    assert not pg.is_visible("#plugin-save") and not pg.is_visible("#plugin-test")
+    assert pg.is_disabled("#plugin-name")
+    assert pg.is_visible("#editor-note") and not pg.is_visible("#editor")
+    pg.fill("#plugin-input", json.dumps({"key": key, "text": "hi"}))
+    pg.click("#plugin-invoke")
+    pg.wait_for_selector("#run-title:text('Invocation: 200')")
+    assert json.loads(pg.text_content("#run-result"))["size"] == 2
+    shot(pg, "7-app-invoke")
     assert pg.problems == []
