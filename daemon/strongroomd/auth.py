@@ -101,11 +101,16 @@ class Authenticator:
             raise Unauthenticated("invalid credentials", code="bad_credentials")
         if not hmac.compare_digest(digest, row.secret_hash):
             raise Unauthenticated("invalid credentials", code="bad_credentials")
+        # The hash took ~50 ms off the loop: the secret may have been reset, or the
+        # principal disabled or deleted, meanwhile. Issue nothing on a stale check.
+        now = self.store.principals.get(principal_id)
+        if now is None or not now.enabled or now.secret_hash != row.secret_hash:
+            raise Unauthenticated("invalid credentials", code="bad_credentials")
         if len(self._sessions) >= 4096:
             self._sweep()
         token = secrets.token_urlsafe(32)
-        self._sessions[token] = Session(row.id, time.monotonic() + self.ttl)
-        return token, principal_of(row)
+        self._sessions[token] = Session(now.id, time.monotonic() + self.ttl)
+        return token, principal_of(now)
 
     def resolve(self, token: str) -> Principal:
         session = self._sessions.get(token)
@@ -146,6 +151,10 @@ def require_admin(p: Principal) -> None:
 
 
 def can_see_key(p: Principal, key: KeyRow) -> bool:
+    """Stored keys: by group. A transient key: only the principal that made it,
+    even on a connection that other principals use with per-request ``auth``."""
+    if key.transient:
+        return key.creator == p.creator()
     return p.is_admin or key.group_id in p.groups
 
 

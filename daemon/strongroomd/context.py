@@ -45,6 +45,8 @@ class Owner:
     token: str | None = None  # bearer token bound by session/auth
     transient: dict[str, KeyRow] = field(default_factory=dict)
     invocation_id: str | None = None
+    #: Set when it ended: a creation finishing afterwards must not add a key to it.
+    closed: bool = False
 
 
 @dataclass(slots=True)

@@ -1,17 +1,45 @@
 """Keys as the daemon sees them: rows in the store, material in the token.
 
-This is the one place that creates, finds and removes keys, so the order that
-makes creation crash-safe (token object first under a fresh CKA_ID, then the
-row; on delete the row first) and the start-up reconcile stay together.
+The keyring is the only code that writes key rows or changes the token.
+Handlers parse a request, check who may ask (``strongroomd.auth``) and call
+one typed method here; the view of the result is theirs again. Keeping every
+change in one place is what makes these rules hold:
+
+- One writer per key. Changes to one kid run one at a time
+  (:meth:`strongroomd.store.Store.change`), each applied to the row as it is
+  after the previous change, and written as a compare-and-set on the row's
+  version. A rename waiting on the token can no longer write back the row it
+  read before an admin disabled the key.
+- Names are reserved before the first ``await``. Two creators of one name
+  cannot both pass the check; the loser gets 409 and its token object is
+  destroyed before the answer. The database's UNIQUE(name) and a plain
+  INSERT back this up (a second daemon on the same database).
+- Crash-safe order. A key's token object is made under a fresh CKA_ID before
+  its row is written; on delete the row goes first. Start-up reconciles the
+  two (:meth:`Keyring.reconcile`): a kill -9 at any instant loses no key a
+  client was told exists.
+- A change, once started, finishes: it runs in a task of its own, so a
+  cancelled request (a client gone, a forced shutdown) cannot stop it
+  between the token and the row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from strongroomd.auth import Principal, check_group_target, check_key_use
+from strongroomd.auth import (
+    Principal,
+    can_see_key,
+    check_group_target,
+    check_key_manage,
+    check_key_use,
+)
 from strongroomd.context import Owner
 from strongroomd.errors import ApiError, BadRequest, Conflict, Internal, NotFound, TooLarge
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
@@ -22,6 +50,7 @@ if TYPE_CHECKING:
     from strongroomd.config import Config
 
 log = logging.getLogger("strongroomd.keyring")
+T = TypeVar("T")
 
 KEY_OPS = frozenset(
     {
@@ -152,104 +181,290 @@ def choose_ops(
     return list(dict.fromkeys(asked))
 
 
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """A key to make, as the caller asked for it (checked by :func:`key_spec`)."""
+
+    obj_type: str
+    name: str | None = None
+    key_size: int | None = None
+    curve: str | None = None
+    #: None: the type's defaults (chosen once the token says what it holds).
+    key_ops: list[str] | None = None
+    group_id: str | None = None
+    description: str = ""
+    custom_metadata: dict[str, str] = field(default_factory=dict)
+    enabled: bool = True
+    transient: bool = False
+
+
+def key_spec(body: dict[str, Any], obj_type: str, **overrides: Any) -> KeySpec:
+    """The common fields of a request that makes a key."""
+    fields_ = {
+        "name": body.get("name"),
+        "key_size": body.get("key_size"),
+        "curve": body.get("elliptic_curve"),
+        "key_ops": body.get("key_ops"),
+        "group_id": body.get("group_id"),
+        "description": body.get("description", ""),
+        "custom_metadata": check_metadata(body.get("custom_metadata", {})),
+        "enabled": bool(body.get("enabled", True)),
+        "transient": bool(body.get("transient", False)),
+    }
+    fields_.update(overrides)
+    return KeySpec(obj_type, **fields_)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPatch:
+    """A change to a key's row; None leaves a field as it is."""
+
+    name: str | None = None
+    description: str | None = None
+    custom_metadata: dict[str, str] | None = None
+    enabled: bool | None = None
+    key_ops: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What a delete did: the row is gone; the token object may not be yet."""
+
+    kid: str
+    token_object_destroyed: bool
+
+
 class Keyring:
     def __init__(self, config: Config, store: Store, token: Token) -> None:
         self.config = config
         self.store = store
         self.token = token
+        #: Names taken by creations and renames that have not written their row yet.
+        self._reserved: set[str] = set()
+        #: Groups that creations in flight will put a key in (a group being
+        #: deleted must not get one after its emptiness was checked).
+        self._filling: Counter[str] = Counter()
+        self._changes: set[asyncio.Task[Any]] = set()
+        self._retries: set[asyncio.Task[Any]] = set()
 
     # -- lookup ---------------------------------------------------------------
-    def find(self, owner: Owner, descriptor: Any) -> KeyRow:
+    def find(self, owner: Owner, principal: Principal, descriptor: Any) -> KeyRow:
+        """The key a descriptor names, if the caller may see it (404 otherwise).
+
+        A key outside the caller's groups, or a transient key made by someone
+        else (even on the same connection), answers exactly like a key that
+        does not exist: names and kids cannot be probed.
+        """
         if not isinstance(descriptor, dict) or len(descriptor) != 1:
             raise BadRequest(
                 "a key descriptor is a map with exactly one of kid, name, transient_key",
                 code="invalid_field",
             )
-        ((field, value),) = descriptor.items()
+        ((kind, value),) = descriptor.items()
         if not isinstance(value, str):
-            raise BadRequest(f"key descriptor {field!r} must be a string", code="invalid_field")
+            raise BadRequest(f"key descriptor {kind!r} must be a string", code="invalid_field")
         store = self.store
         row: KeyRow | None
-        if field in ("kid", "id"):
+        if kind in ("kid", "id"):
             row = store.keys.get(value) or owner.transient.get(value)
-        elif field == "name":
+        elif kind == "name":
             kid = store.key_names.get(value)
             row = store.keys.get(kid) if kid else None
-        elif field == "transient_key":
+        elif kind == "transient_key":
             row = owner.transient.get(value)
         else:
-            raise BadRequest(f"unknown key descriptor field {field!r}", code="invalid_field")
-        if row is None:
-            raise NotFound("no such key")
+            raise BadRequest(f"unknown key descriptor field {kind!r}", code="invalid_field")
+        if row is None or not can_see_key(principal, row):
+            raise NotFound(f"no such key: {value}" if kind == "name" else "no such key")
         return row
 
-    def use(self, req_owner: Owner, principal: Principal, descriptor: Any, op: str) -> KeyRow:
+    def use(self, owner: Owner, principal: Principal, descriptor: Any, op: str) -> KeyRow:
         """Find a key and check that the caller may perform ``op`` with it."""
-        row = self.find(req_owner, descriptor)
+        row = self.find(owner, principal, descriptor)
         check_key_use(principal, row, op)
         if row.missing:
             raise Internal("the key's material is missing from the token")
         return row
 
+    def visible(self, owner: Owner, principal: Principal) -> list[KeyRow]:
+        rows = [r for r in self.store.keys.values() if can_see_key(principal, r)]
+        rows += [r for r in owner.transient.values() if can_see_key(principal, r)]
+        return rows
+
+    def group_in_use(self, group_id: str) -> bool:
+        """Whether any key is in the group, or a creation in flight will put one there."""
+        return self._filling[group_id] > 0 or any(
+            k.group_id == group_id for k in self.store.keys.values()
+        )
+
+    # -- use ------------------------------------------------------------------
+    async def operate(self, row: KeyRow, method: str, req: dict) -> dict[str, Any]:
+        """One crypto operation (``method`` of the token) with a key from :meth:`use`."""
+        return await getattr(self.token, method)(ref_of(row), req)
+
+    async def wrap(self, row: KeyRow, subject: KeyRow, req: dict) -> dict[str, Any]:
+        """Wrap ``subject`` (found with :meth:`use` for EXPORT) under ``row`` (WRAPKEY)."""
+        return await self.token.wrap(ref_of(row), ref_of(subject), req)
+
+    async def export(self, row: KeyRow) -> bytes:
+        """The value of a key found with :meth:`use` for EXPORT."""
+        return await self.token.export(ref_of(row))
+
     # -- create ---------------------------------------------------------------
-    def new_key(
+    async def create(self, owner: Owner, principal: Principal, spec: KeySpec) -> KeyRow:
+        """Generate a key in the token."""
+        ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
+        return await self._make(
+            owner, principal, spec, "EXPORT" in ops, self.token.generate, lambda _m: ops
+        )
+
+    async def import_(
+        self, owner: Owner, principal: Principal, spec: KeySpec, value: bytes
+    ) -> KeyRow:
+        """Import a key value or a certificate; key_ops default once the value is known."""
+
+        def ops(mat: KeyMaterial) -> list[str]:
+            return choose_ops(
+                mat.obj_type, spec.key_ops, imported=True, public_only=mat.public_only
+            )
+
+        exportable = spec.key_ops is None or "EXPORT" in spec.key_ops
+        return await self._make(
+            owner, principal, spec, exportable, lambda new: self.token.import_key(new, value), ops
+        )
+
+    async def unwrap(
+        self, owner: Owner, principal: Principal, key: Any, spec: KeySpec, req: dict
+    ) -> KeyRow:
+        """Unwrap a key into the token under a key the caller may UNWRAPKEY with."""
+        row = self.use(owner, principal, key, "UNWRAPKEY")
+        ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
+        return await self._make(
+            owner,
+            principal,
+            spec,
+            "EXPORT" in ops,
+            lambda new: self.token.unwrap(ref_of(row), new, req),
+            lambda _m: ops,
+        )
+
+    async def agree(
+        self, owner: Owner, principal: Principal, private: Any, public: Any, spec: KeySpec
+    ) -> KeyRow:
+        """ECDH: a new key from the caller's private key and a public key it can see."""
+        priv = self.use(owner, principal, private, "AGREEKEY")
+        pub = self.find(owner, principal, public)
+        ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
+        return await self._make(
+            owner,
+            principal,
+            spec,
+            "EXPORT" in ops,
+            lambda new: self.token.agree(ref_of(priv), ref_of(pub), new),
+            lambda _m: ops,
+        )
+
+    async def persist(self, owner: Owner, principal: Principal, key: Any, spec: KeySpec) -> KeyRow:
+        """Store a transient key (Lua's ``:persist{}``): a token copy under a new kid.
+
+        Only the principal that made the transient key can see it, so only it
+        can persist it; key_ops can only be narrowed.
+        """
+        src = self.find(owner, principal, key)
+        if not src.transient:
+            raise BadRequest("only a transient key can be persisted", code="invalid_value")
+        asked = src.key_ops if spec.key_ops is None else spec.key_ops
+        ops = choose_ops(src.obj_type, asked, imported=False, public_only=src.public_only)
+        if set(ops) - set(src.key_ops):
+            raise BadRequest("key_ops can only be narrowed", code="invalid_value")
+        spec = replace(
+            spec,
+            obj_type=src.obj_type,
+            name=spec.name or src.name,
+            key_size=src.key_size,
+            curve=src.elliptic_curve,
+            group_id=spec.group_id or src.group_id,
+            transient=False,
+        )
+        return await self._make(
+            owner,
+            principal,
+            spec,
+            "EXPORT" in src.key_ops,
+            lambda new: self.token.persist(ref_of(src), new),
+            lambda _m: ops,
+        )
+
+    async def _make(
         self,
         owner: Owner,
         principal: Principal,
-        body: dict[str, Any],
-        obj_type: str,
-        curve: str | None,
-        key_size: int | None,
+        spec: KeySpec,
         exportable: bool,
-    ) -> NewKey:
-        transient = bool(body.get("transient", False))
-        name = check_name(body.get("name") or ("transient" if transient else ""))
+        make: Callable[[NewKey], Awaitable[KeyMaterial]],
+        ops_for: Callable[[KeyMaterial], list[str]],
+    ) -> KeyRow:
+        # Everything up to the reservation is synchronous: no other request runs
+        # between the checks and the reservation.
+        group = self.target_group(principal, spec.group_id)
+        transient = spec.transient
+        name = check_name(spec.name or ("transient" if transient else ""))
         if transient:
             if len(owner.transient) >= self.config.max_transient_keys:
                 raise TooLarge("too many transient keys on this connection")
-        elif name in self.store.key_names:
-            raise Conflict(f"a key named {name!r} exists", code="name_exists")
-        return NewKey(str(uuid.uuid4()), name, obj_type, key_size, curve, exportable, transient)
-
-    async def register(
-        self,
-        owner: Owner,
-        principal: Principal,
-        new: NewKey,
-        mat: KeyMaterial,
-        body: dict[str, Any],
-        ops: list[str],
-        group_id: str,
-    ) -> KeyRow:
-        """Record a key the token now holds; undo the token object if that fails."""
-        row = KeyRow(
-            kid=new.kid,
-            name=new.name,
-            obj_type=mat.obj_type,
-            key_size=mat.key_size,
-            elliptic_curve=mat.curve,
-            key_ops=ops,
-            group_id=group_id,
-            description=body.get("description", ""),
-            custom_metadata=check_metadata(body.get("custom_metadata", {})),
-            created_at=now_stamp(),
-            creator=principal.creator(),
-            enabled=bool(body.get("enabled", True)),
-            pub_key=mat.pub_key,
-            public_only=mat.public_only,
-            transient=new.transient,
+        else:
+            self._reserve(name)
+        new = NewKey(
+            str(uuid.uuid4()), name, spec.obj_type, spec.key_size, spec.curve, exportable, transient
         )
-        if new.transient:
-            owner.transient[row.kid] = row
-            return row
-        try:
-            if new.name in self.store.key_names:  # lost a race with another creation
-                raise Conflict(f"a key named {new.name!r} exists", code="name_exists")
-            await self.store.put_key(row)
-        except BaseException:
-            await self.token.remove(new.kid)
-            raise
-        return row
+        self._filling[group] += 1
+
+        async def run() -> KeyRow:
+            try:
+                mat = await make(new)
+                try:
+                    row = KeyRow(
+                        kid=new.kid,
+                        name=name,
+                        obj_type=mat.obj_type,
+                        key_size=mat.key_size,
+                        elliptic_curve=mat.curve,
+                        key_ops=ops_for(mat),
+                        group_id=group,
+                        description=spec.description,
+                        custom_metadata=dict(spec.custom_metadata),
+                        created_at=now_stamp(),
+                        creator=principal.creator(),
+                        enabled=spec.enabled,
+                        pub_key=mat.pub_key,
+                        public_only=mat.public_only,
+                        transient=transient,
+                    )
+                    if transient:
+                        if owner.closed:  # the connection ended while the token worked
+                            raise Conflict("the connection ended", code="conflict")
+                        owner.transient[row.kid] = row
+                    else:
+                        await self.store.insert(row)
+                except BaseException:
+                    await self._destroy(new.kid)
+                    raise
+                return row
+            finally:
+                if not transient:
+                    self._reserved.discard(name)
+                self._filling[group] -= 1
+                if not self._filling[group]:
+                    del self._filling[group]
+
+        return await self._finish(run())
+
+    def _reserve(self, name: str) -> None:
+        if name in self.store.key_names or name in self._reserved:
+            # Names are unique across the deployment (a {name} descriptor carries no
+            # group), so this says only that the name is taken: no kid, no group.
+            raise Conflict(f"a key named {name!r} exists", code="name_exists")
+        self._reserved.add(name)
 
     def target_group(self, principal: Principal, group_id: str | None) -> str:
         gid = check_group_target(principal, group_id)
@@ -257,22 +472,116 @@ class Keyring:
             raise NotFound(f"no group {gid}")
         return gid
 
-    # -- remove -----------------------------------------------------------------
-    async def delete(self, owner: Owner, row: KeyRow) -> None:
-        if row.transient:
-            owner.transient.pop(row.kid, None)
-        else:
-            await self.store.delete_key(row.kid)
-        await self.token.remove(row.kid)
+    # -- change ---------------------------------------------------------------
+    async def update(self, owner: Owner, principal: Principal, kid: str, patch: KeyPatch) -> KeyRow:
+        """Rename, describe, enable/disable, narrow key_ops; one writer per key."""
+        row = self.find(owner, principal, {"kid": kid})
+        check_key_manage(principal, row)
+        name = None
+        if patch.name is not None and patch.name != row.name:
+            name = check_name(patch.name)
+            if not row.transient:
+                self._reserve(name)  # before the first await
+
+        async def apply(cur: KeyRow) -> KeyRow:
+            check_key_manage(principal, cur)
+            new = _patched(cur, patch, name)
+            if "EXPORT" in cur.key_ops and "EXPORT" not in new.key_ops:
+                await self.token.restrict(ref_of(cur))
+            if name is not None and not cur.transient:
+                await self.token.rename(ref_of(cur), name)
+            return new
+
+        async def run() -> KeyRow:
+            try:
+                if row.transient:
+                    async with self.store.writing(kid):
+                        cur = owner.transient.get(kid)
+                        if cur is None:
+                            raise NotFound("no such key")
+                        new = await apply(cur)
+                        owner.transient[kid] = new
+                        return new
+                return await self.store.change(KeyRow, kid, apply)
+            finally:
+                if name is not None and not row.transient:
+                    self._reserved.discard(name)
+
+        return await self._finish(run())
+
+    async def delete(self, owner: Owner, principal: Principal, kid: str) -> Deleted:
+        """Destroy a key: the row first (the delete is then durable), then its material.
+
+        If the token refuses to destroy the object, the key is still gone for
+        every caller; the object is retried in the background and, failing
+        that, removed by the next start-up's reconcile. The result says which.
+        """
+        row = self.find(owner, principal, {"kid": kid})
+        check_key_manage(principal, row)
+
+        async def run() -> Deleted:
+            async with self.store.writing(kid):
+                if row.transient:
+                    if owner.transient.pop(kid, None) is None:
+                        raise NotFound("no such key")
+                else:
+                    cur = self.store.keys.get(kid)
+                    if cur is None:
+                        raise NotFound("no such key")
+                    check_key_manage(principal, cur)
+                    await self.store.delete(cur)
+                return Deleted(kid, await self._destroy(kid, retry=not row.transient))
+
+        return await self._finish(run())
 
     async def drop_owner(self, owner: Owner) -> None:
         """Destroy the transient keys of a connection or invocation that ended."""
+        owner.closed = True
         rows, owner.transient = list(owner.transient.values()), {}
         for row in rows:
+            await self._destroy(row.kid)
+
+    async def _destroy(self, kid: str, *, retry: bool = False) -> bool:
+        """Remove a token object; False (logged, maybe retried) if the token refused."""
+        try:
+            await self.token.remove(kid)
+            return True
+        except Exception as exc:
+            log.error("could not destroy token object %s: %s", kid, exc)
+            if retry:
+                self._spawn(self._retries, self._retry_destroy(kid))
+            return False
+
+    async def _retry_destroy(self, kid: str) -> None:
+        delay = 1.0
+        while kid not in self.store.keys:  # never destroy a key that came back
+            await asyncio.sleep(delay)
             try:
-                await self.token.remove(row.kid)
+                await self.token.remove(kid)
+                log.info("destroyed token object %s on retry", kid)
+                return
             except Exception:
-                log.exception("could not destroy transient key %s", row.kid)
+                delay = min(delay * 2, 60.0)
+
+    @staticmethod
+    def _spawn(tasks: set[asyncio.Task[Any]], coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    async def _finish(self, coro: Awaitable[T]) -> T:
+        """Run a change to its end even if the request that asked is cancelled."""
+        return await asyncio.shield(self._spawn(self._changes, coro))
+
+    async def close(self, grace: float = 10.0) -> None:
+        """At shutdown: let changes in flight finish; drop pending destroy retries
+        (the next start-up's reconcile removes those objects)."""
+        for task in list(self._retries):
+            task.cancel()
+        pending = [*self._changes, *self._retries]
+        if pending:
+            await asyncio.wait(pending, timeout=grace)
 
     # -- start-up -----------------------------------------------------------------
     async def reconcile(self) -> dict[str, int]:
@@ -292,9 +601,30 @@ class Keyring:
         for row in list(store.keys.values()):
             lost = row.kid not in on_token
             if lost != row.missing:
-                row.missing = lost
-                await store.put_key(row)
+                await store.change(KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost))
                 marked += lost
                 if lost:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)
         return {"orphans_removed": len(orphans), "rows_missing": marked}
+
+
+def _patched(cur: KeyRow, patch: KeyPatch, name: str | None) -> KeyRow:
+    new = replace(cur, key_ops=list(cur.key_ops), custom_metadata=dict(cur.custom_metadata))
+    if name is not None:
+        new.name = name
+    if patch.description is not None:
+        new.description = patch.description
+    if patch.custom_metadata is not None:
+        new.custom_metadata = check_metadata(patch.custom_metadata)
+    if patch.enabled is not None:
+        new.enabled = patch.enabled
+    if patch.key_ops is not None:
+        wider = sorted(set(patch.key_ops) - set(cur.key_ops))
+        if wider:
+            raise BadRequest(
+                f"key_ops can only be narrowed; not held: {wider}", code="invalid_value"
+            )
+        new.key_ops = choose_ops(
+            cur.obj_type, patch.key_ops, imported=False, public_only=cur.public_only
+        )
+    return new

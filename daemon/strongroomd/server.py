@@ -110,7 +110,7 @@ class Server:
         group = next((g for g in store.groups.values() if g.name == "default"), None)
         if group is None:
             group = GroupRow(str(uuid.uuid4()), "default", "created at first start", now_stamp())
-            await store.put_group(group)
+            await store.insert(group)
         secret, salt, digest = new_secret()
         admin = PrincipalRow(
             str(uuid.uuid4()),
@@ -127,7 +127,7 @@ class Server:
         # Key file first: a crash between the two leaves a key that does not work yet
         # (the next start makes a new admin and overwrites it), never an admin without a key.
         state.write_secret(cfg.admin_key_path, api_key(admin.id, secret) + "\n")
-        await store.put_principal(admin)
+        await store.insert(admin)
         log.info("created the admin credential in %s", cfg.admin_key_path)
 
     async def _serve_http(self) -> None:
@@ -221,6 +221,7 @@ class Server:
             s = self.services
             for conn in list(self.connections):
                 await s.keyring.drop_owner(conn.owner)
+            await s.keyring.close(self.config.shutdown_grace)
             with contextlib.suppress(Exception):
                 await s.sandbox.close()
             s.audit.record("daemon.stop")

@@ -1,24 +1,37 @@
 """SQLite metadata: groups, principals, key rows, plugins, audit records.
 
-The daemon is the database's only writer, so every row it serves from is
-kept in memory and written through: requests never wait on SQLite to read.
-Writes run on one thread of their own (fsync must not stall the event loop)
-and are durable (WAL, ``synchronous=FULL``) before the call returns.
+Every row the daemon serves from is kept in memory and written through:
+requests never wait on SQLite to read. Writes run on one thread of their own
+(fsync must not stall the event loop) and are durable (WAL,
+``synchronous=FULL``) before the call returns.
+
+Rows are values: a change writes a new row object, never edits a cached one.
+Each row carries a ``version``; a change is a compare-and-set on it
+(``UPDATE ... WHERE id = ? AND version = ?``), a new row is a plain
+``INSERT`` and a name taken is a :class:`~strongroomd.errors.Conflict`, never
+a silent replace. :meth:`Store.change` is the one way to change a row: it
+serializes the writers of one object, applies the change to the row as it is
+*now* (not as some handler read it before an ``await``), and refuses a write
+whose version moved underneath it (another daemon on the same database).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from strongroomd.errors import Conflict, NotFound
+
 T = TypeVar("T")
+R = TypeVar("R", "GroupRow", "PrincipalRow", "KeyRow", "PluginRow")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS groups (
@@ -49,6 +62,18 @@ CREATE INDEX IF NOT EXISTS audit_actor ON audit(actor_id);
 CREATE INDEX IF NOT EXISTS audit_invocation ON audit(invocation_id);
 """
 
+#: Schema changes after the first schema, in order; ``PRAGMA user_version``
+#: counts how many a database has had.
+MIGRATIONS: list[str] = [
+    # 1: a row version on every table whose rows change (compare-and-set); a
+    # plugin's own version already counts its changes and serves as its row version.
+    """
+    ALTER TABLE groups ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE principals ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE keys ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    """,
+]
+
 
 def now_stamp() -> str:
     """DSM's timestamp form, e.g. 20261126T154900Z."""
@@ -61,6 +86,7 @@ class GroupRow:
     name: str
     description: str
     created_at: str
+    version: int = 1
 
 
 @dataclass(slots=True)
@@ -75,6 +101,7 @@ class PrincipalRow:
     salt: bytes | None
     enabled: bool
     created_at: str
+    version: int = 1
 
 
 @dataclass(slots=True)
@@ -95,6 +122,7 @@ class KeyRow:
     public_only: bool
     missing: bool = False
     transient: bool = field(default=False)
+    version: int = 1
 
 
 @dataclass(slots=True)
@@ -134,6 +162,27 @@ def _from_db(cls: type[T], rec: sqlite3.Row) -> T:
     return cls(**kw)
 
 
+_TABLES: dict[type, tuple[str, str]] = {
+    GroupRow: ("groups", "id"),
+    PrincipalRow: ("principals", "id"),
+    KeyRow: ("keys", "kid"),
+    PluginRow: ("plugins", "id"),
+}
+_WHAT = {GroupRow: "group", PrincipalRow: "app", KeyRow: "key", PluginRow: "plugin"}
+_SKIP = ("transient",)
+
+
+class Stale(Conflict):
+    """The row changed underneath a write (another daemon wrote it first)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"the {what} was changed concurrently; read it again and retry")
+
+
+def _pk(row: Any) -> str:
+    return getattr(row, _TABLES[type(row)][1])
+
+
 class Store:
     """In-memory rows, written through to SQLite on a dedicated thread."""
 
@@ -146,6 +195,11 @@ class Store:
         self.keys: dict[str, KeyRow] = {}
         self.key_names: dict[str, str] = {}
         self.plugins: dict[str, PluginRow] = {}
+        self._locks: dict[str, list[Any]] = {}  # object id -> [lock, wanted by]
+        #: Held across a check and the write it guards when the check spans rows
+        #: (a group is empty, a name is free among apps), so groups, apps and
+        #: plugins change one at a time. They change rarely; keys never take it.
+        self.catalog = asyncio.Lock()
 
     # -- lifecycle ----------------------------------------------------------
     def _open(self) -> None:
@@ -157,7 +211,7 @@ class Store:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(SCHEMA)
+        self._migrate(db)
         self._db = db
         for rec in db.execute("SELECT * FROM groups"):
             self.groups[rec["id"]] = _from_db(GroupRow, rec)
@@ -169,6 +223,22 @@ class Store:
             self.key_names[row.name] = row.kid
         for rec in db.execute("SELECT * FROM plugins"):
             self.plugins[rec["id"]] = _from_db(PluginRow, rec)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring the schema up to date, one numbered step per transaction."""
+        db.executescript(SCHEMA)
+        (done,) = db.execute("PRAGMA user_version").fetchone()
+        for n, step in enumerate(MIGRATIONS[done:], start=done + 1):
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in filter(str.strip, step.split(";")):
+                    db.execute(stmt)
+                db.execute(f"PRAGMA user_version = {n}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -186,20 +256,21 @@ class Store:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _tx(self, statements: list[tuple[str, Any]]) -> None:
+    def _tx(self, statements: list[tuple[str, Any]]) -> list[int]:
+        """Run statements in one transaction; the row counts, in order."""
         db = self._db
         assert db is not None
         db.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                db.execute(sql, params)
+            counts = [db.execute(sql, params).rowcount for sql, params in statements]
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return counts
 
-    async def execute(self, statements: list[tuple[str, Any]]) -> None:
-        await self._run(self._tx, statements)
+    async def execute(self, statements: list[tuple[str, Any]]) -> list[int]:
+        return await self._run(self._tx, statements)
 
     async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         def q() -> list[sqlite3.Row]:
@@ -214,49 +285,99 @@ class Store:
         db = self._db
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
 
-    # -- generic upsert/delete with cache --------------------------------------
-    @staticmethod
-    def _upsert(table: str, row: Any, skip: Iterable[str] = ()) -> tuple[str, Any]:
-        d = _to_db(row, skip)
-        cols = ", ".join(d)
-        marks = ", ".join(f":{c}" for c in d)
-        return f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", d  # noqa: S608
+    # -- rows: insert, compare-and-set, delete ---------------------------------
+    def _cache(self, cls: type) -> dict[str, Any]:
+        return {
+            GroupRow: self.groups,
+            PrincipalRow: self.principals,
+            KeyRow: self.keys,
+            PluginRow: self.plugins,
+        }[cls]
 
-    async def put_group(self, row: GroupRow) -> None:
-        await self.execute([self._upsert("groups", row)])
-        self.groups[row.id] = row
+    def _remember(self, row: Any) -> None:
+        if isinstance(row, KeyRow):
+            old = self.keys.get(row.kid)
+            if old is not None and old.name != row.name:
+                self.key_names.pop(old.name, None)
+            self.key_names[row.name] = row.kid
+        self._cache(type(row))[_pk(row)] = row
 
-    async def delete_group(self, gid: str) -> None:
-        await self.execute([("DELETE FROM groups WHERE id=?", (gid,))])
-        self.groups.pop(gid, None)
+    def _forget(self, row: Any) -> None:
+        self._cache(type(row)).pop(_pk(row), None)
+        if isinstance(row, KeyRow) and self.key_names.get(row.name) == row.kid:
+            del self.key_names[row.name]
 
-    async def put_principal(self, row: PrincipalRow) -> None:
-        await self.execute([self._upsert("principals", row)])
-        self.principals[row.id] = row
+    @contextlib.asynccontextmanager
+    async def writing(self, object_id: str) -> AsyncIterator[None]:
+        """Be the one writer of an object (its lock exists only while wanted)."""
+        entry = self._locks.get(object_id)
+        if entry is None:
+            entry = self._locks[object_id] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._locks[object_id]
 
-    async def delete_principal(self, pid: str) -> None:
-        await self.execute([("DELETE FROM principals WHERE id=?", (pid,))])
-        self.principals.pop(pid, None)
+    async def insert(self, row: R) -> R:
+        """Add a new row; a taken name or id is a 409, never a replace."""
+        assert not getattr(row, "transient", False)
+        table, _ = _TABLES[type(row)]
+        d = _to_db(row, _SKIP)
+        cols, marks = ", ".join(d), ", ".join(f":{c}" for c in d)
+        sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"  # noqa: S608
+        try:
+            await self.execute([(sql, d)])
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"a {_WHAT[type(row)]} named {row.name!r} exists", code="name_exists"
+            ) from None
+        self._remember(row)
+        return row
 
-    async def put_key(self, row: KeyRow) -> None:
-        assert not row.transient
-        await self.execute([self._upsert("keys", row, skip=("transient",))])
-        old = self.keys.get(row.kid)
-        if old is not None and old.name != row.name:
-            self.key_names.pop(old.name, None)
-        self.keys[row.kid] = row
-        self.key_names[row.name] = row.kid
+    async def _write(self, old: R, new: R) -> R:
+        table, pk = _TABLES[type(old)]
+        d = _to_db(new, _SKIP)
+        sets = ", ".join(f"{c} = :{c}" for c in d if c != pk)
+        sql = f"UPDATE {table} SET {sets} WHERE {pk} = :{pk} AND version = :_was"  # noqa: S608
+        try:
+            (n,) = await self.execute([(sql, {**d, "_was": old.version})])
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"a {_WHAT[type(old)]} named {new.name!r} exists", code="name_exists"
+            ) from None
+        if n != 1:
+            raise Stale(_WHAT[type(old)])
+        self._remember(new)
+        return new
 
-    async def delete_key(self, kid: str) -> None:
-        await self.execute([("DELETE FROM keys WHERE kid=?", (kid,))])
-        row = self.keys.pop(kid, None)
-        if row is not None:
-            self.key_names.pop(row.name, None)
+    async def change(self, cls: type[R], object_id: str, fn: Callable[[R], R | Awaitable[R]]) -> R:
+        """Change one row: ``fn`` gets the row as it is now and returns the new one.
 
-    async def put_plugin(self, row: PluginRow) -> None:
-        await self.execute([self._upsert("plugins", row)])
-        self.plugins[row.id] = row
+        Writers of one object run one at a time, and ``fn`` sees the row after
+        the previous writer's change, so nothing a handler read before an
+        ``await`` is ever written back. ``fn`` may be async (e.g. to change the
+        token first); it raises to change nothing.
+        """
+        async with self.writing(object_id):
+            cur = self._cache(cls).get(object_id)
+            if cur is None:
+                raise NotFound(f"no such {_WHAT[cls]}")
+            new = fn(cur)
+            if isinstance(new, Awaitable):
+                new = await new
+            if self._cache(cls).get(object_id) is not cur:  # changed behind the lock
+                raise Stale(_WHAT[cls])
+            return await self._write(cur, replace(new, version=cur.version + 1))
 
-    async def delete_plugin(self, pid: str) -> None:
-        await self.execute([("DELETE FROM plugins WHERE id=?", (pid,))])
-        self.plugins.pop(pid, None)
+    async def delete(self, row: R) -> None:
+        """Remove a row, if it is still the version the caller decided on."""
+        table, pk = _TABLES[type(row)]
+        sql = f"DELETE FROM {table} WHERE {pk} = ? AND version = ?"  # noqa: S608
+        (n,) = await self.execute([(sql, (_pk(row), row.version))])
+        if n != 1:
+            raise Stale(_WHAT[type(row)])
+        self._forget(row)

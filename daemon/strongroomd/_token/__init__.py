@@ -42,7 +42,9 @@ _PKCS11Error = p11e.PKCS11Error
 # One Token at a time per process: two threads inside the module crash it.
 _open_lock = threading.Lock()
 # Operations that may write token objects (files, for SoftHSM).
-_WRITES = frozenset(("delete", "generate", "import", "rename", "persist", "unwrap", "agree"))
+_WRITES = frozenset(
+    ("delete", "generate", "import", "rename", "restrict", "persist", "unwrap", "agree")
+)
 
 
 def _holding(fd: int, fn: Any, *args: Any) -> Any:
@@ -136,6 +138,10 @@ class Token:
 
     async def rename(self, key: KeyRef, name: str) -> None:
         await self._run("rename", Core.rename, key, name)
+
+    async def restrict(self, key: KeyRef) -> None:
+        """CKA_SENSITIVE on and CKA_EXTRACTABLE off, for good (EXPORT was removed)."""
+        await self._run("restrict", Core.restrict, key.kid)
 
     async def persist(self, key: KeyRef, new: NewKey) -> KeyMaterial:
         return await self._run("persist", Core.persist, key, new)

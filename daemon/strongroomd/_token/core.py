@@ -183,6 +183,22 @@ class Core:
         for obj in e.objects():
             obj[Attribute.LABEL] = name
 
+    def restrict(self, kid: str) -> None:
+        """Make a key unexportable in the token too, once EXPORT is taken away.
+
+        PKCS#11 lets CKA_EXTRACTABLE change only from true to false and
+        CKA_SENSITIVE only from false to true, so this cannot be undone: EXPORT
+        is never given back (key_ops can only be narrowed).
+        """
+        e = self.entry(kid)
+        e.drop_hot()  # an extractable session copy must not outlive the change
+        for obj in (e.secret, e.private):
+            if obj is not None:
+                if not obj[Attribute.SENSITIVE]:
+                    obj[Attribute.SENSITIVE] = True
+                if obj[Attribute.EXTRACTABLE]:
+                    obj[Attribute.EXTRACTABLE] = False
+
     def generate(self, new: NewKey) -> KeyMaterial:
         entry = self._new_entry(new)
         t = new.obj_type

@@ -49,25 +49,26 @@ def _unique(req: Request, name: str, but: str | None = None) -> None:
 
 async def create(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
-    b = req.body
+    b, store = req.body, req.services.store
     name = check_name(b["name"])
-    _unique(req, name)
-    groups, default = _groups(req, b["groups"], b.get("default_group"))
     secret, salt, digest = new_secret()
-    row = PrincipalRow(
-        str(uuid.uuid4()),
-        "app",
-        name,
-        b.get("description", ""),
-        groups,
-        default,
-        digest,
-        salt,
-        bool(b.get("enabled", True)),
-        now_stamp(),
-    )
-    await req.services.store.put_principal(row)
-    req.object_id = row.id
+    async with store.catalog:
+        _unique(req, name)
+        groups, default = _groups(req, b["groups"], b.get("default_group"))
+        row = PrincipalRow(
+            str(uuid.uuid4()),
+            "app",
+            name,
+            b.get("description", ""),
+            groups,
+            default,
+            digest,
+            salt,
+            bool(b.get("enabled", True)),
+            now_stamp(),
+        )
+        req.object_id = row.id
+        await store.insert(row)
     return {**view(row), "credential": {"api_key": api_key(row.id, secret)}}
 
 
@@ -82,41 +83,56 @@ async def get(req: Request) -> dict[str, Any]:
 
 async def update(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
-    row = replace(_get(req))  # change a copy: the cached row changes only once stored
+    aid = _get(req).id
     b = req.body
-    if "name" in b:
-        _unique(req, check_name(b["name"]), but=row.id)
-        row.name = b["name"]
-    if "description" in b:
-        row.description = b["description"]
-    if "groups" in b or "default_group" in b:
-        row.groups, row.default_group = _groups(
-            req,
-            b.get("groups", row.groups),
-            b.get("default_group")
-            if "default_group" in b
-            else (row.default_group if row.default_group in b.get("groups", row.groups) else None),
-        )
-    if "enabled" in b:
-        row.enabled = b["enabled"]
-        if not row.enabled:
-            req.services.auth.drop_principal(row.id)
-    await req.services.store.put_principal(row)
+    name = check_name(b["name"]) if "name" in b else None
+
+    def apply(cur: PrincipalRow) -> PrincipalRow:
+        row = replace(cur)  # the row as it is now, never one read before an await
+        if name is not None:
+            _unique(req, name, but=row.id)
+            row.name = name
+        if "description" in b:
+            row.description = b["description"]
+        if "groups" in b or "default_group" in b:
+            groups = b.get("groups", row.groups)
+            if "default_group" in b:
+                default = b["default_group"]
+            else:
+                default = row.default_group if row.default_group in groups else None
+            row.groups, row.default_group = _groups(req, groups, default)
+        if "enabled" in b:
+            row.enabled = b["enabled"]
+        return row
+
+    async with req.services.store.catalog:
+        row = await req.services.store.change(PrincipalRow, aid, apply)
+    if not row.enabled:
+        req.services.auth.drop_principal(row.id)
     return view(row)
 
 
 async def delete(req: Request) -> None:
     require_admin(req.caller)
-    row = _get(req)
-    await req.services.store.delete_principal(row.id)
-    req.services.auth.drop_principal(row.id)
+    aid = _get(req).id
+    store = req.services.store
+    async with store.catalog, store.writing(aid):
+        row = store.principals.get(aid)
+        if row is None:
+            raise NotFound(f"no app {aid}")
+        await store.delete(row)
+    req.services.auth.drop_principal(aid)
 
 
 async def reset_secret(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
-    row = replace(_get(req))
-    secret, row.salt, row.secret_hash = new_secret()
-    await req.services.store.put_principal(row)
+    aid = _get(req).id
+    secret, salt, digest = new_secret()
+    row = await req.services.store.change(
+        PrincipalRow, aid, lambda cur: replace(cur, salt=salt, secret_hash=digest)
+    )
+    # Sessions end now; a login whose hash was checked against the old secret is
+    # refused when it is issued (auth.Authenticator.login re-reads the row).
     req.services.auth.drop_principal(row.id)
     return {**view(row), "credential": {"api_key": api_key(row.id, secret)}}
 

@@ -10,34 +10,28 @@ from __future__ import annotations
 from typing import Any
 
 from strongroomd import mechanisms
-from strongroomd.auth import Principal
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
-from strongroomd.keyring import DEFAULT_SIZE, Keyring, choose_ops, ref_of, sobject
+from strongroomd.keyring import DEFAULT_SIZE, KeySpec, key_spec, sobject
 from strongroomd.router import KEY, F, Route
 from strongroomd.store import KeyRow
-
-
-def _keyring(req: Request) -> Keyring:
-    return req.services.keyring
-
-
-def _use(req: Request, op: str, field: str = "key") -> KeyRow:
-    row = _keyring(req).use(req.owner, req.caller, req.body[field], op)
-    if field == "key":
-        req.object_id = row.kid
-    return row
 
 
 def _rest(body: dict[str, Any], *drop: str) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k != "key" and k not in drop}
 
 
+def _use(req: Request, op: str, field: str = "key") -> KeyRow:
+    row = req.services.keyring.use(req.owner, req.caller, req.body[field], op)
+    if field == "key":
+        req.object_id = row.kid
+    return row
+
+
 def _simple(op: str, method: str):
     async def handler(req: Request) -> dict[str, Any]:
         row = _use(req, op)
-        out = await getattr(req.services.token, method)(ref_of(row), _rest(req.body))
-        return {"kid": row.kid, **out}
+        return {"kid": row.kid, **await req.services.keyring.operate(row, method, _rest(req.body))}
 
     handler.__name__ = method
     return handler
@@ -50,46 +44,34 @@ async def digest(req: Request) -> dict[str, Any]:
 async def wrapkey(req: Request) -> dict[str, Any]:
     row = _use(req, "WRAPKEY")
     subject = _use(req, "EXPORT", "subject")
-    return await req.services.token.wrap(ref_of(row), ref_of(subject), _rest(req.body, "subject"))
+    return await req.services.keyring.wrap(row, subject, _rest(req.body, "subject"))
 
 
-def _new_key_body(req: Request, p: Principal, obj_type: str, key_size: int | None):
-    b = req.body
+def _new_key(req: Request, obj_type: str, key_size: int | None) -> KeySpec:
     if obj_type not in ("AES", "DES3", "HMAC", "SECRET", "RSA", "EC"):
         raise BadRequest(f"cannot make a key of type {obj_type}", code="invalid_value")
-    ops = choose_ops(obj_type, b.get("key_ops"), imported=False)
-    kr = _keyring(req)
-    group = kr.target_group(p, b.get("group_id"))
-    new = kr.new_key(
-        req.owner, p, b, obj_type, b.get("elliptic_curve"), key_size, exportable="EXPORT" in ops
-    )
-    return kr, new, ops, group
+    return key_spec(req.body, obj_type, key_size=key_size)
 
 
 async def unwrapkey(req: Request) -> dict[str, Any]:
-    b, p = req.body, req.caller
-    row = _use(req, "UNWRAPKEY")
-    obj_type = b["obj_type"].upper()
-    kr, new, ops, group = _new_key_body(req, p, obj_type, None)
-    mat = await req.services.token.unwrap(ref_of(row), new, _rest(b, *_NEW))
-    return sobject(await kr.register(req.owner, p, new, mat, b, ops, group))
+    b = req.body
+    spec = _new_key(req, b["obj_type"].upper(), None)
+    row = await req.services.keyring.unwrap(req.owner, req.caller, b["key"], spec, _rest(b, *_NEW))
+    req.object_id = row.kid
+    return sobject(row)
 
 
 async def agree(req: Request) -> dict[str, Any]:
-    b, p = req.body, req.caller
+    b = req.body
     if b["mechanism"].lower() != "diffie_hellman":
         raise BadRequest("mechanism must be diffie_hellman", code="unsupported_algorithm")
-    private = _keyring(req).use(req.owner, p, b["private_key"], "AGREEKEY")
-    req.object_id = private.kid
-    public = _keyring(req).find(req.owner, b["public_key"])
-    if not (p.is_admin or public.group_id in p.groups or public.transient):
-        raise BadRequest("the public key is not in any of your groups", code="invalid_value")
     obj_type = b["key_type"].upper()
-    kr, new, ops, group = _new_key_body(
-        req, p, obj_type, b.get("key_size", DEFAULT_SIZE.get(obj_type))
+    spec = _new_key(req, obj_type, b.get("key_size", DEFAULT_SIZE.get(obj_type)))
+    row = await req.services.keyring.agree(
+        req.owner, req.caller, b["private_key"], b["public_key"], spec
     )
-    mat = await req.services.token.agree(ref_of(private), ref_of(public), new)
-    return sobject(await kr.register(req.owner, p, new, mat, b, ops, group))
+    req.object_id = row.kid
+    return sobject(row)
 
 
 _NEW = (

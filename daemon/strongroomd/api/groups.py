@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 from typing import Any
 
 from strongroomd.auth import require_admin
@@ -56,10 +57,11 @@ def _unique(req: Request, name: str, *, but: str | None = None) -> None:
 async def create(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     name = check_name(req.body["name"])
-    _unique(req, name)
     row = GroupRow(str(uuid.uuid4()), name, req.body.get("description", ""), now_stamp())
-    await req.services.store.put_group(row)
     req.object_id = row.id
+    async with req.services.store.catalog:
+        _unique(req, name)
+        await req.services.store.insert(row)
     return view(row)
 
 
@@ -75,29 +77,41 @@ async def get(req: Request) -> dict[str, Any]:
 
 async def update(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
-    row = _get(req)
-    if "name" in req.body:
-        _unique(req, check_name(req.body["name"]), but=row.id)
-        row = GroupRow(row.id, req.body["name"], row.description, row.created_at)
-    if "description" in req.body:
-        row = GroupRow(row.id, row.name, req.body["description"], row.created_at)
-    await req.services.store.put_group(row)
-    return view(row)
+    b = req.body
+    gid = _get(req).id
+    name = check_name(b["name"]) if "name" in b else None
+
+    def apply(cur: GroupRow) -> GroupRow:
+        if name is not None:
+            _unique(req, name, but=cur.id)
+        return replace(
+            cur,
+            name=cur.name if name is None else name,
+            description=b.get("description", cur.description),
+        )
+
+    async with req.services.store.catalog:
+        return view(await req.services.store.change(GroupRow, gid, apply))
 
 
 async def delete(req: Request) -> None:
     require_admin(req.caller)
-    row = _get(req)
-    store = req.services.store
-    if any(k.group_id == row.id for k in store.keys.values()):
-        raise Conflict("the group still holds keys", code="group_not_empty")
-    users = [p.name for p in store.principals.values() if row.id in p.groups]
-    users += [p.name for p in store.plugins.values() if row.id in p.groups]
-    if users:
-        raise Conflict(
-            f"the group still has members: {', '.join(sorted(users))}", code="group_not_empty"
-        )
-    await store.delete_group(row.id)
+    gid = _get(req).id
+    s = req.services
+    store = s.store
+    async with store.catalog:  # no app, plugin or key joins it between the check and the delete
+        row = store.groups.get(gid)
+        if row is None:
+            raise NotFound(f"no group {gid}")
+        if s.keyring.group_in_use(gid):
+            raise Conflict("the group still holds keys", code="group_not_empty")
+        users = [p.name for p in store.principals.values() if gid in p.groups]
+        users += [p.name for p in store.plugins.values() if gid in p.groups]
+        if users:
+            raise Conflict(
+                f"the group still has members: {', '.join(sorted(users))}", code="group_not_empty"
+            )
+        await store.delete(row)
 
 
 ROUTES = [

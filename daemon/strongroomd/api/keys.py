@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import replace
 from typing import Any
 
-from strongroomd.auth import can_see_key, check_key_manage, check_key_use
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Conflict, NotFound
+from strongroomd.errors import BadRequest
 from strongroomd.keyring import (
     DEFAULT_SIZE,
-    Keyring,
+    KeyPatch,
+    KeySpec,
     check_metadata,
-    check_name,
-    choose_ops,
+    key_spec,
     normalize_type,
-    ref_of,
     sobject,
 )
 from strongroomd.router import KEY, F, Route
@@ -26,25 +23,18 @@ from strongroomd.store import KeyRow
 SYMMETRIC = {"AES", "DES3", "HMAC", "SECRET"}
 
 
-def _keyring(req: Request) -> Keyring:
-    return req.services.keyring
-
-
 async def create(req: Request) -> dict[str, Any]:
-    b, p = req.body, req.caller
+    b = req.body
     obj_type, curve = normalize_type(b)
     if obj_type == "CERTIFICATE":
         raise BadRequest("a CERTIFICATE can only be imported (PUT)", code="invalid_value")
     if obj_type == "EC" and not curve:
         raise BadRequest("elliptic_curve is required for EC keys", code="missing_field")
     size = None if obj_type == "EC" else b.get("key_size", DEFAULT_SIZE[obj_type])
-    ops = choose_ops(obj_type, b.get("key_ops"), imported=False)
-    group = _keyring(req).target_group(p, b.get("group_id"))
-    kr = _keyring(req)
-    new = kr.new_key(req.owner, p, b, obj_type, curve, size, exportable="EXPORT" in ops)
-    req.object_id = new.kid
-    mat = await req.services.token.generate(new)
-    return sobject(await kr.register(req.owner, p, new, mat, b, ops, group))
+    spec = key_spec(b, obj_type, curve=curve, key_size=size)
+    row = await req.services.keyring.create(req.owner, req.caller, spec)
+    req.object_id = row.kid
+    return sobject(row)
 
 
 def _value(b: dict[str, Any]) -> bytes:
@@ -60,30 +50,19 @@ def _value(b: dict[str, Any]) -> bytes:
 
 
 async def import_(req: Request) -> dict[str, Any]:
-    b, p = req.body, req.caller
+    b = req.body
     obj_type, curve = normalize_type(b)
     value = _value(b)
-    kr = _keyring(req)
-    group = kr.target_group(p, b.get("group_id"))
-    # Ops are chosen once the token tells whether the value held a private key.
-    asked = b.get("key_ops")
-    exportable = asked is None or "EXPORT" in asked
     size = len(value) * 8 if obj_type in SYMMETRIC else None
-    new = kr.new_key(req.owner, p, b, obj_type, curve, size, exportable=exportable)
-    req.object_id = new.kid
-    mat = await req.services.token.import_key(new, value)
-    try:
-        ops = choose_ops(mat.obj_type, asked, imported=True, public_only=mat.public_only)
-    except BaseException:
-        await req.services.token.remove(new.kid)
-        raise
-    return sobject(await kr.register(req.owner, p, new, mat, b, ops, group))
+    spec = key_spec(b, obj_type, curve=curve, key_size=size)
+    row = await req.services.keyring.import_(req.owner, req.caller, spec, value)
+    req.object_id = row.kid
+    return sobject(row)
 
 
 async def list_(req: Request) -> list[dict[str, Any]]:
-    b, p = req.body, req.caller
-    rows = [r for r in req.services.store.keys.values() if can_see_key(p, r)]
-    rows += list(req.owner.transient.values())
+    b = req.body
+    rows = req.services.keyring.visible(req.owner, req.caller)
     if "group_id" in b:
         rows = [r for r in rows if r.group_id == b["group_id"]]
     if "name" in b:
@@ -95,12 +74,9 @@ async def list_(req: Request) -> list[dict[str, Any]]:
     return [sobject(r) for r in rows[offset : offset + limit]]
 
 
-def _visible(req: Request, descriptor: dict[str, Any]) -> KeyRow:
-    row = _keyring(req).find(req.owner, descriptor)
+def _find(req: Request, descriptor: dict[str, Any]) -> KeyRow:
+    row = req.services.keyring.find(req.owner, req.caller, descriptor)
     req.object_id = row.kid
-    if not can_see_key(req.caller, row):
-        # The same answer as for a key that does not exist: names cannot be probed.
-        raise NotFound("no such key")
     return row
 
 
@@ -112,89 +88,64 @@ def _descriptor(b: dict[str, Any]) -> dict[str, Any]:
 
 
 async def get(req: Request) -> dict[str, Any]:
-    return sobject(_visible(req, {"kid": req.params["kid"]}))
+    return sobject(_find(req, {"kid": req.params["kid"]}))
 
 
 async def info(req: Request) -> dict[str, Any]:
-    return sobject(_visible(req, _descriptor(req.body)))
+    return sobject(_find(req, _descriptor(req.body)))
 
 
 async def update(req: Request) -> dict[str, Any]:
-    b, p = req.body, req.caller
-    row = _visible(req, {"kid": req.params["kid"]})
-    check_key_manage(p, row)
-    new = replace(row, key_ops=list(row.key_ops), custom_metadata=dict(row.custom_metadata))
-    if "name" in b and b["name"] != row.name:
-        name = check_name(b["name"])
-        if not row.transient and name in req.services.store.key_names:
-            raise Conflict(f"a key named {name!r} exists", code="name_exists")
-        new.name = name
-    if "description" in b:
-        new.description = b["description"]
-    if "custom_metadata" in b:
-        new.custom_metadata = check_metadata(b["custom_metadata"])
-    if "enabled" in b:
-        new.enabled = b["enabled"]
-    if "key_ops" in b:
-        asked = b["key_ops"]
-        wider = sorted(set(asked) - set(row.key_ops))
-        if wider:
-            raise BadRequest(
-                f"key_ops can only be narrowed; not held: {wider}", code="invalid_value"
-            )
-        new.key_ops = choose_ops(row.obj_type, asked, imported=False, public_only=row.public_only)
-    if row.transient:
-        req.owner.transient[row.kid] = new
-        return sobject(new)
-    if new.name != row.name:
-        await req.services.token.rename(ref_of(new), new.name)
-    await req.services.store.put_key(new)
-    return sobject(new)
+    b, kid = req.body, req.params["kid"]
+    req.object_id = kid
+    patch = KeyPatch(
+        name=b.get("name"),
+        description=b.get("description"),
+        custom_metadata=b.get("custom_metadata"),
+        enabled=b.get("enabled"),
+        key_ops=b.get("key_ops"),
+    )
+    return sobject(await req.services.keyring.update(req.owner, req.caller, kid, patch))
 
 
-async def delete(req: Request) -> None:
-    row = _visible(req, {"kid": req.params["kid"]})
-    check_key_manage(req.caller, row)
-    await _keyring(req).delete(req.owner, row)
+async def delete(req: Request) -> dict[str, Any] | None:
+    kid = req.params["kid"]
+    req.object_id = kid
+    done = await req.services.keyring.delete(req.owner, req.caller, kid)
+    if done.token_object_destroyed:
+        return None
+    # The key is gone for every caller; say that its material is not destroyed yet.
+    req.audit_detail = {"token_object": "destroy pending"}
+    return {
+        "kid": kid,
+        "deleted": True,
+        "token_object_destroyed": False,
+        "message": "the key is deleted; the token refused to destroy its object now, "
+        "so it is retried and removed at the latest at the next start",
+    }
 
 
 async def export(req: Request) -> dict[str, Any]:
-    row = _visible(req, _descriptor(req.body))
-    check_key_use(req.caller, row, "EXPORT")
-    value = await req.services.token.export(ref_of(row))
-    return {**sobject(row), "value": value}
+    kr = req.services.keyring
+    row = kr.use(req.owner, req.caller, _descriptor(req.body), "EXPORT")
+    req.object_id = row.kid
+    return {**sobject(row), "value": await kr.export(row)}
 
 
 async def persist(req: Request) -> dict[str, Any]:
     """Store a transient key (Lua's ``:persist{}``): a token copy under a new kid."""
-    b, p = req.body, req.caller
-    kr = _keyring(req)
-    row = kr.find(req.owner, b["key"])
-    if not row.transient:
-        raise BadRequest("only a transient key can be persisted", code="invalid_value")
-    ops = choose_ops(
-        row.obj_type, b.get("key_ops", row.key_ops), imported=False, public_only=row.public_only
+    b = req.body
+    spec = KeySpec(
+        "",
+        name=b.get("name"),
+        key_ops=b.get("key_ops"),
+        group_id=b.get("group_id"),
+        description=b.get("description", ""),
+        custom_metadata=check_metadata(b.get("custom_metadata", {})),
     )
-    if set(ops) - set(row.key_ops):
-        raise BadRequest("key_ops can only be narrowed", code="invalid_value")
-    group = kr.target_group(p, b.get("group_id") or row.group_id)
-    body = {
-        "name": b.get("name") or row.name,
-        "description": b.get("description", row.description),
-        "custom_metadata": b.get("custom_metadata", row.custom_metadata),
-    }
-    new = kr.new_key(
-        req.owner,
-        p,
-        body,
-        row.obj_type,
-        row.elliptic_curve,
-        row.key_size,
-        exportable="EXPORT" in row.key_ops,
-    )
-    req.object_id = new.kid
-    mat = await req.services.token.persist(ref_of(row), new)
-    return sobject(await kr.register(req.owner, p, new, mat, body, ops, group))
+    row = await req.services.keyring.persist(req.owner, req.caller, b["key"], spec)
+    req.object_id = row.kid
+    return sobject(row)
 
 
 _CREATE = {

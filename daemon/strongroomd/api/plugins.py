@@ -110,28 +110,29 @@ async def create(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
     name = check_name(b["name"])
-    _unique(s, name)
     code = _code(b)
     await _pool(s).check_syntax(code, name)
-    groups, default = _groups(
-        s, b.get("groups") or b.get("add_groups") or [], b.get("default_group")
-    )
     now = now_stamp()
-    row = PluginRow(
-        str(uuid.uuid4()),
-        name,
-        b.get("description", ""),
-        code,
-        groups,
-        default,
-        bool(b.get("enabled", True)),
-        1,
-        _check_limits(b.get("limits", {})),
-        now,
-        now,
-    )
-    await s.store.put_plugin(row)
-    req.object_id = row.id
+    async with s.store.catalog:
+        _unique(s, name)
+        groups, default = _groups(
+            s, b.get("groups") or b.get("add_groups") or [], b.get("default_group")
+        )
+        row = PluginRow(
+            str(uuid.uuid4()),
+            name,
+            b.get("description", ""),
+            code,
+            groups,
+            default,
+            bool(b.get("enabled", True)),
+            1,
+            _check_limits(b.get("limits", {})),
+            now,
+            now,
+        )
+        req.object_id = row.id
+        await s.store.insert(row)
     return view(row, with_code=True)
 
 
@@ -148,36 +149,50 @@ async def get(req: Request) -> dict[str, Any]:
 async def update(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
-    row = replace(_get(req))
-    if "name" in b:
-        _unique(s, check_name(b["name"]), but=row.id)
-        row.name = b["name"]
-    if "description" in b:
-        row.description = b["description"]
-    if "source" in b:
-        row.code = _code(b)
-        await _pool(s).check_syntax(row.code, row.name)
-    groups = list(b["groups"]) if "groups" in b else list(row.groups)
-    groups += [g for g in b.get("add_groups", []) if g not in groups]
-    groups = [g for g in groups if g not in b.get("del_groups", [])]
-    default = b.get("default_group", row.default_group)
-    row.groups, row.default_group = _groups(s, groups, default if default in groups else None)
-    if "enabled" in b:
-        row.enabled = b["enabled"]
-    if "limits" in b:
-        row.limits = _check_limits(b["limits"])
-    row.version += 1
-    row.updated_at = now_stamp()
-    await s.store.put_plugin(row)
+    pid = _get(req).id
+    name = check_name(b["name"]) if "name" in b else None
+    code = _code(b) if "source" in b else None
+    if code is not None:
+        await _pool(s).check_syntax(code, name or s.store.plugins[pid].name)
+    limits = _check_limits(b["limits"]) if "limits" in b else None
+
+    def apply(cur: PluginRow) -> PluginRow:
+        row = replace(cur)  # the row as it is now; the store bumps its version
+        if name is not None:
+            _unique(s, name, but=row.id)
+            row.name = name
+        if "description" in b:
+            row.description = b["description"]
+        if code is not None:
+            row.code = code
+        groups = list(b["groups"]) if "groups" in b else list(row.groups)
+        groups += [g for g in b.get("add_groups", []) if g not in groups]
+        groups = [g for g in groups if g not in b.get("del_groups", [])]
+        default = b.get("default_group", row.default_group)
+        row.groups, row.default_group = _groups(s, groups, default if default in groups else None)
+        if "enabled" in b:
+            row.enabled = b["enabled"]
+        if limits is not None:
+            row.limits = limits
+        row.updated_at = now_stamp()
+        return row
+
+    async with s.store.catalog:
+        row = await s.store.change(PluginRow, pid, apply)
     await _pool(s).forget(row.id)  # idle workers hold the old version
     return view(row, with_code=True)
 
 
 async def delete(req: Request) -> None:
     require_admin(req.caller)
-    row = _get(req)
-    await req.services.store.delete_plugin(row.id)
-    await _pool(req.services).forget(row.id)
+    pid = _get(req).id
+    s = req.services
+    async with s.store.catalog, s.store.writing(pid):
+        row = s.store.plugins.get(pid)
+        if row is None:
+            raise NotFound(f"no plugin {pid}")
+        await s.store.delete(row)
+    await _pool(s).forget(pid)
 
 
 class _Host:
