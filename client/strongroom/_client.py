@@ -9,13 +9,15 @@ the two subclasses only implement ``_call``. The namespaces (``client.keys``,
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from strongroom._exceptions import ApiError, TransportError, error_for
-from strongroom._models import Record, Request, Response, wrap
+from strongroom._models import Request, Response, wrap
 from strongroom._resources import (
     AUTH_PATH,
     TERMINATE_PATH,
@@ -35,7 +37,19 @@ from strongroom._types import RequestSpecs
 __all__ = ["DEFAULT_SOCKET", "AsyncClient", "BaseClient", "Client", "key_descriptor"]
 
 DEFAULT_SOCKET = "./var/strongroomd.sock"
+SOCKET_NAME = "strongroomd.sock"
 _REAUTH_CODES = frozenset({"token_expired", "unauthenticated"})
+
+
+def default_socket() -> str:
+    """``$STRONGROOM_SOCKET``, else ``$STRONGROOM_STATE_DIR/strongroomd.sock``, else ./var's."""
+    path = os.environ.get("STRONGROOM_SOCKET")
+    if path:
+        return path
+    state_dir = os.environ.get("STRONGROOM_STATE_DIR")
+    if state_dir:
+        return os.path.join(state_dir, SOCKET_NAME)
+    return DEFAULT_SOCKET
 
 
 def _env_api_key() -> str | None:
@@ -52,6 +66,24 @@ def _env_api_key() -> str | None:
 class BaseClient:
     """What both clients share: configuration, namespaces, bodies, error mapping."""
 
+    #: ``/sys/v1/session``: ``auth()``, ``terminate()`` (the client authenticates by itself).
+    session: Session
+    #: ``/sys/v1/groups``: ``create``, ``list``, ``get``, ``update``, ``delete``.
+    groups: Groups
+    #: ``/sys/v1/apps``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``reset_secret``.
+    apps: Apps
+    #: ``/crypto/v1/keys``: ``create``, ``import_key``, ``list``, ``get``, ``info``, ``update``,
+    #: ``delete``, ``export``, ``public``.
+    keys: Keys
+    #: ``/crypto/v1/*``: ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``mac``, ``macverify``,
+    #: ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
+    crypto: Crypto
+    #: ``/sys/v1/logs``: ``list`` (audit records), ``verify`` (the hash chain).
+    logs: Logs
+    #: ``/sys/v1/plugins``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``invoke``,
+    #: ``test``.
+    plugins: Plugins
+
     def __init__(
         self,
         socket_path: str | os.PathLike[str] | None = None,
@@ -59,13 +91,15 @@ class BaseClient:
         timeout: float = 30.0,
     ) -> None:
         if socket_path is None:
-            socket_path = os.environ.get("STRONGROOM_SOCKET") or DEFAULT_SOCKET
+            socket_path = default_socket()
         self.socket_path = os.fspath(socket_path)
         self.timeout = timeout
         self._api_key = api_key if api_key is not None else _env_api_key()
         self._ids = itertools.count(1)
         self._authenticated = False
         self._auth_epoch = 0
+        #: kid -> obj_type, so encrypt/decrypt by kid infer ``alg`` once.
+        self._key_types: dict[str, str] = {}
         self.session = Session(self)
         self.groups = Groups(self)
         self.apps = Apps(self)
@@ -115,10 +149,16 @@ class BaseClient:
         elif path == TERMINATE_PATH and response.status < 400:
             self._authenticated = False
 
-    @staticmethod
-    def _result(response: Response, model: type[Record] | None = None) -> Any:
+    def _result(self, response: Response, model: Any = None) -> Any:
         if response.id is None or response.status >= 400:
-            raise error_for(response.status, response.body)
+            exc = error_for(response.status, response.body)
+            if exc.code == "unauthenticated" and self._api_key is None:
+                exc.message = (
+                    "this client has no API key: pass api_key=, or set STRONGROOM_API_KEY "
+                    "(the key) or STRONGROOM_API_KEY_FILE (a file holding it)"
+                )
+                exc.args = (f"{exc.code}: {exc.message}",)
+            raise exc
         if response.status == 204:
             return None
         return response.body if model is None else wrap(response.body, model)
@@ -134,6 +174,19 @@ class Client(BaseClient):
             out = c.crypto.encrypt(key, plain=b"hello")
             c.crypto.decrypt(key, cipher=out.cipher, iv=out.iv, tag=out.tag).plain
 
+    Resources, one attribute per API path family (``help(client.keys)`` for each):
+
+    * **session** - ``auth()``, ``terminate()``; the client authenticates by itself.
+    * **groups** - ``create``, ``list``, ``get``, ``update``, ``delete``.
+    * **apps** - ``create``, ``list``, ``get``, ``update``, ``delete``, ``reset_secret``.
+    * **keys** - ``create``, ``import_key``, ``list``, ``get``, ``info``, ``update``,
+      ``delete``, ``export``, ``public`` (PEM, DER, JWK, OpenSSH).
+    * **crypto** - ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``mac``,
+      ``macverify``, ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
+    * **logs** - ``list`` (audit records), ``verify`` (the hash chain).
+    * **plugins** - ``create``, ``list``, ``get``, ``update``, ``delete``,
+      ``invoke``, ``test``.
+
     Methods return the decoded response body: maps as :class:`Record` (a dict
     with attribute access), keys as :class:`Sobject`, lists of those for list
     calls, None for 204. ``request()`` returns bodies exactly as decoded.
@@ -143,7 +196,8 @@ class Client(BaseClient):
     Parameters:
 
     * **socket_path** - the daemon's socket; default ``$STRONGROOM_SOCKET``,
-      else ``./var/strongroomd.sock``.
+      else ``strongroomd.sock`` in ``$STRONGROOM_STATE_DIR``, else
+      ``./var/strongroomd.sock``.
     * **api_key** - default ``$STRONGROOM_API_KEY`` or the contents of
       ``$STRONGROOM_API_KEY_FILE``. When known, the client authenticates on its
       first request, and again once when the session expires.
@@ -208,6 +262,10 @@ class Client(BaseClient):
                     raise
                 results.append(exc)
         return results
+
+    def _chain(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> Any:
+        """``then(first())``: two dependent calls (the async client awaits each)."""
+        return then(first())
 
     def _call(self, method: str, path: str, body: Any = None, model: Any = None) -> Any:
         with self._lock:
@@ -278,6 +336,10 @@ class AsyncClient(BaseClient):
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         """Send any request -> the response body as decoded; raises on error statuses."""
         return await self._call(method, path, body)
+
+    async def _chain(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> Any:
+        out = then(await first())
+        return await out if inspect.isawaitable(out) else out
 
     async def _call(self, method: str, path: str, body: Any = None, model: Any = None) -> Any:
         if self._needs_auth(path):

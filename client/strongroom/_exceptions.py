@@ -168,6 +168,12 @@ class InternalError(ApiError):
 class PluginError(ApiError):
     code, status = "plugin_error", 400
 
+    @property
+    def invocation_id(self) -> str | None:
+        """The invocation's id, to find its audit records (``logs.list(invocation_id=...)``)."""
+        inv = self.body.get("invocation_id") if isinstance(self.body, dict) else None
+        return inv if isinstance(inv, str) else None
+
 
 class PluginRuntimeError(PluginError):
     code, status = "plugin_runtime_error", 500

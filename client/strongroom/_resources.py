@@ -62,6 +62,14 @@ def key_descriptor(
     return {"kid": kid} if kid is not None else {"name": name}
 
 
+def _by_name(records: Sequence[Mapping[str, Any]], name: str, field: str, what: str) -> str:
+    named = [r[field] for r in records if r.get("name") == name]
+    if len(named) != 1:
+        found = "several" if named else "no"
+        raise ValueError(f"{found} {what}s named {name!r}" + (": use the id" if named else ""))
+    return named[0]
+
+
 class _Namespace:
     def __init__(self, client: BaseClient) -> None:
         self._c = client
@@ -107,8 +115,16 @@ class Groups(_Namespace):
         path = f"/sys/v1/groups/{_ident(group_id, 'group_id')}"
         return self._c._call("PATCH", path, _fields(**fields), Record)
 
-    def delete(self, group_id: IdLike) -> Any:
-        return self._c._call("DELETE", f"/sys/v1/groups/{_ident(group_id, 'group_id')}")
+    def delete(self, group_id: IdLike | None = None, *, name: str | None = None) -> Any:
+        """Delete a group (it must hold no keys) by id or by ``name=`` -> None."""
+        if (group_id is None) == (name is None):
+            raise TypeError("name the group with exactly one of group_id or name=")
+        if name is None:
+            return self._c._call("DELETE", f"/sys/v1/groups/{_ident(group_id, 'group_id')}")
+        return self._c._chain(
+            self.list,
+            lambda groups: self.delete(_by_name(groups, name, "group_id", "group")),
+        )
 
 
 class Apps(_Namespace):
@@ -220,8 +236,13 @@ class Keys(_Namespace):
         path = f"/crypto/v1/keys/{_ident(kid, 'kid')}"
         return self._c._call("PATCH", path, _fields(**fields), Sobject)
 
-    def delete(self, kid: IdLike) -> Any:
-        return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
+    def delete(self, kid: IdLike | None = None, *, name: str | None = None) -> Any:
+        """Delete a key for good, by kid (or Sobject) or by ``name=`` -> None."""
+        if (kid is None) == (name is None):
+            raise TypeError("name the key with exactly one of kid or name=")
+        if name is None:
+            return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
+        return self._c._chain(lambda: self.info(name=name), lambda info: self.delete(info["kid"]))
 
     def public(
         self,
@@ -264,11 +285,25 @@ class Crypto(_Namespace):
         body = _fields(key=key_descriptor(key, kid=kid, name=name), **f)
         return self._c._call("POST", f"/crypto/v1/{op}", body, model)
 
-    @staticmethod
-    def _alg(alg: str | None, key: Any) -> str | None:
+    def _op_alg(self, op: str, key: Any, kid: Any, name: Any, alg: str | None, **f: Any) -> Any:
+        """``_op`` with ``alg`` defaulting to the key's type, as the CLI does.
+
+        An Sobject carries its type; a kid seen before is remembered; otherwise
+        the key's info is fetched first (one more round trip).
+        """
+        desc = key_descriptor(key, kid=kid, name=name)
         if alg is None and isinstance(key, Sobject):
-            return key.get("obj_type")
-        return alg
+            alg = key.get("obj_type")
+        if alg is None and "kid" in desc:
+            alg = self._c._key_types.get(desc["kid"])
+        if alg is not None:
+            return self._op(op, desc, None, None, alg=alg, **f)
+
+        def then(info: Any) -> Any:
+            self._c._key_types[info["kid"]] = info["obj_type"]
+            return self._op(op, desc, None, None, alg=info["obj_type"], **f)
+
+        return self._c._chain(lambda: self._c.keys.info(desc), then)
 
     def encrypt(
         self,
@@ -284,13 +319,13 @@ class Crypto(_Namespace):
         tag_len=None,
         **extra: Any,
     ) -> Any:
-        """-> Record(kid, cipher, iv?, tag?). ``alg`` defaults to an Sobject's obj_type."""
-        return self._op(
+        """-> Record(kid, cipher, iv?, tag?). ``alg`` defaults to the key's obj_type."""
+        return self._op_alg(
             "encrypt",
             key,
             kid,
             name,
-            alg=self._alg(alg, key),
+            alg,
             plain=plain,
             mode=mode,
             iv=iv,
@@ -313,13 +348,14 @@ class Crypto(_Namespace):
         tag=None,
         **extra: Any,
     ) -> Any:
-        """-> Record(kid, plain). A wrong tag raises :class:`BadTag`."""
-        return self._op(
+        """-> Record(kid, plain). ``alg`` defaults to the key's obj_type; a wrong tag
+        raises :class:`BadTag`."""
+        return self._op_alg(
             "decrypt",
             key,
             kid,
             name,
-            alg=self._alg(alg, key),
+            alg,
             cipher=cipher,
             mode=mode,
             iv=iv,
@@ -512,8 +548,21 @@ class Plugins(_Namespace):
     def delete(self, plugin_id: IdLike) -> Any:
         return self._c._call("DELETE", f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}")
 
-    def invoke(self, plugin_id: IdLike, input: Any = None) -> Any:
-        """Run the plugin on ``input`` -> its result as decoded (None for 204)."""
+    def invoke(
+        self, plugin_id: IdLike | None = None, input: Any = None, *, name: str | None = None
+    ) -> Any:
+        """Run the plugin (by id, or by ``name=``) on ``input`` -> its result (None for 204).
+
+        A failing plugin raises :class:`PluginError`; ``exc.invocation_id`` finds
+        its audit records (``logs.list(invocation_id=...)``).
+        """
+        if (plugin_id is None) == (name is None):
+            raise TypeError("name the plugin with exactly one of plugin_id or name=")
+        if name is not None:
+            return self._c._chain(
+                self.list,
+                lambda plugins: self.invoke(_by_name(plugins, name, "plugin_id", "plugin"), input),
+            )
         return self._c._call("POST", f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}", input)
 
     def test(

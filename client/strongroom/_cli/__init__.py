@@ -12,46 +12,122 @@ One module per command family: ``admin`` (login, groups, apps, logs, audit),
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import click
 
+from strongroom import __version__
 from strongroom._cli import admin, call, crypto, keys, plugins
-from strongroom._cli._common import EXIT_API, EXIT_TRANSPORT, EXIT_USAGE, State
+from strongroom._cli._common import EXIT_API, EXIT_TRANSPORT, EXIT_USAGE, Failure, State
 from strongroom._exceptions import ApiError, TransportError
 
 __all__ = ["EXIT_API", "EXIT_TRANSPORT", "EXIT_USAGE", "cli", "main"]
 
 
 class _Group(click.Group):
-    """Turns library errors into exit statuses, for every subcommand below it."""
+    """Turns library errors into exit statuses, for every subcommand below it.
+
+    Errors go to stderr as ``error: <code>: <message>``, plus a line on what
+    to do next when there is one; under ``--json`` as one JSON object
+    ``{"error", "message", "status"?, "hint"?, ...}`` instead.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ApiError as exc:
-            click.echo(f"error: {exc.code}: {exc.message}", err=True)
-            tb = exc.body.get("traceback") if isinstance(exc.body, dict) else None
-            if tb:
-                click.echo(tb, err=True)
+            body = exc.body if isinstance(exc.body, dict) else {}
+            extra = {k: body[k] for k in ("traceback", "invocation_id") if body.get(k)}
+            report(ctx, exc.code, exc.message, _api_hint(ctx, exc), status=exc.status, **extra)
             ctx.exit(EXIT_API)
         except TransportError as exc:
-            click.echo(f"error: {exc.message}", err=True)
+            hint = None
             if exc.socket_path:
-                click.echo(f"(is strongroomd running on {exc.socket_path}?)", err=True)
+                hint = (
+                    f"is strongroomd running on {exc.socket_path}? Point to its socket with "
+                    "--socket, $STRONGROOM_SOCKET or $STRONGROOM_STATE_DIR"
+                )
+            report(ctx, "transport", exc.message, hint)
             ctx.exit(EXIT_TRANSPORT)
+        except Failure as exc:
+            report(ctx, exc.code, exc.message, exc.hint)
+            ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            if not _json(ctx):
+                raise
+            report(ctx, "usage", exc.format_message())
+            ctx.exit(EXIT_USAGE)
+
+
+def _json(ctx: click.Context) -> bool:
+    return isinstance(ctx.obj, State) and ctx.obj.json
+
+
+def report(
+    ctx: click.Context, code: str, message: str, hint: str | None = None, **extra: Any
+) -> None:
+    """One error on stderr: a line (and a hint) or, under --json, a JSON object."""
+    if _json(ctx):
+        doc = {"error": code, "message": message, **({"hint": hint} if hint else {}), **extra}
+        click.echo(json.dumps(doc, sort_keys=True), err=True)
+        return
+    click.echo(
+        f"error: {code}: {message}" if code != "transport" else f"error: {message}", err=True
+    )
+    if extra.get("traceback"):
+        click.echo(extra["traceback"], err=True)
+    if extra.get("invocation_id"):
+        click.echo(f"(invocation {extra['invocation_id']}: strongroom logs --invocation "
+                   f"{extra['invocation_id']})", err=True)  # fmt: skip
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def _api_hint(ctx: click.Context, exc: ApiError) -> str | None:
+    """What to do next, for the errors whose fix is on this side."""
+    state = ctx.obj if isinstance(ctx.obj, State) else None
+    if exc.code == "unauthenticated" and state is not None and state.api_key() is None:
+        return (
+            "no API key was given: set STRONGROOM_API_KEY to the key, or "
+            "STRONGROOM_API_KEY_FILE (or --api-key-file) to a file holding it; "
+            "the admin key is in the daemon's state directory, admin.key"
+        )
+    if exc.code == "bad_credentials":
+        return (
+            "the API key was refused: check STRONGROOM_API_KEY / STRONGROOM_API_KEY_FILE "
+            "(an app's key is shown once, at `apps create` or `apps reset-secret`)"
+        )
+    if exc.code == "token_expired":
+        return "the session expired: run the command again"
+    if exc.code in ("forbidden", "key_op_not_permitted"):
+        return "an admin can widen the app's groups or the key's key_ops"
+    return None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", metavar="PATH", help="Daemon socket [$STRONGROOM_SOCKET].")
-@click.option("--api-key-file", metavar="FILE", help="File holding the API key.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.version_option(__version__, "--version", "-V", prog_name="strongroom")
+@click.option(
+    "--socket",
+    metavar="PATH",
+    help="Daemon socket [$STRONGROOM_SOCKET, else $STRONGROOM_STATE_DIR/strongroomd.sock].",
+)
+@click.option(
+    "--api-key-file", metavar="FILE", help="File holding the API key [$STRONGROOM_API_KEY_FILE]."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output; errors as JSON on stderr."
+)
 @click.pass_context
 def cli(ctx: click.Context, socket: str | None, api_key_file: str | None, as_json: bool) -> None:
     """Talk to strongroomd: keys, crypto, apps, groups, plugins, audit.
 
     The API key comes from $STRONGROOM_API_KEY, or from the file named by
     --api-key-file or $STRONGROOM_API_KEY_FILE; never from the command line.
+
+    Shell completion (commands, options, key names):
+    eval "$(_STRONGROOM_COMPLETE=bash_source strongroom)" in ~/.bashrc
+    (zsh_source / fish_source for zsh and fish).
     """
     ctx.obj = State(socket, api_key_file, as_json)
 

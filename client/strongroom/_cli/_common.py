@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import itertools
 import json
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,16 @@ import click
 from strongroom._client import Client
 
 EXIT_API, EXIT_USAGE, EXIT_TRANSPORT = 1, 2, 3
+
+
+class Failure(click.ClickException):
+    """A CLI-side error, reported as API errors are (JSON under --json)."""
+
+    exit_code = EXIT_API
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.hint = code, hint
 
 
 class State:
@@ -129,6 +142,62 @@ def json_arg(text: str | None) -> Any:
         raise click.UsageError(f"not valid JSON: {exc}") from None
 
 
+def binary_fields(value: Any) -> Any:
+    """Decode ``{"$base64": "..."}`` anywhere in a JSON body into bytes (msgpack bin)."""
+    if isinstance(value, dict):
+        if set(value) == {"$base64"}:
+            try:
+                return base64.b64decode(value["$base64"], validate=True)
+            except (ValueError, TypeError):
+                raise click.UsageError(f"not base64: {value['$base64']!r}") from None
+        return {k: binary_fields(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [binary_fields(v) for v in value]
+    return value
+
+
+@contextlib.contextmanager
+def busy(message: str) -> Iterator[None]:
+    """A spinner on stderr while a slow call runs, on a terminal only (RSA-4096: seconds)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    stop = threading.Event()
+
+    def spin() -> None:
+        if stop.wait(0.3):  # quick calls show nothing
+            return
+        for ch in itertools.cycle("|/-\\"):
+            sys.stderr.write(f"\r{ch} {message}")
+            sys.stderr.flush()
+            if stop.wait(0.1):
+                break
+        sys.stderr.write("\r" + " " * (len(message) + 2) + "\r")
+        sys.stderr.flush()
+
+    t = threading.Thread(target=spin, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of key names from the daemon (silent when it cannot be reached)."""
+    from click.shell_completion import CompletionItem
+
+    try:
+        params = ctx.find_root().params  # the root callback does not run while completing
+        state = State(params.get("socket"), params.get("api_key_file"), False)
+        with Client(state.socket, api_key=state.api_key(), timeout=2.0) as c:
+            names = [k.get("name") for k in c.keys.list(limit=1000)]
+    except Exception:  # completion must never print a traceback into the shell
+        return []
+    return [CompletionItem(n) for n in sorted(set(filter(None, names))) if n.startswith(incomplete)]
+
+
 # -- name resolution -------------------------------------------------------------------
 
 
@@ -166,7 +235,7 @@ def key_ref(positional: str | None, key: str | None, kid: str | None) -> dict[st
 # -- shared options --------------------------------------------------------------------
 
 key_options = [
-    click.option("--key", "key", metavar="NAME", help="Key name."),
+    click.option("--key", "key", metavar="NAME", help="Key name.", shell_complete=complete_keys),
     click.option("--kid", metavar="KID", help="Key id."),
 ]
 io_options = [
@@ -180,9 +249,13 @@ yes_option = click.option(
 )
 
 
+def _interactive() -> bool:
+    return sys.stdin.isatty() and sys.stderr.isatty()
+
+
 def confirm(state: State, yes: bool, question: str) -> None:
     """Ask on a terminal before a destructive step; elsewhere go on (scripts pass --yes)."""
-    if yes or not sys.stdin.isatty() or not sys.stderr.isatty():
+    if yes or not _interactive():
         return
     if not click.confirm(question, default=False, err=True):
         raise click.Abort()

@@ -9,11 +9,14 @@ import click
 from strongroom._cli._common import (
     EXIT_API,
     State,
+    confirm,
+    done,
     group_id,
     pass_state,
     print_json,
     resolve,
     show,
+    yes_option,
 )
 
 
@@ -41,14 +44,16 @@ def groups() -> None:
 @groups.command("list")
 @pass_state
 def groups_list(state: State) -> None:
+    """List the groups you can see."""
     show(state, state.client.groups.list(), ["group_id", "name", "description"])
 
 
 @groups.command("create")
 @click.argument("name")
-@click.option("--description")
+@click.option("--description", help="Free text shown with the group.")
 @pass_state
 def groups_create(state: State, name: str, description: str | None) -> None:
+    """Create a group (admins)."""
     show(state, state.client.groups.create(name, description=description))
 
 
@@ -56,14 +61,20 @@ def groups_create(state: State, name: str, description: str | None) -> None:
 @click.argument("group")
 @pass_state
 def groups_show(state: State, group: str) -> None:
+    """Show a group, by name or id."""
     show(state, state.client.groups.get(group_id(state, group)))
 
 
 @groups.command("delete")
 @click.argument("group")
+@yes_option
 @pass_state
-def groups_delete(state: State, group: str) -> None:
-    state.client.groups.delete(group_id(state, group))
+def groups_delete(state: State, group: str, yes: bool) -> None:
+    """Delete an empty group (asks first on a terminal)."""
+    gid = group_id(state, group)
+    confirm(state, yes, f"Delete group {group!r} ({gid})?")
+    state.client.groups.delete(gid)
+    done(state, {"deleted": gid}, f"deleted group {group} ({gid})")
 
 
 # -- apps ------------------------------------------------------------------------------
@@ -91,6 +102,7 @@ def _show_credential(state: State, app: Any) -> None:
 @apps.command("list")
 @pass_state
 def apps_list(state: State) -> None:
+    """List apps (admins)."""
     show(state, state.client.apps.list(), ["app_id", "name", "groups", "default_group"])
 
 
@@ -98,7 +110,7 @@ def apps_list(state: State) -> None:
 @click.argument("name")
 @click.option("--group", "groups_", multiple=True, required=True, help="Group name or id.")
 @click.option("--default-group", help="Group name or id (default: the first --group).")
-@click.option("--description")
+@click.option("--description", help="Free text shown with the app.")
 @pass_state
 def apps_create(
     state: State,
@@ -120,22 +132,31 @@ def apps_create(
 @click.argument("app")
 @pass_state
 def apps_show(state: State, app: str) -> None:
+    """Show an app, by name or id."""
     show(state, state.client.apps.get(_app_id(state, app)))
 
 
 @apps.command("delete")
 @click.argument("app")
+@yes_option
 @pass_state
-def apps_delete(state: State, app: str) -> None:
-    state.client.apps.delete(_app_id(state, app))
+def apps_delete(state: State, app: str, yes: bool) -> None:
+    """Delete an app and its API key (asks first on a terminal)."""
+    aid = _app_id(state, app)
+    confirm(state, yes, f"Delete app {app!r} ({aid})? Its API key stops working.")
+    state.client.apps.delete(aid)
+    done(state, {"deleted": aid}, f"deleted app {app} ({aid})")
 
 
 @apps.command("reset-secret")
 @click.argument("app")
+@yes_option
 @pass_state
-def apps_reset_secret(state: State, app: str) -> None:
-    """Give the app a new secret; prints its new API key once."""
-    _show_credential(state, state.client.apps.reset_secret(_app_id(state, app)))
+def apps_reset_secret(state: State, app: str, yes: bool) -> None:
+    """Give an app a new API key; the old one stops working."""
+    aid = _app_id(state, app)
+    confirm(state, yes, f"Reset the secret of app {app!r}? Its current API key stops working.")
+    _show_credential(state, state.client.apps.reset_secret(aid))
 
 
 # -- logs, audit -----------------------------------------------------------------------
@@ -144,17 +165,26 @@ def apps_reset_secret(state: State, app: str) -> None:
 @click.command()
 @click.option("--object", "object_id", help="Only records about this object id.")
 @click.option("--actor", "actor_id", help="Only records by this principal id.")
-@click.option("--limit", type=int, default=50, show_default=True)
-@click.option("--offset", type=int)
+@click.option(
+    "--invocation", "invocation_id", help="Only one plugin invocation's records (its id)."
+)
+@click.option("--limit", type=int, default=50, show_default=True, help="At most this many.")
+@click.option("--offset", type=int, help="Skip this many newest records first.")
 @pass_state
-def logs(state: State, object_id, actor_id, limit, offset) -> None:
-    """Show audit records."""
+def logs(state: State, object_id, actor_id, invocation_id, limit, offset) -> None:
+    """Show audit records, newest first (admins)."""
     rows = state.client.logs.list(
-        object_id=object_id, actor_id=actor_id, limit=limit, offset=offset
+        object_id=object_id,
+        actor_id=actor_id,
+        invocation_id=invocation_id,
+        limit=limit,
+        offset=offset,
     )
     if isinstance(rows, dict):  # a paged answer
         rows = rows.get("items", [])
     columns = ["seq", "time", "actor_kind", "actor_id", "action", "object_id", "status", "code"]
+    if invocation_id:
+        columns.append("invocation_id")
     show(state, rows, columns)
 
 
@@ -166,7 +196,7 @@ def audit() -> None:
 @audit.command("verify")
 @pass_state
 def audit_verify(state: State) -> None:
-    """Check the audit hash chain in the daemon; exit 1 naming the first bad record."""
+    """Check the audit hash chain; exit 1 naming the first bad record."""
     r = state.client.logs.verify()
     if state.json:
         print_json(r)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
 import click
 
 from strongroom._cli._common import (
     EXIT_API,
+    Failure,
     State,
     apply,
     io_options,
@@ -16,6 +23,7 @@ from strongroom._cli._common import (
     read_input,
     write_output,
 )
+from strongroom._exceptions import TooLarge, TransportError
 
 
 def _iv_len(alg: str, mode: str | None) -> int:
@@ -25,6 +33,50 @@ def _iv_len(alg: str, mode: str | None) -> int:
     if alg == "DES3":
         return 8
     return 12 if mode == "GCM" else 16
+
+
+#: strongroomd's default bounds (config ``max_field`` and ``max_frame``).
+MAX_FIELD, MAX_FRAME = 1024 * 1024, 4 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _size_check(size: int) -> Iterator[None]:
+    """Turn "too large" (or the daemon dropping an over-long frame) into what to do."""
+    try:
+        yield
+    except (TooLarge, TransportError) as exc:
+        if isinstance(exc, TransportError) and size <= MAX_FIELD:
+            raise
+        hint = (
+            f"the input is {size:,} bytes: more than strongroomd takes in one request "
+            f"(a field holds at most max_field, {MAX_FIELD:,} bytes by default; a frame "
+            f"max_frame, {MAX_FRAME:,}). Streaming large files is not supported yet: "
+            "split the input, or raise max_field and max_frame in strongroomd's config"
+        )
+        detail = exc.message if isinstance(exc, TooLarge) else "the daemon closed the connection"
+        raise Failure("too_large", detail, hint) from None
+
+
+def _decode_b64(name: str, value: Any) -> bytes | None:
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value, validate=True)
+    except (ValueError, TypeError):
+        raise click.UsageError(f"the JSON input's {name!r} is not base64") from None
+
+
+def _json_envelope(data: bytes) -> dict[str, Any] | None:
+    """What `strongroom --json encrypt` wrote, if ``data`` is that; else None."""
+    if data.lstrip()[:1] != b"{":
+        return None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or "cipher" not in doc:
+        return None
+    return doc
 
 
 def _alg_of(state: State, desc: dict[str, str], alg: str | None) -> str:
@@ -42,9 +94,11 @@ def encrypt(state: State, key, kid, in_path, out_path, alg, mode, ad_path) -> No
     desc = key_args(key, kid)
     alg = _alg_of(state, desc, alg)
     ad = read_input(ad_path) if ad_path else None
-    r = state.client.crypto.encrypt(desc, alg=alg, plain=read_input(in_path), mode=mode, ad=ad)
-    if state.json:
-        print_json(r)
+    plain = read_input(in_path)
+    with _size_check(len(plain)):
+        r = state.client.crypto.encrypt(desc, alg=alg, plain=plain, mode=mode, ad=ad)
+    if state.json:  # everything decrypt needs to read it back
+        print_json({**r, "alg": alg, **({"mode": mode.upper()} if mode else {})})
     else:
         write_output(out_path, (r.get("iv") or b"") + r["cipher"] + (r.get("tag") or b""))
 
@@ -54,21 +108,47 @@ def encrypt(state: State, key, kid, in_path, out_path, alg, mode, ad_path) -> No
 @click.option("--alg", help="Key algorithm (default: the key's type).")
 @click.option("--mode", help="As for encrypt.")
 @click.option("--ad", "ad_path", metavar="FILE", help="Additional authenticated data (GCM).")
-@click.option("--tag-len", type=int, default=16, show_default=True, help="GCM tag bytes.")
+@click.option(
+    "--tag-len",
+    type=click.IntRange(32, 128),
+    default=128,
+    show_default=True,
+    help="GCM tag length in bits, as the protocol's tag_len.",
+)
 @pass_state
 def decrypt(state: State, key, kid, in_path, out_path, alg, mode, ad_path, tag_len) -> None:
-    """Decrypt what `encrypt` wrote (iv || cipher || tag)."""
-    desc = key_args(key, kid)
-    alg = _alg_of(state, desc, alg)
+    """Decrypt what `encrypt` wrote (raw, or its --json form).
+
+    Raw input is iv || cipher || tag; the --json form carries the key's kid,
+    so --key/--kid may be left out.
+    """
+    if tag_len % 8:
+        raise click.BadParameter(
+            "a whole number of bytes, in bits (e.g. 128)", param_hint="--tag-len"
+        )
     data = read_input(in_path)
-    n = _iv_len(alg, mode)
-    gcm = alg == "AES" and (mode or "GCM").upper() == "GCM"
-    t = tag_len if gcm else 0
-    if len(data) < n + t:
-        raise click.UsageError("input too short for its iv and tag")
-    iv, cipher, tag = data[:n] or None, data[n : len(data) - t], data[len(data) - t :] or None
+    doc = _json_envelope(data)
+    if doc is not None:  # the --json form: fields by name, the key from it unless named
+        if key is None and kid is None and doc.get("kid"):
+            kid = doc["kid"]
+        mode = mode or doc.get("mode")
+    desc = key_args(key, kid)
+    alg = _alg_of(state, desc, alg or (doc or {}).get("alg"))
+    if doc is not None:
+        iv, tag = _decode_b64("iv", doc.get("iv")), _decode_b64("tag", doc.get("tag"))
+        cipher = _decode_b64("cipher", doc["cipher"]) or b""
+    else:
+        n = _iv_len(alg, mode)
+        gcm = alg == "AES" and (mode or "GCM").upper() == "GCM"
+        t = tag_len // 8 if gcm else 0
+        if len(data) < n + t:
+            raise click.UsageError("input too short for its iv and tag")
+        iv, cipher, tag = data[:n] or None, data[n : len(data) - t], data[len(data) - t :] or None
     ad = read_input(ad_path) if ad_path else None
-    r = state.client.crypto.decrypt(desc, alg=alg, cipher=cipher, mode=mode, iv=iv, tag=tag, ad=ad)
+    with _size_check(len(cipher)):
+        r = state.client.crypto.decrypt(
+            desc, alg=alg, cipher=cipher, mode=mode, iv=iv, tag=tag, ad=ad
+        )
     if state.json:
         print_json(r)
     else:
@@ -77,7 +157,7 @@ def decrypt(state: State, key, kid, in_path, out_path, alg, mode, ad_path, tag_l
 
 @click.command()
 @apply(key_options + io_options)
-@click.option("--hash-alg", default="SHA256", show_default=True)
+@click.option("--hash-alg", default="SHA256", show_default=True, help="Hash of the data.")
 @click.option("--prehashed", is_flag=True, help="The input is already a hash.")
 @click.option("--mode", help="RSA: PKCS1_V15 (default) or PSS.")
 @pass_state
@@ -95,13 +175,16 @@ def sign(state: State, key, kid, in_path, out_path, hash_alg, prehashed, mode) -
 @click.command()
 @apply(key_options)
 @click.option("--in", "in_path", metavar="FILE", help="Signed data (default stdin).")
-@click.option("--signature", "sig_path", metavar="FILE", required=True)
-@click.option("--hash-alg", default="SHA256", show_default=True)
+@click.option("--signature", "sig_path", metavar="FILE", required=True, help="The signature.")
+@click.option("--hash-alg", default="SHA256", show_default=True, help="Hash of the data.")
 @click.option("--prehashed", is_flag=True, help="The input is already a hash.")
 @click.option("--mode", help="RSA: PKCS1_V15 (default) or PSS.")
 @pass_state
 def verify(state: State, key, kid, in_path, sig_path, hash_alg, prehashed, mode) -> None:
-    """Verify a signature; prints valid/invalid, exit status 1 when invalid."""
+    """Verify a signature; exit status 1 when it is invalid.
+
+    Prints valid or invalid.
+    """
     data = read_input(in_path)
     field = {"hash": data} if prehashed else {"data": data}
     r = state.client.crypto.verify(
@@ -135,7 +218,7 @@ def mac(state: State, key, kid, in_path, out_path, alg) -> None:
 
 @click.command()
 @apply(io_options)
-@click.option("--alg", default="SHA256", show_default=True)
+@click.option("--alg", default="SHA256", show_default=True, help="SHA1, SHA256, SHA384, SHA512.")
 @pass_state
 def digest(state: State, in_path, out_path, alg) -> None:
     """Hash the input (no key involved)."""

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import click
 
 from strongroom._cli._common import (
+    Failure,
     State,
     apply,
+    busy,
+    complete_keys,
     confirm,
     done,
     group_id,
@@ -21,6 +25,11 @@ from strongroom._cli._common import (
     yes_option,
 )
 
+#: Names given as --type that are curves of EC keys.
+CURVE_TYPES = {
+    c.upper(): c for c in ("Ed25519", "NistP256", "NistP384", "NistP521", "SecP256K1")
+} | {"P256": "NistP256", "P384": "NistP384", "P521": "NistP521", "SECP256K1": "SecP256K1"}
+
 KEY_COLUMNS = ["kid", "name", "obj_type", "key_size", "elliptic_curve", "group_id", "key_ops"]
 
 
@@ -32,12 +41,13 @@ def keys() -> None:
 @keys.command("list")
 @click.option("--group", help="Only keys in this group (name or id).")
 @click.option("--name", help="Only the key with this name.")
-@click.option("--limit", type=int)
-@click.option("--offset", type=int)
+@click.option("--limit", type=int, help="At most this many keys.")
+@click.option("--offset", type=int, help="Skip this many first.")
 @pass_state
 def keys_list(
     state: State, group: str | None, name: str | None, limit: int | None, offset: int | None
 ) -> None:
+    """List the keys you can use."""
     gid = group_id(state, group) if group else None
     rows = state.client.keys.list(group_id=gid, name=name, limit=limit, offset=offset)
     show(state, rows, KEY_COLUMNS)
@@ -45,12 +55,17 @@ def keys_list(
 
 @keys.command("create")
 @click.argument("name")
-@click.option("--type", "obj_type", required=True, help="AES, DES3, HMAC, SECRET, RSA, EC...")
+@click.option(
+    "--type",
+    "obj_type",
+    required=True,
+    help="AES, DES3, HMAC, SECRET, RSA or EC (curves: --curve).",
+)
 @click.option("--size", type=int, help="Key size in bits.")
 @click.option("--curve", help="NistP256, NistP384, NistP521, SecP256K1, Ed25519.")
 @click.option("--ops", help="Comma-separated key_ops, e.g. ENCRYPT,DECRYPT.")
 @click.option("--group", help="Group name or id (default: your default group).")
-@click.option("--description")
+@click.option("--description", help="Free text shown with the key.")
 @click.option("--transient", is_flag=True, help="A session key (gone when this command ends).")
 @pass_state
 def keys_create(
@@ -64,21 +79,30 @@ def keys_create(
     description: str | None,
     transient: bool,
 ) -> None:
+    """Create a key in the token; prints its description."""
+    kind = obj_type.upper()
+    if kind in CURVE_TYPES:
+        raise click.BadParameter(
+            f"{obj_type} is a curve, not a key type: use --type EC --curve {CURVE_TYPES[kind]}",
+            param_hint="--type",
+        )
     key_ops = [o.strip().upper() for o in ops.split(",") if o.strip()] if ops else None
-    key = state.client.keys.create(
-        name,
-        obj_type.upper(),
-        key_size=size,
-        elliptic_curve=curve,
-        key_ops=key_ops,
-        group_id=group_id(state, group) if group else None,
-        description=description,
-        transient=transient or None,
-    )
+    spin = busy(f"creating {kind} key {name}") if kind in ("RSA", "EC") else nullcontext()
+    with spin:
+        key = state.client.keys.create(
+            name,
+            kind,
+            key_size=size,
+            elliptic_curve=curve,
+            key_ops=key_ops,
+            group_id=group_id(state, group) if group else None,
+            description=description,
+            transient=transient or None,
+        )
     show(state, key)
 
 
-key_arg = click.argument("name", required=False, metavar="[KEY]")
+key_arg = click.argument("name", required=False, metavar="[KEY]", shell_complete=complete_keys)
 
 
 @keys.command("show")
@@ -117,7 +141,10 @@ def keys_delete(
 def keys_export(
     state: State, name: str | None, key: str | None, kid: str | None, out_path: str | None
 ) -> None:
-    """Export a key's value (keys with EXPORT only): raw, or the sobject with --json."""
+    """Export a key's value (keys with EXPORT only).
+
+    Writes the raw value, or the whole sobject with --json.
+    """
     sobject = state.client.keys.export(**key_ref(name, key, kid))
     if state.json:
         print_json(sobject)
@@ -126,7 +153,7 @@ def keys_export(
 
 
 @keys.command("public")
-@click.argument("name", required=False, metavar="[KEY]")
+@key_arg
 @apply(key_options)
 @click.option(
     "--format",
@@ -144,7 +171,7 @@ def keys_public(state: State, name, key, kid, fmt: str, out_path: str | None) ->
     try:
         value = state.client.keys.public(**desc, format=fmt)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise Failure("no_public_key", str(exc), "keys public works on RSA and EC keys") from None
     if isinstance(value, dict):
         data = (json.dumps(value, indent=2) + "\n").encode()
     elif isinstance(value, str):

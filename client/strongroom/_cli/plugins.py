@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,10 @@ import click
 
 from strongroom._cli._common import (
     EXIT_API,
+    Failure,
     State,
+    confirm,
+    done,
     group_id,
     json_arg,
     jsonable,
@@ -19,6 +23,7 @@ from strongroom._cli._common import (
     read_input,
     resolve,
     show,
+    yes_option,
 )
 from strongroom._exceptions import ApiError
 
@@ -36,16 +41,35 @@ def _read_code(path: str) -> str:
     return read_input(path).decode("utf-8")
 
 
+#: A global ``run`` defined as ``function run(`` or ``run = function(``.
+_RUN = re.compile(r"^\s*(?:function\s+run\s*\(|run\s*=\s*function\s*\()", re.MULTILINE)
+
+
+def _check_run(code: str, file: str) -> None:
+    """Refuse code that defines no run(): it would compile, then fail at every invocation.
+
+    A client-side check only (a source scan, so ``_ENV.run = ...`` tricks pass);
+    the daemon compiles the code on save but does not run it.
+    """
+    if not _RUN.search(code):
+        raise Failure(
+            "no_run_function",
+            f"{file} defines no run() function",
+            "a plugin needs a global `function run(input, url, method) ... end`",
+        )
+
+
 @plugin.command("push")
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--group", "groups_", multiple=True, required=True, help="Group name or id.")
 @click.option("--name", help="Plugin name (default: the file's stem).")
-@click.option("--description")
+@click.option("--description", help="Free text shown with the plugin.")
 @pass_state
 def plugin_push(state: State, file: str, groups_: tuple[str, ...], name, description) -> None:
-    """Create the plugin, or update the one with that name."""
+    """Create a plugin from a Lua file, or update the one of that name."""
     name = name or Path(file).stem
     code = _read_code(file)
+    _check_run(code, file)
     gids = [group_id(state, g) for g in groups_]
     existing = [p for p in state.client.plugins.list() if p.get("name") == name]
     if existing:
@@ -60,14 +84,20 @@ def plugin_push(state: State, file: str, groups_: tuple[str, ...], name, descrip
 @plugin.command("list")
 @pass_state
 def plugin_list(state: State) -> None:
+    """List the plugins you can invoke."""
     show(state, state.client.plugins.list(), ["plugin_id", "name", "groups", "enabled"])
 
 
 @plugin.command("delete")
-@click.argument("plugin_")
+@click.argument("plugin_", metavar="NAME_OR_ID")
+@yes_option
 @pass_state
-def plugin_delete(state: State, plugin_: str) -> None:
-    state.client.plugins.delete(_plugin_id(state, plugin_))
+def plugin_delete(state: State, plugin_: str, yes: bool) -> None:
+    """Delete a plugin (asks first on a terminal)."""
+    pid = _plugin_id(state, plugin_)
+    confirm(state, yes, f"Delete plugin {plugin_!r} ({pid})?")
+    state.client.plugins.delete(pid)
+    done(state, {"deleted": pid}, f"deleted plugin {plugin_} ({pid})")
 
 
 @plugin.command("invoke")
@@ -85,7 +115,7 @@ def plugin_invoke(state: State, plugin_: str, input_: str | None) -> None:
 @click.option("--group", "groups_", multiple=True, help="Group name or id to run in.")
 @pass_state
 def plugin_test(state: State, file: str, input_: str | None, groups_: tuple[str, ...]) -> None:
-    """Run unsaved code; prints the result, what it printed, and any error."""
+    """Test-run a Lua file without saving it; prints result and output."""
     gids = [group_id(state, g) for g in groups_] or None
     try:
         r = state.client.plugins.test(_read_code(file), json_arg(input_), groups=gids)
