@@ -427,6 +427,15 @@ function cbor.decode(s) return codec_decode("cbor_d", bytes_of(s, "cbor.decode",
 local Time = {}
 local time_methods = {}
 local Time_mt = { __metatable = "Time", __index = time_methods }
+-- Nanoseconds in a 64-bit integer reach 1677..2262; beyond that a Time is an
+-- error, never a value that wrapped around.
+local NS_MAX = math.maxinteger
+local function ns_in_range(x, name, level)
+  if x ~= x or x >= 9.2233720368547758e18 or x < -9.2233720368547758e18 then
+    error("Time" .. name .. ": out of range (years 1678 to 2262)", level + 1)
+  end
+  return m_floor(x)
+end
 local function new_time(ns)
   local t = setmetatable({}, Time_mt)
   TIMES[t] = ns
@@ -440,7 +449,7 @@ end
 function Time.now_insecure() return new_time(pycall_or_raise(2, "now")) end
 function Time.at(secs)
   if type(secs) ~= "number" then error("Time.at: expected a number of seconds", 2) end
-  return new_time(m_floor(secs * 1000000000))
+  return new_time(ns_in_range(secs * 1000000000, ".at", 2))
 end
 function Time.from_iso8601(s)
   if type(s) ~= "string" then error("Time.from_iso8601: expected a string", 2) end
@@ -451,7 +460,11 @@ function time_methods.unix_epoch_nanoseconds(t) return ns_of(t, "unix_epoch_nano
 function time_methods.to_iso8601(t) return pycall_or_raise(2, "iso_f", ns_of(t, "to_iso8601")) end
 function time_methods.add_seconds(t, n)
   if type(n) ~= "number" then error("Time:add_seconds: expected a number", 2) end
-  return new_time(ns_of(t, "add_seconds") + m_floor(n * 1000000000))
+  local ns, delta = ns_of(t, "add_seconds"), ns_in_range(n * 1000000000, ":add_seconds", 2)
+  if (delta > 0 and ns > NS_MAX - delta) or (delta < 0 and ns < -NS_MAX - 1 - delta) then
+    error("Time:add_seconds: out of range (years 1678 to 2262)", 2)
+  end
+  return new_time(ns + delta)
 end
 Time_mt.__eq = function(a, b) return TIMES[a] ~= nil and TIMES[a] == TIMES[b] end
 Time_mt.__lt = function(a, b) return ns_of(a, "<") < ns_of(b, "<") end

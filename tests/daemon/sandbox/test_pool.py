@@ -75,7 +75,8 @@ async def invoke(
     )
 
 
-def test_echo_and_latency(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+def test_echo(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    """Many echoes through one pool; latency is printed (scripts/bench measures it)."""
     echo = plugin("function run(input) return input end", pid="echo")
 
     async def go() -> list[float]:
@@ -91,7 +92,6 @@ def test_echo_and_latency(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
     p50 = statistics.median(times) * 1e3
     p99 = sorted(times)[int(len(times) * 0.99)] * 1e3
     print(f"\necho through Pool.invoke: p50 {p50:.3f} ms, p99 {p99:.3f} ms")
-    assert p50 < 1.5
 
 
 def test_warm_blanks_are_kept(pool: Pool, loop: asyncio.AbstractEventLoop) -> None:

@@ -432,6 +432,26 @@ def test_blob(worker: Worker) -> None:
     ]
 
 
+def test_time_out_of_range_is_an_error_not_a_wrap(worker: Worker) -> None:
+    code = r"""
+    function run()
+      local out = {}
+      for i, f in ipairs{
+        function() return Time.at(1e12) end,
+        function() return Time.at(0 / 0) end,
+        function() return Time.at(9.2e9):add_seconds(9.2e9) end,
+        function() return Time.at(-9.2e9):add_seconds(-9.2e9) end,
+        function() return Time.now_insecure():add_seconds(math.huge) end,
+      } do
+        local ok, err = pcall(f)
+        out[i] = ok and "no error" or tostring(err):match("out of range") or tostring(err)
+      end
+      out[#out + 1] = Time.at(9.2e9):add_seconds(-9.2e9):unix_epoch_seconds()
+      return out
+    end"""
+    assert ok(worker, code) == ["out of range"] * 5 + [0]
+
+
 def test_json_cbor_time_bit32(worker: Worker) -> None:
     code = r"""
     function run()
