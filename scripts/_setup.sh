@@ -9,6 +9,15 @@ need_apt=()
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the web console's editor
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies the unit in tests
+# The PKCS#11 provider (pkcs11/): its build needs, and the tools its tests drive.
+[ -e /usr/include/msgpack.h ] || need_apt+=(libmsgpack-dev)
+[ -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || need_apt+=(libp11-kit-dev)
+command -v make >/dev/null 2>&1 || need_apt+=(make)
+[ -e /usr/lib/x86_64-linux-gnu/engines-3/pkcs11.so ] || compgen -G "/usr/lib/*/engines-3/pkcs11.so" >/dev/null \
+  || need_apt+=(libengine-pkcs11-openssl)
+command -v p11tool >/dev/null 2>&1 || need_apt+=(gnutls-bin)
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
 for extra in ${STRONGROOM_APT_EXTRA:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
 done
@@ -33,6 +42,9 @@ if [ ! -e "$stamp" ] && ! { [ -z "$extras" ] && compgen -G "$VENV/.installed-$ha
   find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash*" -delete
   touch "$stamp"
 fi
+
+# The PKCS#11 provider: build pkcs11/ and place the module in .venv/lib/.
+make -s -C "$ROOT/pkcs11" install DESTDIR="$VENV/lib" >&2
 
 # The web console's editor (CodeMirror), pinned by console/package-lock.json.
 CONSOLE="$ROOT/console"

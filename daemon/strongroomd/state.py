@@ -54,6 +54,34 @@ def private_dir(path: Path) -> None:
     path.chmod(0o700)
 
 
+#: The project's SoftHSM template (``softhsm_config/`` at the top of the source tree).
+SOFTHSM_TEMPLATE = Path(__file__).resolve().parents[2] / "softhsm_config" / "softhsm2.conf"
+#: The same text, for an installed package that has no source tree beside it
+#: (tests/pkcs11/test_softhsm_config.py keeps the two equal).
+BUILTIN_SOFTHSM_TEMPLATE = """\
+# SoftHSM2 configuration for strongroomd's embedded token.
+# strongroomd renders this template into <state_dir>/softhsm/softhsm2.conf
+# (0600) at start and points SOFTHSM2_CONF at it; {tokendir} becomes
+# <state_dir>/softhsm/tokens. Debian's SoftHSM has only the file backend.
+directories.tokendir = {tokendir}
+objectstore.backend = file
+log.level = ERROR
+slots.removable = false
+"""
+
+
+def softhsm_template() -> str:
+    try:
+        return SOFTHSM_TEMPLATE.read_text()
+    except OSError:
+        return BUILTIN_SOFTHSM_TEMPLATE
+
+
+def render_softhsm_conf(tokendir: Path) -> str:
+    # str.replace, not format: the comments may hold braces of their own.
+    return softhsm_template().replace("{tokendir}", str(tokendir.resolve()))
+
+
 def softhsm_conf(cfg: Config) -> Path:
     return cfg.softhsm_dir / "softhsm2.conf"
 
@@ -71,12 +99,7 @@ def prepare(cfg: Config) -> TokenSettings:
     private_dir(hsm)
     private_dir(hsm / "tokens")
     conf = softhsm_conf(cfg)
-    text = (
-        f"directories.tokendir = {(hsm / 'tokens').resolve()}\n"
-        "objectstore.backend = file\n"
-        "log.level = ERROR\n"
-        "slots.removable = false\n"
-    )
+    text = render_softhsm_conf(hsm / "tokens")
     if not conf.exists() or conf.read_text() != text:
         write_secret(conf, text)
     # SoftHSM reads this at C_Initialize; set it before anything loads the module.

@@ -1,0 +1,150 @@
+/* The little DER the module reads and writes: SubjectPublicKeyInfo (RSA, EC,
+ * Ed25519) and ECDSA-Sig-Value. Every read is bounds-checked. */
+#include <string.h>
+
+#include "sr.h"
+
+struct tlv {
+    unsigned tag;
+    const unsigned char *v;
+    size_t len;
+};
+
+/* Read one TLV at *p (< end); advances *p past it. */
+static int tlv(const unsigned char **p, const unsigned char *end, struct tlv *t) {
+    const unsigned char *q = *p;
+    if (end - q < 2)
+        return -1;
+    t->tag = *q++;
+    size_t len = *q++;
+    if (len & 0x80) {
+        size_t k = len & 0x7f;
+        if (k == 0 || k > 4 || (size_t)(end - q) < k)
+            return -1;
+        len = 0;
+        while (k--)
+            len = (len << 8) | *q++;
+    }
+    if ((size_t)(end - q) < len)
+        return -1;
+    t->v = q;
+    t->len = len;
+    *p = q + len;
+    return 0;
+}
+
+static const unsigned char OID_RSA[] = {0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01};
+static const unsigned char OID_EC[] = {0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01};
+static const unsigned char OID_ED25519[] = {0x2b, 0x65, 0x70};
+
+static const unsigned char *strip_zeros(const unsigned char *v, size_t *len) {
+    while (*len > 1 && v[0] == 0) {
+        v++;
+        (*len)--;
+    }
+    return v;
+}
+
+int sr_parse_spki(const unsigned char *der, size_t len, struct sr_pub *out) {
+    const unsigned char *p = der, *end = der + len, *q, *qend;
+    struct tlv spki, alg, oid, bits, params;
+    memset(out, 0, sizeof *out);
+    if (tlv(&p, end, &spki) || spki.tag != 0x30)
+        return -1;
+    q = spki.v;
+    qend = spki.v + spki.len;
+    if (tlv(&q, qend, &alg) || alg.tag != 0x30 || tlv(&q, qend, &bits) || bits.tag != 0x03 ||
+        bits.len < 1 || bits.v[0] != 0)
+        return -1;
+    const unsigned char *a = alg.v, *aend = alg.v + alg.len;
+    const unsigned char *params_start;
+    if (tlv(&a, aend, &oid) || oid.tag != 0x06)
+        return -1;
+    params_start = a;
+    const unsigned char *key = bits.v + 1;
+    size_t key_len = bits.len - 1;
+    if (oid.len == sizeof OID_RSA && !memcmp(oid.v, OID_RSA, oid.len)) {
+        const unsigned char *k = key, *kend = key + key_len, *r;
+        struct tlv seq, n, e;
+        if (tlv(&k, kend, &seq) || seq.tag != 0x30)
+            return -1;
+        r = seq.v;
+        if (tlv(&r, seq.v + seq.len, &n) || n.tag != 0x02 || tlv(&r, seq.v + seq.len, &e) ||
+            e.tag != 0x02)
+            return -1;
+        out->kind = 1;
+        out->n_len = n.len;
+        out->n = strip_zeros(n.v, &out->n_len);
+        out->e_len = e.len;
+        out->e = strip_zeros(e.v, &out->e_len);
+        return 0;
+    }
+    if (oid.len == sizeof OID_EC && !memcmp(oid.v, OID_EC, oid.len)) {
+        if (tlv(&a, aend, &params) || params.tag != 0x06)
+            return -1;
+        out->kind = 2;
+        out->params = params_start;
+        out->params_len = (size_t)(a - params_start);
+        out->point = key;
+        out->point_len = key_len;
+        return 0;
+    }
+    if (oid.len == sizeof OID_ED25519 && !memcmp(oid.v, OID_ED25519, oid.len)) {
+        out->kind = 3;
+        /* CKA_EC_PARAMS of Ed25519: the OID itself (RFC 8410 id-Ed25519). */
+        out->params = oid.v - 2;
+        out->params_len = oid.len + 2;
+        out->point = key;
+        out->point_len = key_len;
+        return 0;
+    }
+    return -1;
+}
+
+int sr_ecdsa_der_to_raw(const unsigned char *der, size_t len, unsigned char *out, size_t size) {
+    const unsigned char *p = der, *end = der + len, *q;
+    struct tlv seq, r, s;
+    if (tlv(&p, end, &seq) || seq.tag != 0x30)
+        return -1;
+    q = seq.v;
+    if (tlv(&q, seq.v + seq.len, &r) || r.tag != 0x02 || tlv(&q, seq.v + seq.len, &s) ||
+        s.tag != 0x02)
+        return -1;
+    const unsigned char *rv = strip_zeros(r.v, &r.len), *sv = strip_zeros(s.v, &s.len);
+    if (r.len > size || s.len > size)
+        return -1;
+    memset(out, 0, 2 * size);
+    memcpy(out + size - r.len, rv, r.len);
+    memcpy(out + 2 * size - s.len, sv, s.len);
+    return 0;
+}
+
+static size_t put_int(unsigned char *o, const unsigned char *v, size_t n) {
+    while (n > 1 && v[0] == 0) {
+        v++;
+        n--;
+    }
+    size_t pad = (v[0] & 0x80) ? 1 : 0, i = 0;
+    o[i++] = 0x02;
+    o[i++] = (unsigned char)(n + pad);
+    if (pad)
+        o[i++] = 0;
+    memcpy(o + i, v, n);
+    return i + n;
+}
+
+size_t sr_ecdsa_raw_to_der(const unsigned char *raw, size_t len, unsigned char *out) {
+    size_t half = len / 2, i;
+    unsigned char body[2 * 70];
+    if (half == 0 || half > 66)
+        return 0;
+    i = put_int(body, raw, half);
+    i += put_int(body + i, raw + half, half);
+    size_t o = 0;
+    out[o++] = 0x30;
+    if (i >= 0x80)
+        out[o++] = 0x81;
+    out[o++] = (unsigned char)i;
+    memcpy(out + o, body, i);
+    return o + i;
+}

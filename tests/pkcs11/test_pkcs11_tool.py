@@ -1,0 +1,184 @@
+"""OpenSC's pkcs11-tool on the module: list, sign, verify, with the daemon's rules."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+from tests.pkcs11.conftest import World, tool_env
+
+
+def tool(world: World, *args: str, pin: str | None = None, check: bool = True):
+    cmd = ["pkcs11-tool", "--module", str(world.module)]
+    if pin is not None:
+        cmd += ["--login", "--pin", pin]
+    return subprocess.run(
+        [*cmd, *args], env=tool_env(world), capture_output=True, text=True, timeout=60, check=check
+    )
+
+
+def pub(world: World, role: str):
+    return serialization.load_der_public_key(world.keys[world.names[role]]["pub_key"])
+
+
+def test_token_and_slot(world: World) -> None:
+    out = tool(world, "-L").stdout
+    assert "token label        : strongroom" in out
+    assert "login required" in out
+
+
+def test_no_objects_before_login(world: World) -> None:
+    out = tool(world, "-O").stdout
+    assert world.names["rsa"] not in out
+
+
+def test_list_objects_after_login(world: World) -> None:
+    out = tool(world, "-O", pin=world.api_key).stdout
+    for role in ("rsa", "ec", "aes", "hmac", "ed"):
+        assert world.names[role] in out
+        assert world.id_hex(role) in out.replace(" ", "")
+    assert world.names["other"] not in out  # another group's key
+    assert "Private Key Object; RSA" in out
+    assert "Public Key Object; RSA 2048 bits" in out
+    assert "Secret Key Object; AES length 32" in out
+
+
+def test_other_app_sees_only_its_group(world: World) -> None:
+    out = tool(world, "-O", pin=world.other_key).stdout
+    assert world.names["other"] in out
+    assert world.names["rsa"] not in out
+
+
+def test_wrong_pin(world: World) -> None:
+    r = tool(world, "-O", pin="bm90OmFrZXk=", check=False)
+    assert r.returncode != 0
+    assert "CKR_PIN_INCORRECT" in r.stderr
+
+
+def test_sign_rsa_and_verify_with_openssl_key(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"signed through strongroom\n")
+    sig = tmp_path / "sig"
+    tool(
+        world,
+        "--sign",
+        "-m",
+        "SHA256-RSA-PKCS",
+        "--id",
+        world.id_hex("rsa"),
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        pin=world.api_key,
+    )
+    pub(world, "rsa").verify(
+        sig.read_bytes(), data.read_bytes(), padding.PKCS1v15(), hashes.SHA256()
+    )
+    r = tool(
+        world,
+        "--verify",
+        "-m",
+        "SHA256-RSA-PKCS",
+        "--id",
+        world.id_hex("rsa"),
+        "-i",
+        str(data),
+        "--signature-file",
+        str(sig),
+        pin=world.api_key,
+    )
+    assert "Signature is valid" in r.stdout
+
+
+def test_sign_rsa_pss_prehashed(world: World, tmp_path: Path) -> None:
+    msg = b"pss message"
+    data = tmp_path / "hash"
+    data.write_bytes(hashlib.sha256(msg).digest())
+    sig = tmp_path / "sig"
+    tool(
+        world,
+        "--sign",
+        "-m",
+        "RSA-PKCS-PSS",
+        "--hash-algorithm",
+        "SHA256",
+        "--mgf",
+        "MGF1-SHA256",
+        "--id",
+        world.id_hex("rsa"),
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        pin=world.api_key,
+    )
+    pub(world, "rsa").verify(
+        sig.read_bytes(),
+        msg,
+        padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32),
+        hashes.SHA256(),
+    )
+
+
+def test_sign_ecdsa(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"ecdsa through strongroom")
+    sig = tmp_path / "sig"
+    tool(
+        world,
+        "--sign",
+        "-m",
+        "ECDSA-SHA256",
+        "--signature-format",
+        "openssl",
+        "--id",
+        world.id_hex("ec"),
+        "-i",
+        str(data),
+        "-o",
+        str(sig),
+        pin=world.api_key,
+    )
+    pub(world, "ec").verify(sig.read_bytes(), data.read_bytes(), ec.ECDSA(hashes.SHA256()))
+    r = tool(
+        world,
+        "--verify",
+        "-m",
+        "ECDSA-SHA256",
+        "--signature-format",
+        "openssl",
+        "--id",
+        world.id_hex("ec"),
+        "-i",
+        str(data),
+        "--signature-file",
+        str(sig),
+        pin=world.api_key,
+    )
+    assert "Signature is valid" in r.stdout
+
+
+def test_missing_key_op(world: World, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"x")
+    r = tool(
+        world,
+        "--sign",
+        "-m",
+        "ECDSA-SHA256",
+        "--id",
+        world.id_hex("verify_only"),
+        "-i",
+        str(data),
+        "-o",
+        str(tmp_path / "sig"),
+        pin=world.api_key,
+        check=False,
+    )
+    assert r.returncode != 0
+    assert "CKR_KEY_FUNCTION_NOT_PERMITTED" in r.stderr
