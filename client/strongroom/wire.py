@@ -59,6 +59,7 @@ CODES: dict[str, int] = {
     "busy": 429,
     "internal": 500,
     "plugin_runtime_error": 500,
+    "unavailable": 503,
     "time_limit": 504,
 }
 
@@ -78,7 +79,11 @@ def encode(obj: Any) -> bytes:
 
 
 def decode(payload: bytes, *, max_field: int = MAX_FRAME) -> Any:
-    """Decode one payload; string/bin/container sizes are bounded by ``max_field``."""
+    """Decode one payload; string/bin/container sizes are bounded by ``max_field``.
+
+    msgpack ext types (timestamps included) are not part of the protocol: a
+    frame holding one is ``malformed_frame``, never ``too_large``.
+    """
     try:
         return msgpack.unpackb(
             payload,
@@ -88,14 +93,26 @@ def decode(payload: bytes, *, max_field: int = MAX_FRAME) -> Any:
             max_bin_len=max_field,
             max_array_len=max_field,
             max_map_len=max_field,
-            max_ext_len=0,
+            max_ext_len=0,  # any ext with data fails the length check ...
+            ext_hook=_no_ext,  # ... and an empty one reaches this
         )
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        if "exceeds max" in str(exc):
+        text = str(exc)
+        if "max_ext_len" in text or isinstance(exc, _ExtRefused):
+            raise FrameError("malformed_frame", "msgpack ext types are not accepted") from None
+        if "exceeds max" in text:
             raise FrameError("too_large", f"a field is larger than {max_field} bytes") from None
         raise FrameError("malformed_frame", f"malformed msgpack: {exc}") from None
     except TypeError as exc:  # e.g. unhashable map key
         raise FrameError("malformed_frame", f"malformed msgpack: {exc}") from None
+
+
+class _ExtRefused(ValueError):
+    pass
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise _ExtRefused(f"ext type {code}")
 
 
 def frame(obj: Any) -> bytes:
@@ -104,19 +121,36 @@ def frame(obj: Any) -> bytes:
 
 
 class FrameReader:
-    """Incremental splitter: feed bytes, get whole payloads back."""
+    """Incremental splitter: feed bytes, get whole payloads back.
+
+    :meth:`feed` takes everything at once. The daemon uses :meth:`push` and
+    :meth:`next` instead, so it can stop between frames (to apply
+    backpressure) and change :attr:`max_frame` (after authentication) for the
+    frames still buffered.
+    """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self._pos = 0
+        #: Payloads returned so far (tells one partial frame from the next).
+        self.frames = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf
-        buf += data
-        out: list[bytes] = []
-        pos = 0
-        n = len(buf)
-        while n - pos >= 4:
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as a payload."""
+        return len(self._buf) - self._pos
+
+    def push(self, data: bytes) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        self._buf += data
+
+    def next(self) -> bytes | None:
+        """The next whole payload, or None; an oversized header raises (and stays)."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= 4:
             (size,) = HEADER.unpack_from(buf, pos)
             if size > self.max_frame:
                 raise FrameError(
@@ -124,10 +158,18 @@ class FrameReader:
                     f"frame of {size} bytes exceeds the limit of {self.max_frame}",
                     fatal=True,
                 )
-            if n - pos - 4 < size:
-                break
-            out.append(bytes(buf[pos + 4 : pos + 4 + size]))
-            pos += 4 + size
-        if pos:
+            if len(buf) - pos - 4 >= size:
+                self._pos = pos + 4 + size
+                self.frames += 1
+                return bytes(buf[pos + 4 : pos + 4 + size])
+        if pos:  # keep only the partial frame
             del buf[:pos]
+            self._pos = 0
+        return None
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.push(data)
+        out: list[bytes] = []
+        while (payload := self.next()) is not None:
+            out.append(payload)
         return out
