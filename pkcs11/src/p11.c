@@ -1695,10 +1695,11 @@ EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h) {
         return CKR_SESSION_HANDLE_INVALID;
     }
     close_session(s);
-    int last = n_open == 0;
+    /* The last session closed logs the user out; under the lock, so that a
+     * session opened meanwhile by another thread is not logged out under it. */
+    if (n_open == 0 && !sr_cfg.api_key[0])
+        sr_conn_logout();
     pthread_mutex_unlock(&g_lock);
-    if (last && !sr_cfg.api_key[0])
-        sr_conn_logout(); /* the last session closed logs the user out */
     return CKR_OK;
 }
 
@@ -1712,9 +1713,9 @@ EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot) {
     for (size_t i = 0; i < MAX_SESSIONS; i++)
         if (sessions[i].used)
             close_session(&sessions[i]);
-    pthread_mutex_unlock(&g_lock);
     if (!sr_cfg.api_key[0])
         sr_conn_logout();
+    pthread_mutex_unlock(&g_lock);
     return CKR_OK;
 }
 
@@ -2494,7 +2495,12 @@ EXPORT CK_RV C_EncryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK
                              CK_ULONG_PTR on) {
     if (!on)
         return CKR_ARGUMENTS_BAD;
-    (void)out;
+    if (!out) { /* a length query consumes nothing; all output comes at Final */
+        CK_RV rv = check_init();
+        if (rv == CKR_OK)
+            *on = 0;
+        return rv;
+    }
     CK_RV rv = op_update(h, OPS_ENCRYPT, in, n);
     if (rv == CKR_OK)
         *on = 0; /* everything comes out at Final */
@@ -2514,7 +2520,12 @@ EXPORT CK_RV C_DecryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK
                              CK_ULONG_PTR on) {
     if (!on)
         return CKR_ARGUMENTS_BAD;
-    (void)out;
+    if (!out) { /* a length query consumes nothing; all output comes at Final */
+        CK_RV rv = check_init();
+        if (rv == CKR_OK)
+            *on = 0;
+        return rv;
+    }
     CK_RV rv = op_update(h, OPS_DECRYPT, in, n);
     if (rv == CKR_OK)
         *on = 0;
