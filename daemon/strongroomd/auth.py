@@ -17,7 +17,13 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from strongroomd.errors import ApiError, Forbidden, NotFound, Unauthenticated
+from strongroomd.errors import (
+    BadRequest,
+    Forbidden,
+    KeyOpNotPermitted,
+    NotFound,
+    Unauthenticated,
+)
 from strongroomd.store import KeyRow, PrincipalRow, Store
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
@@ -164,7 +170,7 @@ def check_key_use(p: Principal, key: KeyRow, op: str) -> None:
         # The answer for a key that does not exist: names cannot be probed.
         raise NotFound("no such key")
     if op not in key.key_ops:
-        raise ApiError(f"the key's key_ops do not include {op}", code="key_op_not_permitted")
+        raise KeyOpNotPermitted(f"the key's key_ops do not include {op}")
     if not key.enabled:
         raise Forbidden("the key is disabled")
 
@@ -184,7 +190,7 @@ def check_group_target(p: Principal, group_id: str | None) -> str:
     gid = group_id or p.default_group
     if gid is None:
         if p.is_admin or len(p.groups) != 1:
-            raise ApiError("group_id is required", code="missing_field")
+            raise BadRequest("group_id is required", code="missing_field")
         gid = next(iter(p.groups))
     if not p.is_admin and gid not in p.groups:
         raise Forbidden("you may create keys only in your own groups")

@@ -1,95 +1,179 @@
 """Errors that become responses.
 
-Handlers and the token layer raise these; only the protocol turns them into
-``{"error": code, "message": ...}`` bodies, so a status is chosen in one place.
-Every code is listed, with its status, in ``strongroom.wire.CODES``.
+Handlers, the keyring and the token layer raise these; only the front ends
+turn them into ``{"error": code, "message": ...}`` bodies. The class decides
+the status: each class has one, and lists the stable codes it may carry (the
+first is its default). A code outside its class is a programming error,
+refused when the exception is made, so a status can never drift from its
+code. Every code also travels in ``strongroom.wire.CODES``, which clients
+read; a test checks that the two agree.
 
     ApiError
-     +-- BadRequest        400 bad_request | invalid_field | missing_field | ...
-     +-- BadTag            400 bad_tag (says nothing more, on purpose)
-     +-- Unauthenticated   401
-     +-- Forbidden         403
-     +-- NotFound          404
-     +-- Conflict          409
-     +-- TooLarge          413
-     +-- Unsupported       422
-     +-- Busy              429
-     +-- Internal          500
+     +-- BadRequest          400 bad_request | malformed_frame | invalid_field | missing_field
+     |                           | unknown_field | invalid_value | invalid_key_size | syntax_error
+     |    +-- BadTag         400 bad_tag (says nothing more, on purpose)
+     +-- Unauthenticated     401 unauthenticated | bad_credentials | token_expired
+     +-- Forbidden           403 forbidden
+     |    +-- KeyOpNotPermitted  403 key_op_not_permitted
+     +-- NotFound            404 not_found | no_such_route
+     +-- MethodNotAllowed    405 method_not_allowed
+     +-- Conflict            409 conflict | name_exists | group_not_empty
+     +-- TooLarge            413 too_large | memory_limit
+     +-- Unsupported         422 unsupported_algorithm
+     +-- Busy                429 busy
+     +-- Internal            500 internal | plugin_runtime_error
+     +-- Unavailable         503 unavailable (e.g. the audit log cannot be written; retry later)
+     +-- TimeLimit           504 time_limit
+     +-- PluginError         the status a plugin chose with Error{status=...} (plugin_error)
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from strongroom.wire import CODES
+from typing import Any, ClassVar
 
 
 class ApiError(Exception):
-    code = "internal"
+    status: ClassVar[int] = 500
+    codes: ClassVar[tuple[str, ...]] = ("internal",)
 
-    def __init__(
-        self,
-        message: str = "",
-        *,
-        code: str | None = None,
-        status: int | None = None,
-        **extra: Any,
-    ) -> None:
+    def __init__(self, message: str = "", *, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
-        if self.code not in CODES:
-            raise ValueError(f"unregistered error code {self.code!r}")
+        if code is None:
+            code = self.codes[0]
+        elif code not in self.codes:
+            raise ValueError(f"{type(self).__name__} cannot carry code {code!r}")
+        self.code = code
         self.message = message
         self.extra = extra
-        self._status = status  # only a plugin's own Error{status=...} sets this
-
-    @property
-    def status(self) -> int:
-        return self._status or CODES[self.code]
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}
 
 
 class BadRequest(ApiError):
-    code = "bad_request"
+    status = 400
+    codes = (
+        "bad_request",
+        "malformed_frame",
+        "invalid_field",
+        "missing_field",
+        "unknown_field",
+        "invalid_value",
+        "invalid_key_size",
+        "syntax_error",
+    )
 
 
-class BadTag(ApiError):
-    code = "bad_tag"
+class BadTag(BadRequest):
+    codes = ("bad_tag",)
 
-    def __init__(self) -> None:
-        super().__init__("authentication failed")
+    def __init__(self, message: str = "", **extra: Any) -> None:
+        super().__init__("authentication failed", **extra)  # never more than that
 
 
 class Unauthenticated(ApiError):
-    code = "unauthenticated"
+    status = 401
+    codes = ("unauthenticated", "bad_credentials", "token_expired")
 
 
 class Forbidden(ApiError):
-    code = "forbidden"
+    status = 403
+    codes = ("forbidden",)
+
+
+class KeyOpNotPermitted(Forbidden):
+    codes = ("key_op_not_permitted",)
 
 
 class NotFound(ApiError):
-    code = "not_found"
+    status = 404
+    codes = ("not_found", "no_such_route")
+
+
+class MethodNotAllowed(ApiError):
+    status = 405
+    codes = ("method_not_allowed",)
 
 
 class Conflict(ApiError):
-    code = "conflict"
+    status = 409
+    codes = ("conflict", "name_exists", "group_not_empty")
 
 
 class TooLarge(ApiError):
-    code = "too_large"
+    status = 413
+    codes = ("too_large", "memory_limit")
 
 
 class Unsupported(ApiError):
-    code = "unsupported_algorithm"
+    status = 422
+    codes = ("unsupported_algorithm",)
 
 
 class Busy(ApiError):
-    code = "busy"
+    status = 429
+    codes = ("busy",)
 
 
 class Internal(ApiError):
-    code = "internal"
+    status = 500
+    codes = ("internal", "plugin_runtime_error")
+
+
+class Unavailable(ApiError):
+    """Refused for now, nothing done (unless the message says otherwise): retry later."""
+
+    status = 503
+    codes = ("unavailable",)
+
+
+class TimeLimit(ApiError):
+    status = 504
+    codes = ("time_limit",)
+
+
+class PluginError(ApiError):
+    """A plugin's own ``Error{status=..., message=...}``: the plugin picks the status
+    (4xx/5xx); the code is whatever it named, ``plugin_error`` by default."""
+
+    codes = ("plugin_error",)
+
+    def __init__(self, message: str, status: int, code: str = "plugin_error", **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.code = code
+        self.status = status  # type: ignore[misc] - per instance, the plugin's choice
+
+
+#: Every class that may be raised, by code (PluginError is built explicitly).
+BY_CODE: dict[str, type[ApiError]] = {
+    code: cls
+    for cls in (
+        BadRequest,
+        BadTag,
+        Unauthenticated,
+        Forbidden,
+        KeyOpNotPermitted,
+        NotFound,
+        MethodNotAllowed,
+        Conflict,
+        TooLarge,
+        Unsupported,
+        Busy,
+        Internal,
+        Unavailable,
+        TimeLimit,
+    )
+    for code in cls.codes
+}
+
+
+def from_code(code: str, message: str, **extra: Any) -> ApiError:
+    """The error for a code reported by another process (the sandbox worker)."""
+    cls = BY_CODE.get(code)
+    if cls is None:
+        return Internal(message, **extra)
+    return cls(message, code=code, **extra)
+
+
+def status_of(code: str) -> int:
+    return BY_CODE.get(code, Internal).status

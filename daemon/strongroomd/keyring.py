@@ -41,7 +41,7 @@ from strongroomd.auth import (
     check_key_use,
 )
 from strongroomd.context import Owner
-from strongroomd.errors import ApiError, BadRequest, Conflict, Internal, NotFound, TooLarge
+from strongroomd.errors import BadRequest, Conflict, Internal, NotFound, TooLarge, Unsupported
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
 from strongroomd.store import KeyRow, Store, now_stamp
 
@@ -137,7 +137,7 @@ def normalize_type(body: dict[str, Any]) -> tuple[str, str | None]:
     if obj_type == "OKP":
         obj_type, curve = "EC", curve or "Ed25519"
     if obj_type not in ALLOWED_OPS:
-        raise ApiError(f"unsupported obj_type {body['obj_type']!r}", code="unsupported_algorithm")
+        raise Unsupported(f"unsupported obj_type {body['obj_type']!r}")
     return obj_type, curve
 
 

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from strongroomd.errors import ApiError, BadRequest, NotFound
+from strongroomd.errors import BadRequest, MethodNotAllowed, NotFound
 
 if TYPE_CHECKING:
     from strongroomd.context import Request
@@ -129,5 +129,5 @@ class Router:
                 return r, params
             allowed = True
         if allowed:
-            raise ApiError(f"{method} is not allowed on {path}", code="method_not_allowed")
+            raise MethodNotAllowed(f"{method} is not allowed on {path}")
         raise NotFound(f"no route for {path}", code="no_such_route")

@@ -31,7 +31,7 @@ import strongroom
 from strongroom.wire import HEADER, FrameError, decode, encode, frame
 
 import strongroomd
-from strongroomd.errors import BadRequest, Internal
+from strongroomd.errors import BadRequest, Internal, status_of
 
 log = logging.getLogger("strongroomd.sandbox")
 
@@ -63,11 +63,26 @@ class PluginCode:
 
 @dataclass(slots=True)
 class Outcome:
+    """How an invocation ended. ``failure`` is the error code when the sandbox
+    ended it (limits, crashes, syntax); its status comes from the code's error
+    class. A plugin's own ``Error{status=...}`` is not a failure: its status stands."""
+
     status: int
     body: Any
     output: str
     traceback: str | None
     stats: dict[str, Any] = field(default_factory=dict)
+    failure: str | None = None
+
+
+def _failed(
+    code: str,
+    message: str,
+    output: str = "",
+    tb: str | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Outcome:
+    return Outcome(status_of(code), _error(code, message, tb), output, tb, stats or {}, code)
 
 
 class Host(Protocol):
@@ -439,8 +454,7 @@ class Pool:
         self._stats["invocations"] += 1
         w, syntax = await self._acquire(plugin, limits, discard)
         if w is None:
-            body = _error("syntax_error", syntax or "syntax error")
-            return Outcome(400, body, "", None, {"elapsed_ms": _ms(t0)})
+            return _failed("syntax_error", syntax or "syntax error", stats={"elapsed_ms": _ms(t0)})
         healthy = True
         calls = 0
         try:
@@ -505,21 +519,20 @@ class Pool:
             self._stats["time_limit"] += 1
             w.kill()
             msg_ = f"the plugin ran longer than {limits.wall_seconds:g} s"
-            return Outcome(504, _error("time_limit", msg_), "", None, {}), False, calls
+            return _failed("time_limit", msg_), False, calls
         except _WorkerGone:
             why = await w.died()
             if w.proc.returncode == -signal.SIGXCPU:
                 self._stats["time_limit"] += 1
-                body = _error("time_limit", "the plugin used up its CPU time")
-                return Outcome(504, body, "", None, {}), False, calls
+                return _failed("time_limit", "the plugin used up its CPU time"), False, calls
             self._stats["crashes"] += 1
             log.warning("sandbox worker %d died: %s", w.pid, why)
-            body = _error("plugin_runtime_error", f"the plugin's sandbox failed: {why}")
-            return Outcome(500, body, "", None, {}), False, calls
+            failed = _failed("plugin_runtime_error", f"the plugin's sandbox failed: {why}")
+            return failed, False, calls
         except FrameError as exc:
             self._stats["crashes"] += 1
             log.warning("sandbox worker %d broke the protocol: %s", w.pid, exc.message)
-            return Outcome(500, _error("internal", "sandbox failure"), "", None, {}), False, calls
+            return _failed("internal", "sandbox failure"), False, calls
         return (
             self._outcome(msg, limits),
             msg.get("kind") != "memory" and not msg.get("retire"),
@@ -529,12 +542,14 @@ class Pool:
     async def _host_call(self, host: Host, msg: dict[str, Any]) -> tuple[int, Any]:
         method, path = msg.get("method"), msg.get("path")
         if not isinstance(method, str) or not isinstance(path, str):
-            return 400, _error("bad_request", "a plugin call needs a method and a path")
+            return status_of("bad_request"), _error(
+                "bad_request", "a plugin call needs a method and a path"
+            )
         try:
             return await host.request(method, path, msg.get("body"))
         except Exception:
             log.exception("plugin API call %s %s failed", method, path)
-            return 500, _error("internal", "internal error")
+            return status_of("internal"), _error("internal", "internal error")
 
     def _outcome(self, msg: dict[str, Any], limits: Limits) -> Outcome:
         kind = msg.get("kind")
@@ -554,7 +569,7 @@ class Pool:
             try:
                 body = decode(raw, max_field=limits.max_result + 16)
             except FrameError as exc:
-                return Outcome(500, _error("internal", exc.message), output, None, stats)
+                return _failed("internal", exc.message, output, None, stats)
             return Outcome(200, body, output, None, stats)
         if kind == "error":
             status = msg.get("status")
@@ -563,16 +578,15 @@ class Pool:
             return Outcome(status, _error("plugin_error", message, tb), output, tb, stats)
         if kind == "time":
             self._stats["time_limit"] += 1
-            return Outcome(504, _error("time_limit", message), output, None, stats)
+            return _failed("time_limit", message, output, None, stats)
         if kind == "memory":
             self._stats["memory_limit"] += 1
-            return Outcome(413, _error("memory_limit", message), output, None, stats)
+            return _failed("memory_limit", message, output, None, stats)
         if kind == "too_large":
-            return Outcome(413, _error("too_large", message), output, None, stats)
+            return _failed("too_large", message, output, None, stats)
         if kind == "syntax":
-            return Outcome(400, _error("syntax_error", message), output, None, stats)
-        body = _error("plugin_runtime_error", message, tb)
-        return Outcome(500, body, output, tb, stats)
+            return _failed("syntax_error", message, output, None, stats)
+        return _failed("plugin_runtime_error", message, output, tb, stats)
 
 
 def _ms(t0: float) -> float:

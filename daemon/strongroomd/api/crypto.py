@@ -11,7 +11,7 @@ from typing import Any
 
 from strongroomd import mechanisms
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest
+from strongroomd.errors import BadRequest, Unsupported
 from strongroomd.keyring import DEFAULT_SIZE, KeySpec, key_spec, sobject
 from strongroomd.router import KEY, F, Route
 from strongroomd.store import KeyRow
@@ -64,7 +64,7 @@ async def unwrapkey(req: Request) -> dict[str, Any]:
 async def agree(req: Request) -> dict[str, Any]:
     b = req.body
     if b["mechanism"].lower() != "diffie_hellman":
-        raise BadRequest("mechanism must be diffie_hellman", code="unsupported_algorithm")
+        raise Unsupported("mechanism must be diffie_hellman")
     obj_type = b["key_type"].upper()
     spec = _new_key(req, obj_type, b.get("key_size", DEFAULT_SIZE.get(obj_type)))
     row = await req.services.keyring.agree(

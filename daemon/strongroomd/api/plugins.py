@@ -16,7 +16,18 @@ from strongroomd import _sandbox
 from strongroomd.api.groups import membership
 from strongroomd.auth import Principal, require_admin
 from strongroomd.context import Owner, Request, Services
-from strongroomd.errors import ApiError, BadRequest, Conflict, Forbidden, NotFound
+from strongroomd.errors import (
+    ApiError,
+    BadRequest,
+    Busy,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PluginError,
+    TooLarge,
+    Unsupported,
+    from_code,
+)
 from strongroomd.keyring import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import PluginRow, now_stamp
@@ -83,11 +94,11 @@ def _code(body: dict[str, Any]) -> str:
     src = body["source"]
     lang, code = src.get("language", "LUA"), src.get("code")
     if not isinstance(lang, str) or lang.upper() != "LUA":
-        raise BadRequest("source.language must be LUA", code="unsupported_algorithm")
+        raise Unsupported("source.language must be LUA")
     if not isinstance(code, str):
         raise BadRequest("source.code must be a string", code="invalid_field")
     if len(code.encode()) > MAX_CODE:
-        raise ApiError(f"plugin code is limited to {MAX_CODE} bytes", code="too_large")
+        raise TooLarge(f"plugin code is limited to {MAX_CODE} bytes")
     return code
 
 
@@ -211,11 +222,11 @@ class _Host:
         # The Lua API needs keys and crypto only. A worker that escaped Lua must not
         # reach management paths, nor invoke plugins (itself included) from a plugin.
         if not isinstance(path, str) or not path.startswith(PLUGIN_PATHS):
-            err = ApiError("plugins may call /crypto/v1/ paths only", code="forbidden")
+            err: ApiError = Forbidden("plugins may call /crypto/v1/ paths only")
             return err.status, err.body()
         self.calls += 1
         if self.calls > self.max_calls:
-            err = ApiError(f"more than {self.max_calls} API calls in one invocation", code="busy")
+            err = Busy(f"more than {self.max_calls} API calls in one invocation")
             return err.status, err.body()
         return await self.dispatcher.handle(self.owner, method, path, body)
 
@@ -272,10 +283,10 @@ async def invoke(req: Request) -> Any:
         extra = {"invocation_id": inv}
         if req.caller.is_admin and outcome.traceback:
             extra["traceback"] = outcome.traceback
-        # A plugin's Error{status=...} keeps its status.
-        raise ApiError(
-            str(body.get("message", "plugin error")), code=code, status=outcome.status, **extra
-        )
+        message = str(body.get("message", "plugin error"))
+        if outcome.failure is None:  # the plugin's own Error{status=...}: its status stands
+            raise PluginError(message, outcome.status, str(code), **extra)
+        raise from_code(outcome.failure, message, **extra)
     return outcome.body if outcome.status != 204 else None
 
 
@@ -284,7 +295,7 @@ async def test(req: Request) -> dict[str, Any]:
     b, s = req.body, req.services
     code = b["code"]
     if len(code.encode()) > MAX_CODE:
-        raise ApiError(f"plugin code is limited to {MAX_CODE} bytes", code="too_large")
+        raise TooLarge(f"plugin code is limited to {MAX_CODE} bytes")
     groups = b.get("groups") or sorted(req.caller.groups)
     groups, default = _groups(s, groups, None)
     await _pool(s).check_syntax(code, "test")

@@ -251,27 +251,22 @@ def test_hostile_plugins_are_contained_while_others_run(
     async def hostile(code: str) -> Outcome:
         return await invoke(pool, plugin(f"function run()\n  {code}\nend"), limits=limits)
 
-    async def steady() -> int:
+    async def go() -> tuple[list[Outcome], int]:
+        # Served while the hostile plugins still run: an order, not a rate.
+        attack = asyncio.gather(*(hostile(c) for c, _, _ in HOSTILE))
         n = 0
-        deadline = time.perf_counter() + 1.5
-        while time.perf_counter() < deadline:
+        while not attack.done():
             out = await invoke(pool, benign, n)
             assert (out.status, out.body) == (200, n * 2)
-            n += 1
-        return n
-
-    async def go() -> tuple[list[Outcome], int]:
-        results = await asyncio.gather(
-            asyncio.gather(*(hostile(c) for c, _, _ in HOSTILE)), steady()
-        )
-        return results[0], results[1]
+            n += 1 if not attack.done() else 0
+        return await attack, n
 
     outs, served = loop.run_until_complete(go())
     for (code, status, error), out in zip(HOSTILE, outs, strict=True):
         assert out.status in (status if isinstance(status, tuple) else (status,)), (code, out)
         if error:
             assert out.body["error"] == error, (code, out)
-    assert served > 50
+    assert served >= 5
     after = loop.run_until_complete(invoke(pool, benign, 21))
     assert after.body == 42
 
