@@ -22,6 +22,8 @@
           +-- InternalError     500  internal
           +-- PluginError       any  plugin_error (the plugin returned an Error)
           |    +-- PluginRuntimeError 500 plugin_runtime_error (has ``traceback``)
+          +-- Unavailable       503  unavailable (e.g. the audit log cannot be written:
+          |                          key use and changes are refused until it can; retry)
           +-- TimeLimit         504  time_limit
 
 ``error_for(status, body)`` turns an error response into the right class: by
@@ -54,6 +56,7 @@ __all__ = [
     "TooLarge",
     "TransportError",
     "Unauthenticated",
+    "Unavailable",
     "Unsupported",
     "error_for",
 ]
@@ -185,6 +188,10 @@ class PluginRuntimeError(PluginError):
         return tb if isinstance(tb, str) else None
 
 
+class Unavailable(ApiError):
+    code, status = "unavailable", 503
+
+
 class TimeLimit(ApiError):
     code, status = "time_limit", 504
 
@@ -217,6 +224,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "busy": Busy,
     "internal": InternalError,
     "plugin_runtime_error": PluginRuntimeError,
+    "unavailable": Unavailable,
     "time_limit": TimeLimit,
 }
 
@@ -231,6 +239,7 @@ _BY_STATUS: dict[int, type[ApiError]] = {
     422: Unsupported,
     429: Busy,
     500: InternalError,
+    503: Unavailable,
     504: TimeLimit,
 }
 

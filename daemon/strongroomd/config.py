@@ -66,6 +66,9 @@ class Config:
     plugin_max_workers: int = 8
     #: Plugin sandbox: API calls one invocation may make (each is audited).
     plugin_max_api_calls: int = 10_000
+    #: Audit records queued in memory, at most (~250 bytes each; ~2 s of the
+    #: fastest operation). Full, or the log failing to write: see docs/protocol.md.
+    audit_max_pending: int = 100_000
     #: HTTP/JSON gateway and web console: off unless enabled (``STRONGROOM_HTTP=1``
     #: does it too; ``scripts/run`` sets it).
     http_enabled: bool = False
@@ -170,6 +173,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "plugin_wall_seconds",
         "plugin_max_workers",
         "plugin_max_api_calls",
+        "audit_max_pending",
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")

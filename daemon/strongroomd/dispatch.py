@@ -12,6 +12,7 @@ from time import perf_counter
 from typing import Any
 
 from strongroomd import metrics
+from strongroomd.audit import AuditFailing, Kind, kind_of
 from strongroomd.auth import Principal
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, Internal, Unauthenticated
@@ -25,6 +26,7 @@ class Dispatcher:
     def __init__(self, services: Services, router: Router) -> None:
         self.services = services
         self.router = router
+        services.audit.max_pending = services.config.audit_max_pending
 
     def authenticate(self, owner: Owner, auth: str | None) -> Principal | None:
         if auth is not None:
@@ -72,10 +74,20 @@ class Dispatcher:
             req = Request(
                 self.services, owner, principal, method, path, params, check_body(route, body)
             )
+            kind = kind_of(method, route.path, req.body)
+            self.services.audit.admit(kind)  # fails closed: 503 when it cannot be recorded
             result = await route.handler(req)
             status = 204 if result is None else 200
-            self._audit(action, req.principal, req, owner, status, None)
+            seq = self._audit(action, req.principal, req, owner, status, None)
+            if kind is Kind.CHANGE and seq is not None:
+                try:  # a change is answered once its record is on disk
+                    await self.services.audit.flush(seq)
+                except AuditFailing as exc:
+                    exc.message = "done, but its audit record is not written yet (it is queued)"
+                    raise
             return status, result
+        except AuditFailing as exc:  # not recorded: the audit log cannot take it (metrics count)
+            return exc.status, exc.body()
         except ApiError as exc:
             self._audit(
                 action,
@@ -100,8 +112,13 @@ class Dispatcher:
         owner: Owner,
         status: int,
         code: str | None,
-    ) -> None:
-        self.services.audit.record(
+    ) -> int | None:
+        if principal is None:
+            # Nobody authenticated (no route, no session, failed login): counted, never
+            # stored, so a flood cannot fill the disk; api/session.py aggregates logins.
+            metrics.unaudited(code in ("no_such_route", "method_not_allowed"))
+            return None
+        return self.services.audit.record(
             action,
             actor=principal,
             object_id=req.object_id if req is not None else None,

@@ -8,9 +8,14 @@ status and error code. The label children are cached per (method, route,
 status) as plain numbers turned into metric families only when scraped, so
 the hot path costs a dict look-up, a bisect and three additions (~0.5 us).
 
+Requests with no authenticated caller (unmatched paths, no or a bad
+session, failed logins) are not stored in the audit log, so a flood cannot
+fill the disk; :func:`unaudited` counts them here instead.
+
 Everything else is read when scraped, not counted as it happens: in-flight
-requests, open connections, and the sandbox pool's counters (invocations, limit
-breaches, worker restarts, crashes, live workers) from ``Pool.stats``.
+requests, open connections, the sandbox pool's counters (invocations, limit
+breaches, worker restarts, crashes, live workers) from ``Pool.stats``, and the
+audit log's state (failing, queued records, refusals) from ``Audit.stats``.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from strongroomd.audit import Audit
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 UNMATCHED = "unmatched"
@@ -40,6 +48,7 @@ class _State:
     inflight = 0
     connections: Callable[[], int] = staticmethod(lambda: 0)
     sandbox: Callable[[], dict[str, Any]] | None = None
+    audit: Audit | None = None
 
 
 state = _State()
@@ -56,6 +65,12 @@ Gauge(
 # Plain Python numbers, bumped on the event loop only: no lock, no label look-up.
 _requests: dict[tuple[str, str, int], list[Any]] = {}
 _errors: dict[tuple[str, str, int, str], int] = {}
+_unaudited = {"unmatched": 0, "unauthenticated": 0}
+
+
+def unaudited(unmatched: bool) -> None:
+    """Count one request that is not stored in the audit log (no authenticated caller)."""
+    _unaudited["unmatched" if unmatched else "unauthenticated"] += 1
 
 
 def observe(method: str, route: str | None, status: int, seconds: float, body: Any) -> None:
@@ -160,6 +175,66 @@ class _SandboxCollector:
 
 
 REGISTRY.register(_SandboxCollector())  # type: ignore[arg-type]
+
+
+def bind_audit(audit: Audit) -> None:
+    """Tell the scrape-time collector which audit log to report on."""
+    state.audit = audit
+
+
+class _AuditCollector:
+    def collect(self) -> Iterator[Any]:
+        unaudited = CounterMetricFamily(
+            "strongroom_unaudited_requests",
+            "Requests not stored in the audit log (no authenticated caller), by reason.",
+            labels=["reason"],
+        )
+        for reason, n in _unaudited.items():
+            unaudited.add_metric([reason], n)
+        yield unaudited
+        audit = state.audit
+        if audit is None:
+            return
+        st = audit.stats
+        yield GaugeMetricFamily(
+            "strongroom_audit_failing",
+            "1 while the audit log cannot be written (key use and changes get 503).",
+            value=int(st.failing),
+        )
+        yield GaugeMetricFamily(
+            "strongroom_audit_pending_records",
+            "Audit records queued and not yet written.",
+            value=audit.pending,
+        )
+        yield GaugeMetricFamily(
+            "strongroom_audit_max_pending_records",
+            "Bound of the audit queue (audit_max_pending).",
+            value=audit.max_pending,
+        )
+        yield CounterMetricFamily(
+            "strongroom_audit_write_failures",
+            "Tries to write queued audit records that failed (retried with back-off).",
+            value=st.flush_failures,
+        )
+        refused = CounterMetricFamily(
+            "strongroom_audit_refused_requests",
+            "Requests refused with 503 because their record could not be kept, by reason.",
+            labels=["reason"],
+        )
+        refused.add_metric(["failing"], st.refused_failing)
+        refused.add_metric(["queue_full"], st.refused_full)
+        yield refused
+        yield CounterMetricFamily(
+            "strongroom_failed_logins",
+            "Failed logins (audited as one record per source and minute, with a count).",
+            value=st.failed_logins,
+        )
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+REGISTRY.register(_AuditCollector())  # type: ignore[arg-type]
 
 
 def render() -> tuple[bytes, str]:

@@ -1,12 +1,23 @@
-"""/sys/v1/logs: read the audit trail, and check that nobody edited it."""
+"""/sys/v1/logs: read the audit trail, and check that nobody edited it.
+
+What verify can know: the chain on disk is whole (no record edited, removed or
+reordered; the newest ones too, while the daemon runs), and every record this
+daemon has queued is written -- while the log cannot be written, verify says
+``ok: false`` and how many are waiting. What it cannot know: records that were
+never written because the process died (``kill -9``, power loss) inside the
+50 ms group-commit window of key use. Start-up notes each such stop as a
+``daemon.unclean_stop`` record, and verify lists them (``unclean_stops``).
+Changes are never in that window: they are answered after their record is written.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 
-from strongroomd.audit import verify_file
+from strongroomd.audit import AuditFailing, unclean_stops, verify_file
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
@@ -24,7 +35,10 @@ async def list_(req: Request) -> list[dict[str, Any]]:
         if name in b:
             where.append(f"{name} = ?")
             args.append(b[name])
-    await req.services.audit.flush()
+    # Every record of every answered request, unless the log cannot be written now:
+    # then what is on disk (verify says how many are still queued).
+    with contextlib.suppress(AuditFailing):
+        await req.services.audit.flush()
     sql = (
         "SELECT seq, time, actor_kind, actor_id, action, object_id, status, code, "
         "invocation_id, detail FROM audit"
@@ -45,14 +59,31 @@ async def list_(req: Request) -> list[dict[str, Any]]:
 async def verify(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     audit = req.services.audit
-    await audit.flush()
+    try:
+        await audit.flush()
+        unwritten = 0
+    except AuditFailing:
+        unwritten = audit.pending  # answered (some of them) and not on disk: not ok
     head = audit.head
+    db = req.services.config.db_path
     # A connection of its own on a thread: the store's thread keeps writing meanwhile.
-    checked, brk = await asyncio.to_thread(verify_file, req.services.config.db_path, head)
-    out: dict[str, Any] = {"ok": brk is None, "records": checked, "head": head[0]}
+    checked, brk = await asyncio.to_thread(verify_file, db, head)
+    stops = await asyncio.to_thread(unclean_stops, db)
+    out: dict[str, Any] = {
+        "ok": brk is None and unwritten == 0,
+        "records": checked,
+        "head": head[0],
+        "unwritten": unwritten,
+        "unclean_stops": stops,
+    }
     if brk is not None:
         out["broken_at"] = brk.seq
         out["reason"] = f"record {brk.seq} {brk.reason}"
+    elif unwritten:
+        out["reason"] = (
+            f"{unwritten} records from {head[0] + 1} on are not written yet: "
+            "the audit log cannot be written now"
+        )
     return out
 
 
@@ -63,8 +94,10 @@ ROUTES = [
         verify,
         {},
         synopsis=(
-            "Recompute the audit hash chain: {ok, records, head, broken_at?, reason?}; "
-            "broken_at names the first edited, deleted or reordered record."
+            "Recompute the audit hash chain: {ok, records, head, unwritten, unclean_stops, "
+            "broken_at?, reason?}; broken_at names the first edited, deleted or reordered "
+            "record; ok is false too while queued records cannot be written (unwritten); "
+            "unclean_stops: where a kill -9 may have lost the last 50 ms of key-use records."
         ),
     ),
     Route(

@@ -1,12 +1,20 @@
-"""/sys/v1/session/*: log in with an API key, log out."""
+"""/sys/v1/session/*: log in with an API key, log out.
+
+A failed login is not stored as a record of its own: it is counted per source
+and minute, and written as one record with the count
+(:meth:`strongroomd.audit.Audit.failed_login`), so a flood of guesses cannot
+fill the disk. The source is the socket connection, or "http" for the gateway
+(:func:`strongroomd.audit.source_of`).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from strongroomd.audit import source_of
 from strongroomd.auth import parse_api_key
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest
+from strongroomd.errors import BadRequest, Unauthenticated
 from strongroomd.router import F, Route
 
 
@@ -21,7 +29,12 @@ async def auth(req: Request) -> dict[str, Any]:
     else:
         raise BadRequest("api_key (or app_id and secret) is required", code="missing_field")
     services = req.services
-    token, principal = await services.auth.login(pid, secret)
+    try:
+        token, principal = await services.auth.login(pid, secret)
+    except Unauthenticated:
+        known = pid if pid in services.store.principals else None  # never a made-up id
+        services.audit.failed_login(source_of(req.owner), known)
+        raise
     req.principal = principal
     req.object_id = principal.id
     owner = req.owner
