@@ -48,6 +48,23 @@ class Config:
     max_field: int = 1024 * 1024
     #: Requests one connection may have in flight before it gets 429.
     max_inflight: int = 1024
+    #: Resource bounds (docs/protocol.md, "Resource bounds"). Socket connections
+    #: at once; beyond, a new one gets ``429 busy`` and is closed.
+    max_connections: int = 1024
+    #: HTTP gateway connections at once (its own cap, so a flood of one front end
+    #: never locks the other out); beyond, ``429 busy`` and closed.
+    http_max_connections: int = 256
+    #: Largest frame (socket) or body (HTTP) before authentication, and what an
+    #: unauthenticated socket connection may have buffered (bytes).
+    max_unauth_bytes: int = 64 * 1024
+    #: Request bytes in flight over all connections; when spent, the socket stops
+    #: reading (backpressure) and the gateway answers ``429 busy``.
+    max_inflight_bytes: int = 128 * 1024 * 1024
+    #: Seconds a started frame (or HTTP body) has to arrive whole.
+    frame_timeout: float = 10.0
+    #: Seconds a socket connection has to authenticate (and an HTTP connection may
+    #: sit idle) before it is closed.
+    auth_timeout: float = 10.0
     #: Session token lifetime (seconds).
     session_ttl: int = 3600
     #: Seconds SIGTERM waits for in-flight requests before cancelling them.
@@ -174,6 +191,12 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "plugin_max_workers",
         "plugin_max_api_calls",
         "audit_max_pending",
+        "max_connections",
+        "http_max_connections",
+        "max_unauth_bytes",
+        "max_inflight_bytes",
+        "frame_timeout",
+        "auth_timeout",
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")

@@ -16,7 +16,15 @@ permission rules and the audit trail are the socket's own.
 - Each request is its own connection (``Owner``): ``transient: true`` is a 400
   here, since such a key would vanish with the request that made it.
 - Request bodies are bounded by ``max_frame`` (413 ``too_large``), strings in
-  them by ``max_field``. Responses carry a strict CSP and no CORS headers;
+  them by ``max_field``; without a valid bearer token by ``max_unauth_bytes``.
+  A body must arrive within ``frame_timeout``; its bytes count against the
+  daemon's in-flight budget, and a request that finds it spent gets ``429
+  busy`` (the socket's connections wait instead: an HTTP request cannot be
+  held without holding its body). At most ``http_max_connections`` at once
+  (beyond: 429 and closed); an idle connection is closed after
+  ``auth_timeout``. JSON has no NaN or Infinity: such numbers are refused in
+  requests (400 ``malformed_frame``) and sent as ``null`` in responses.
+  Responses carry a strict CSP and no CORS headers;
   the Host header must name the loopback address (DNS rebinding).
 - ``GET /openapi.json``: the gateway's OpenAPI 3.1 document;
   ``GET /metrics``: Prometheus text from :mod:`strongroomd.metrics` when that
@@ -25,21 +33,24 @@ permission rules and the audit trail are the socket's own.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import importlib
 import json
 import logging
+import math
+import socket
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from strongroomd import openapi
+from strongroomd import metrics, openapi
 from strongroomd.context import Owner
-from strongroomd.errors import ApiError, BadRequest, Unauthenticated
-from strongroomd.protocol import MAX_PATH, METHODS
+from strongroomd.errors import ApiError, BadRequest, Busy, TooLarge, Unauthenticated
+from strongroomd.protocol import MAX_PATH, METHODS, Admission, Budget, Listener
 from strongroomd.router import Route
 
 if TYPE_CHECKING:
@@ -75,10 +86,23 @@ SECURITY_HEADERS = {
 
 
 class Gateway:
-    def __init__(self, config: Config, dispatcher: Dispatcher, keyring: Keyring) -> None:
+    def __init__(
+        self,
+        config: Config,
+        dispatcher: Dispatcher,
+        keyring: Keyring,
+        *,
+        budget: Budget | None = None,
+        max_connections: int | None = None,
+    ) -> None:
         self.config = config
         self.dispatcher = dispatcher
         self.keyring = keyring
+        #: Shared with the socket (``Server.budget``), so the two front ends together
+        #: stay under ``max_inflight_bytes``.
+        self.budget = budget or Budget(config.max_inflight_bytes)
+        self.admission = Admission("HTTP", max_connections or config.http_max_connections)
+        self._listener: Listener | None = None
         self.console_dir = config.http_console_dir or SOURCE_CONSOLE
         self.url = ""
         self._hosts: set[str] = set()
@@ -90,23 +114,40 @@ class Gateway:
         app = web.Application(client_max_size=self.config.max_frame)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         app.on_response_prepare.append(_headers)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=self.config.shutdown_grace,
+            # from connection start and between requests (a partial header included)
+            keepalive_timeout=self.config.auth_timeout,
+            # after an early answer (413, a late body), unread body bytes are drained
+            # for this long before the connection closes
+            lingering_time=self.config.frame_timeout,
+        )
         await runner.setup()
         host, port = self.config.http_host, self.config.http_port
-        site = web.TCPSite(runner, host, port, shutdown_timeout=self.config.shutdown_grace)
+        server = runner.server
+        assert server is not None
         try:
-            await site.start()
+            sock = _listen_tcp(host, port)
         except OSError as exc:
             await runner.cleanup()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        self._listener = Listener(
+            sock, server, self.admission, lambda: len(server.connections), _BUSY
+        )
         self._runner = runner
-        bound = runner.addresses[0][1]
+        bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{bound}"
         self._hosts = {f"{h}:{bound}" for h in (shown, "127.0.0.1", "localhost", "[::1]")}
         return self.url
 
     async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, lets requests finish
             self._runner = None
@@ -138,20 +179,34 @@ class Gateway:
             return _error(400, "malformed_frame", "path too long")
         route = self._route(method, path)
         owner = Owner(id=f"http-{uuid.uuid4()}")
+        charged = [0]  # bytes taken from the in-flight budget, given back at the end
+        close = False
         try:
-            body = await self._body(request, route)
+            try:
+                body = await self._body(request, route, charged)
+            except TimeoutError:
+                close = True  # the rest of the body may still come: drop the connection
+                raise BadRequest(
+                    f"the body did not arrive within {self.config.frame_timeout:g} s",
+                    code="malformed_frame",
+                ) from None
             body = self._authorization(request, route, owner, body)
             if isinstance(body, dict) and route is not None and route.fields is not None:
                 body = self._decode_binary(route, body)
             status, out = await self.dispatcher.handle(owner, method, path, body)
         except ApiError as exc:
             status, out = exc.status, exc.body()
+            close = close or exc.code == "too_large"  # an unread body follows
+            metrics.observe(method, route.path if route else None, status, 0.0, out)
         finally:
+            self.budget.give(charged[0])
             if owner.transient:
                 await self.keyring.drop_owner(owner)
         if status == 204:
             return web.Response(status=204, headers={"Cache-Control": "no-store"})
         resp = _json(status, out)
+        if close:
+            resp.force_close()
         if status == 401:
             resp.headers["WWW-Authenticate"] = 'Bearer realm="strongroom"'
         return resp
@@ -162,19 +217,37 @@ class Gateway:
         except ApiError:
             return None  # the dispatcher answers 404/405 and audits it
 
-    async def _body(self, request: web.Request, route: Route | None) -> Any:
-        if (request.content_length or 0) > self.config.max_frame:
-            raise ApiError(f"the body is over {self.config.max_frame} bytes", code="too_large")
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ApiError(
-                f"the body is over {self.config.max_frame} bytes", code="too_large"
-            ) from None
+    def _limit(self, request: web.Request, route: Route | None) -> int:
+        """The body limit: ``max_frame`` with a valid bearer token, else ``max_unauth_bytes``.
+
+        Checking the token ends it if it expired, so a token that fails here fails
+        the request here, with the dispatcher's own answer (``token_expired``).
+        """
+        scheme, _, cred = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "bearer" and cred.strip() and route is not None and not route.public:
+            self.dispatcher.services.auth.resolve(cred.strip())
+            return self.config.max_frame
+        return min(self.config.max_unauth_bytes, self.config.max_frame)
+
+    async def _body(self, request: web.Request, route: Route | None, charged: list[int]) -> Any:
+        limit = self._limit(request, route)
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise TooLarge(f"the body is over {limit} bytes")
+        raw = b""
+        if request.body_exists:
+            reserve = declared if declared is not None else limit
+            if not self.budget.try_take(reserve):
+                raise Busy("the daemon has too many request bytes in flight; retry shortly")
+            charged[0] = reserve
+            async with asyncio.timeout(self.config.frame_timeout):
+                raw = await _read(request, limit)
+            self.budget.give(reserve - len(raw))
+            charged[0] = len(raw)
         body: Any = None
         if raw.strip():
             try:
-                body = json.loads(raw)
+                body = json.loads(raw, parse_constant=_no_constant)
             except (ValueError, RecursionError):
                 raise BadRequest("the body is not valid JSON", code="malformed_frame") from None
             _check_sizes(body, self.config.max_field)
@@ -308,7 +381,12 @@ def _json_default(value: Any) -> Any:
 
 def _json(status: int, body: Any) -> web.Response:
     try:
-        text = json.dumps(body, default=_json_default, ensure_ascii=False)
+        try:
+            text = json.dumps(body, default=_json_default, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # NaN or Infinity, which JSON lacks: sent as null
+            text = json.dumps(
+                _finite(body), default=_json_default, ensure_ascii=False, allow_nan=False
+            )
     except (TypeError, ValueError):
         log.exception("unencodable response")
         status, text = 500, json.dumps({"error": "internal", "message": "unencodable response"})
@@ -318,6 +396,55 @@ def _json(status: int, body: Any) -> web.Response:
         content_type="application/json",
         headers={"Cache-Control": "no-store"},
     )
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The body, refused past ``limit`` bytes as it arrives (chunked bodies too)."""
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _listen_tcp(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+_BUSY_BODY = b'{"error": "busy", "message": "too many connections; try again later"}'
+_BUSY = (
+    b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+    b"Content-Length: " + str(len(_BUSY_BODY)).encode() + b"\r\nConnection: close\r\n"
+    b"Retry-After: 1\r\nServer: strongroomd\r\n\r\n" + _BUSY_BODY
+)
 
 
 def _error(status: int, code: str, message: str) -> web.Response:
@@ -337,14 +464,14 @@ def _check_sizes(value: Any, limit: int) -> None:
         v = stack.pop()
         if isinstance(v, str):
             if len(v) > limit:
-                raise ApiError(f"a field is over {limit} bytes", code="too_large")
+                raise TooLarge(f"a field is over {limit} bytes")
         elif isinstance(v, list):
             if len(v) > limit:
-                raise ApiError(f"an array is over {limit} items", code="too_large")
+                raise TooLarge(f"an array is over {limit} items")
             stack.extend(v)
         elif isinstance(v, dict):
             if len(v) > limit:
-                raise ApiError(f"a map is over {limit} entries", code="too_large")
+                raise TooLarge(f"a map is over {limit} entries")
             stack.extend(v.keys())
             stack.extend(v.values())
 

@@ -5,13 +5,37 @@ them as they finish, matched by ``id``. Replies finishing in the same loop
 turn are written with one system call. A malformed frame is answered (with
 ``id: null`` when no id could be read) and the connection goes on; only an
 oversized frame, after which the stream cannot be trusted, closes it.
+
+Every resource a connection can hold is bounded (docs/protocol.md, "Resource
+bounds"), because a client, authenticated or not, must never be able to
+starve the daemon:
+
+- :class:`Admission` and :class:`Listener`: at most ``max_connections`` at
+  once; beyond, a new connection gets one ``429 busy`` frame and is closed
+  at once. Refusals are counted and logged at most once a minute, never a
+  line each.
+- Before authentication a connection may send frames of ``max_unauth_bytes``
+  at most, one request at a time, and must authenticate within
+  ``auth_timeout`` seconds of connecting.
+- A frame that has started must arrive whole within ``frame_timeout``.
+- :class:`Budget`: request bytes in flight over all connections (and the HTTP
+  gateway) stay under ``max_inflight_bytes``; when it is spent, connections
+  stop taking frames (and the kernel's socket buffer pushes back on clients)
+  until requests finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import logging
+import socket
+import time
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from strongroom.wire import CODES, FrameError, FrameReader, decode, frame
@@ -27,6 +51,182 @@ log = logging.getLogger("strongroomd.protocol")
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 MAX_PATH = 1024
+#: Seconds between two warnings about the same kind of refusal (a flood of idle
+#: connections once grew the log 83 MB in 50 s, one line per refusal).
+WARN_EVERY = 60.0
+
+
+class Throttled:
+    """A warning logged at most once per :data:`WARN_EVERY`, with a count."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.total = 0
+        self._since = 0
+        self._last = -WARN_EVERY
+
+    def note(self, detail: str = "") -> None:
+        self.total += 1
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= WARN_EVERY:
+            log.warning("%s: %d since the last warning%s", self.what, self._since, detail)
+            self._last = now
+            self._since = 0
+
+
+class Admission:
+    """A connection cap for one listener (the socket, or the HTTP gateway)."""
+
+    def __init__(self, name: str, cap: int) -> None:
+        self.name = name
+        self.cap = cap
+        self.refusals = Throttled(f"{name}: connections refused at the cap of {cap}")
+
+    def full(self, current: int) -> bool:
+        """True (and the refusal counted) when ``current`` connections fill the cap."""
+        if current < self.cap:
+            return False
+        self.refusals.note(" (raise max_connections if these are legitimate clients)")
+        return True
+
+
+class Budget:
+    """Bytes of requests in flight, over every connection and front end.
+
+    A socket connection that finds the budget spent stops taking frames and
+    waits here; it is woken when requests finish. The HTTP gateway, which
+    cannot hold a request without holding its body, asks :meth:`try_take` and
+    answers ``429 busy`` on False.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting: dict[Connection, None] = {}  # an ordered set
+
+    @property
+    def spent(self) -> bool:
+        return self.used >= self.limit
+
+    def take(self, n: int) -> None:
+        self.used += n
+
+    def try_take(self, n: int) -> bool:
+        """Take ``n`` unless that would pass the limit (one request alone always fits)."""
+        if self.used and self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        if self._waiting and self.used < self.limit:
+            waiting, self._waiting = self._waiting, {}
+            for conn in waiting:
+                conn.pump()
+
+    def wait(self, conn: Connection) -> None:
+        self._waiting[conn] = None
+
+    def forget(self, conn: Connection) -> None:
+        self._waiting.pop(conn, None)
+
+
+#: Connections accepted per wake-up of a listener (asyncio's own loop takes its backlog).
+ACCEPT_BATCH = 64
+#: Errors of accept() that mean "out of descriptors or memory": wait, then try again.
+_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Listener:
+    """Accepts connections for one listening socket, enforcing its :class:`Admission`.
+
+    asyncio's own server accepts a whole backlog before any protocol can refuse
+    a connection, so a flood held up to three backlogs of descriptors at once,
+    and each failed accept() logged a traceback. Here a connection over the cap
+    gets ``refusal`` (best effort) and is closed before the next accept(), and
+    running out of descriptors pauses accepting for a moment with one
+    throttled warning.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+        admission: Admission,
+        count: Callable[[], int],
+        refusal: bytes,
+    ) -> None:
+        self.sock = sock
+        self.factory = factory
+        self.admission = admission
+        self.count = count
+        self.refusal = refusal
+        self.pending = 0  # accepted, transport not yet made
+        self._loop = asyncio.get_running_loop()
+        self._exhausted = Throttled(f"{admission.name}: accept() failed, out of descriptors")
+        self._closed = False
+        sock.setblocking(False)
+        self._loop.add_reader(sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _EXHAUSTED and exc.errno != errno.ECONNABORTED:
+                    raise
+                if exc.errno != errno.ECONNABORTED:
+                    self._exhausted.note(" (raise LimitNOFILE or lower the connection caps)")
+                    self._loop.remove_reader(self.sock.fileno())
+                    self._loop.call_later(0.1, self._resume)
+                return
+            if self.admission.full(self.count() + self.pending):
+                with contextlib.suppress(OSError):
+                    conn.send(self.refusal, socket.MSG_DONTWAIT)
+                conn.close()
+                continue
+            conn.setblocking(False)
+            self.pending += 1
+            made = self._loop.create_task(
+                self._loop.connect_accepted_socket(self.factory, sock=conn)
+            )
+            made.add_done_callback(partial(self._made, conn))
+
+    def _made(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self.pending -= 1
+        if task.cancelled() or task.exception() is not None:
+            conn.close()
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._accept)
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    """Per-connection bounds, from :class:`strongroomd.config.Config`."""
+
+    max_frame: int
+    max_field: int
+    max_inflight: int
+    max_unauth_bytes: int
+    frame_timeout: float
+    auth_timeout: float
+
+
+#: Connections closed for a deadline, counted (a flood of them must not flood the log).
+_AUTH_TIMEOUTS = Throttled("connections closed for not authenticating in time")
+_FRAME_TIMEOUTS = Throttled("connections closed for a frame that did not arrive whole in time")
 
 
 class Connection(asyncio.Protocol):
@@ -36,23 +236,32 @@ class Connection(asyncio.Protocol):
         keyring: Keyring,
         connections: set[Connection],
         *,
-        max_frame: int,
-        max_field: int,
-        max_inflight: int,
+        limits: Limits,
+        budget: Budget,
     ) -> None:
         self.dispatcher = dispatcher
         self.services = dispatcher.services
         self.keyring = keyring
         self.connections = connections
-        self.max_field = max_field
-        self.max_inflight = max_inflight
-        self.reader = FrameReader(max_frame)
+        self.limits = limits
+        self.budget = budget
+        self.max_field = limits.max_field
+        self.max_inflight = limits.max_inflight
+        self.reader = FrameReader(min(limits.max_unauth_bytes, limits.max_frame))
         self.owner = Owner(id=str(uuid.uuid4()))
         self.tasks: set[asyncio.Task[None]] = set()
         self.transport: asyncio.Transport | None = None
+        self.authenticated = False
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._closing = False
+        self._reading = True
+        self._write_paused = False
+        self._draining = False
+        self._auth_overdue = False
+        self._auth_timer: asyncio.TimerHandle | None = None
+        self._frame_timer: asyncio.TimerHandle | None = None
+        self._frame_mark = -1
         self._loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol --------------------------------------------------------
@@ -60,30 +269,117 @@ class Connection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.connections.add(self)
+        self._auth_timer = self._loop.call_later(self.limits.auth_timeout, self._auth_expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
+        self._cancel_timers()
+        self.budget.forget(self)
         self.connections.discard(self)
         self._loop.create_task(self._cleanup())
 
-    def pause_writing(self) -> None:  # the client is not reading its replies: stop reading
-        if self.transport is not None:
-            self.transport.pause_reading()
+    def pause_writing(self) -> None:  # the client is not reading its replies: take no more
+        self._write_paused = True
+        self._set_reading(False)
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self._closing:
-            self.transport.resume_reading()
+        self._write_paused = False
+        self.pump()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            payloads = self.reader.feed(data)
-        except FrameError as exc:
-            self._reply(None, CODES[exc.code], {"error": exc.code, "message": exc.message})
-            self._flush()
-            self.close()
+        self.reader.push(data)
+        self.pump()
+
+    # -- flow ------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Take whole frames while nothing holds this connection; then set reading
+        and the partial-frame deadline to match."""
+        if self._closing:
             return
-        for payload in payloads:
+        while not self._held():
+            try:
+                payload = self.reader.next()
+            except FrameError as exc:
+                self._fail(exc.code, exc.message)
+                return
+            if payload is None:
+                break
             self._on_frame(payload)
+            if self._closing:
+                return
+        held = self._held()
+        if not self.authenticated and self.reader.buffered > self.limits.max_unauth_bytes:
+            self._fail(
+                "too_large",
+                f"before authentication a connection may send {self.limits.max_unauth_bytes} "
+                "bytes at a time; wait for the answer to session/auth",
+            )
+            return
+        self._set_reading(not held)
+        if self.reader.buffered and not held:
+            if self._frame_timer is None or self._frame_mark != self.reader.frames:
+                if self._frame_timer is not None:
+                    self._frame_timer.cancel()
+                self._frame_mark = self.reader.frames
+                self._frame_timer = self._loop.call_later(
+                    self.limits.frame_timeout, self._frame_expired
+                )
+        elif self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _held(self) -> bool:
+        """Whether to take no more frames for now (the reasons are in the module doc)."""
+        if self._write_paused or self._draining:
+            return True
+        if not self.authenticated and self.tasks:
+            return True  # before authentication, one request at a time
+        if self.budget.spent:
+            self.budget.wait(self)
+            return True
+        return False
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self._reading or self.transport is None or self._closing:
+            return
+        self._reading = on
+        if on:
+            self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()
+
+    def _authenticated(self) -> None:
+        """The connection proved a credential: it gets the full frame size."""
+        self.authenticated = True
+        self.reader.max_frame = self.limits.max_frame
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if self.authenticated or self._closing:
+            return
+        if self.tasks:  # a login still being checked decides
+            self._auth_overdue = True
+            return
+        _AUTH_TIMEOUTS.note()
+        self._fail("unauthenticated", f"authenticate within {self.limits.auth_timeout:g} s")
+
+    def _frame_expired(self) -> None:
+        self._frame_timer = None
+        if self._closing:
+            return
+        _FRAME_TIMEOUTS.note()
+        self._fail(
+            "malformed_frame", f"a frame must arrive whole within {self.limits.frame_timeout:g} s"
+        )
+
+    def _fail(self, code: str, message: str) -> None:
+        """Answer ``id: null`` and close: the stream can no longer be trusted."""
+        self._reply(None, CODES[code], {"error": code, "message": message})
+        self._flush()
+        self.close()
 
     # -- requests ------------------------------------------------------------------
     def _on_frame(self, payload: bytes) -> None:
@@ -116,18 +412,38 @@ class Connection(asyncio.Protocol):
         except ApiError as exc:
             self._reply(rid, exc.status, exc.body())
             return
+        size = len(payload)
+        self.budget.take(size)
         task = self._loop.create_task(self._run(rid, method, path, msg.get("body"), auth))
         self.tasks.add(task)
         self.services.socket_pending += 1
-        task.add_done_callback(self._done)
+        task.add_done_callback(partial(self._done, size))
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, size: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         self.services.socket_pending -= 1
+        if not self.authenticated and self.owner.token is not None:
+            self._authenticated()  # session/auth bound a token to this connection
+        self.budget.give(size)
+        if self._auth_overdue and not self.authenticated and not self.tasks:
+            _AUTH_TIMEOUTS.note()
+            self._fail("unauthenticated", f"authenticate within {self.limits.auth_timeout:g} s")
+            return
+        self.pump()
 
     async def _run(self, rid: int, method: str, path: str, body: Any, auth: str | None) -> None:
         status, out = await self.dispatcher.handle(self.owner, method, path, body, auth)
+        guarded = auth is not None and not self.authenticated and status != 401
+        if guarded and self._guarded(method, path):  # its per-request token passed the check
+            self._authenticated()
         self._reply(rid, status, out)
+
+    def _guarded(self, method: str, path: str) -> bool:
+        """Whether the request matched a route that authenticates (so an answer proves a login)."""
+        try:
+            return not self.dispatcher.router.match(method, path)[0].public
+        except ApiError:
+            return False
 
     def _reply(self, rid: int | None, status: int, body: Any) -> None:
         if self._closing:
@@ -157,13 +473,23 @@ class Connection(asyncio.Protocol):
     # -- ending ----------------------------------------------------------------------
     def close(self) -> None:
         self._closing = True
+        self._cancel_timers()
         if self.transport is not None:
             self.transport.close()
 
+    def _cancel_timers(self) -> None:
+        for timer in (self._auth_timer, self._frame_timer):
+            if timer is not None:
+                timer.cancel()
+        self._auth_timer = self._frame_timer = None
+
     async def drain(self, grace: float) -> None:
         """Stop reading, let in-flight requests finish (up to ``grace``), then close."""
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self._draining = True
+        self._set_reading(False)
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
             for t in pending:
@@ -175,6 +501,13 @@ class Connection(asyncio.Protocol):
         if self.tasks:  # requests still running may yet make transient keys
             await asyncio.wait(set(self.tasks))
         await self.keyring.drop_owner(self.owner)
+
+
+def busy_frame(message: str) -> bytes:
+    """The frame a connection over the cap gets before it is closed."""
+    return frame(
+        {"id": None, "status": CODES["busy"], "body": {"error": "busy", "message": message}}
+    )
 
 
 def _id_of(payload: bytes, limit: int) -> int | None:

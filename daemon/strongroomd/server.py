@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import uuid
@@ -31,11 +32,19 @@ from strongroomd.config import Config
 from strongroomd.context import Services
 from strongroomd.dispatch import Dispatcher
 from strongroomd.keyring import Keyring
-from strongroomd.protocol import Connection
+from strongroomd.protocol import Admission, Budget, Connection, Limits, Listener, busy_frame
 from strongroomd.router import Router
 from strongroomd.store import GroupRow, PrincipalRow, Store, now_stamp
 
 log = logging.getLogger("strongroomd")
+
+#: Descriptors kept free of connections: token object files, the database and its
+#: WAL, sandbox worker pipes (plugin_max_workers x ~4), log and listening sockets.
+#: Connections at their caps must never make a worker spawn or a key write fail.
+FD_RESERVE = 256
+#: Listen backlog of the socket and the gateway: connections the kernel holds
+#: before the daemon accepts (and, over a cap, refuses) them.
+ACCEPT_BACKLOG = 128
 
 
 class StartupError(Exception):
@@ -48,9 +57,12 @@ class Server:
         self.services: Services | None = None
         self.dispatcher: Dispatcher | None = None
         self.connections: set[Connection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._server: Listener | None = None
         self.gateway: Any = None  # strongroomd.gateway.Gateway when http_enabled
         self._stop = asyncio.Event()
+        #: Request bytes in flight over the socket and the gateway together.
+        self.budget = Budget(config.max_inflight_bytes)
+        self._caps: tuple[int, int] | None = None
         self._lock: int | None = None
         self._stopping = False
 
@@ -136,7 +148,13 @@ class Server:
         assert self.services is not None and self.dispatcher is not None
         url_file = self.config.state_dir / "http.url"
         url_file.unlink(missing_ok=True)
-        gateway = Gateway(self.config, self.dispatcher, self.services.keyring)
+        gateway = Gateway(
+            self.config,
+            self.dispatcher,
+            self.services.keyring,
+            budget=self.budget,
+            max_connections=self._connection_caps()[1],
+        )
         try:
             url = await gateway.start()
         except OSError as exc:
@@ -157,23 +175,70 @@ class Server:
         keyring = self.services.keyring if self.services else None
 
         def factory() -> Connection:
+        limits = Limits(
+            max_frame=cfg.max_frame,
+            max_field=cfg.max_field,
+            max_inflight=cfg.max_inflight,
+            max_unauth_bytes=cfg.max_unauth_bytes,
+            frame_timeout=cfg.frame_timeout,
+            auth_timeout=cfg.auth_timeout,
+        )
+        admission = Admission("socket", self._connection_caps()[0])
             return Connection(
-                dispatcher,
-                keyring,
-                self.connections,
-                max_frame=cfg.max_frame,
-                max_field=cfg.max_field,
-                max_inflight=cfg.max_inflight,
+                dispatcher, keyring, self.connections, limits=limits, budget=self.budget
             )
 
         old = os.umask(0o177)  # never a moment where others could connect
         try:
-            self._server = await asyncio.get_running_loop().create_unix_server(factory, path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+        except OSError:
+            sock.close()
+            raise
         finally:
             os.umask(old)
         path.chmod(cfg.socket_mode)
 
+        sock.listen(ACCEPT_BACKLOG)
     # -- serving -------------------------------------------------------------------
+        self._server = Listener(
+            sock,
+            factory,
+            admission,
+            lambda: len(self.connections),
+            busy_frame("too many connections; try again later"),
+        )
+
+    def _connection_caps(self) -> tuple[int, int]:
+        """The socket's and the gateway's connection caps, below the descriptor limit.
+
+        Raises the soft RLIMIT_NOFILE to the hard one first; if the caps and
+        :data:`FD_RESERVE` still do not fit, both caps shrink (one warning).
+        """
+        if self._caps is None:
+            cfg = self.config
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if hard == resource.RLIM_INFINITY or soft < hard:
+                want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+                with contextlib.suppress(ValueError, OSError):
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                    soft = want
+            sock, http = cfg.max_connections, cfg.http_max_connections if cfg.http_enabled else 0
+            room = max(soft - FD_RESERVE, 2)
+            if sock + http > room:
+                scale = room / (sock + http)
+                sock, http = max(1, int(sock * scale)), (max(1, int(http * scale)) if http else 0)
+                log.warning(
+                    "only %d descriptors (RLIMIT_NOFILE): connection caps lowered to %d (socket) "
+                    "and %d (HTTP), keeping %d for the token, database and sandbox; raise "
+                    "LimitNOFILE",
+                    soft,
+                    sock,
+                    http,
+                    FD_RESERVE,
+                )
+            self._caps = (sock, http or cfg.http_max_connections)
+        return self._caps
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
