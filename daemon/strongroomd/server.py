@@ -173,8 +173,6 @@ class Server:
             path.unlink()
         cfg, dispatcher = self.config, self.dispatcher
         keyring = self.services.keyring if self.services else None
-
-        def factory() -> Connection:
         limits = Limits(
             max_frame=cfg.max_frame,
             max_field=cfg.max_field,
@@ -184,23 +182,23 @@ class Server:
             auth_timeout=cfg.auth_timeout,
         )
         admission = Admission("socket", self._connection_caps()[0])
+
+        def factory() -> Connection:
             return Connection(
                 dispatcher, keyring, self.connections, limits=limits, budget=self.budget
             )
 
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # never a moment where others could connect
         try:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.bind(str(path))
         except OSError:
             sock.close()
             raise
         finally:
             os.umask(old)
-        path.chmod(cfg.socket_mode)
-
         sock.listen(ACCEPT_BACKLOG)
-    # -- serving -------------------------------------------------------------------
+        path.chmod(cfg.socket_mode)
         self._server = Listener(
             sock,
             factory,
@@ -239,6 +237,8 @@ class Server:
                 )
             self._caps = (sock, http or cfg.http_max_connections)
         return self._caps
+
+    # -- serving -------------------------------------------------------------------
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
