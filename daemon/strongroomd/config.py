@@ -71,6 +71,14 @@ class Config:
     shutdown_grace: float = 10.0
     #: Transient keys one connection may hold at once.
     max_transient_keys: int = 1000
+    #: Token thread, slow lane (key-pair generation; docs/protocol.md, "Token
+    #: scheduling"): generations one principal may have queued or running;
+    #: beyond, ``429 busy``. Two keep one client's generations back to back.
+    token_slow_per_principal: int = 2
+    #: Generations queued or running over all principals; beyond, ``429 busy``.
+    #: Eight RSA-4096 (~2-3 s each in SoftHSM) drain in ~20 s, inside the
+    #: clients' default 30 s timeout.
+    token_slow_total: int = 8
     #: Plugin sandbox: Lua memory cap per invocation (bytes).
     plugin_memory_bytes: int = 64 * 1024 * 1024
     #: Plugin sandbox: Lua VM instructions per invocation.
@@ -185,6 +193,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "max_inflight",
         "session_ttl",
         "max_transient_keys",
+        "token_slow_per_principal",
+        "token_slow_total",
         "plugin_memory_bytes",
         "plugin_instructions",
         "plugin_wall_seconds",

@@ -12,6 +12,7 @@ from time import perf_counter
 from typing import Any
 
 from strongroomd import metrics
+from strongroomd._token.fair import caller as token_caller
 from strongroomd.audit import AuditFailing, Kind, kind_of
 from strongroomd.auth import Principal
 from strongroomd.context import Owner, Request, Services
@@ -71,6 +72,7 @@ class Dispatcher:
                 principal = self.authenticate(owner, auth)
                 if principal is None:
                     raise Unauthenticated("authenticate first (POST /sys/v1/session/auth)")
+                token_caller.set(principal.id)  # the token thread's fair-queueing bucket
             req = Request(
                 self.services, owner, principal, method, path, params, check_body(route, body)
             )

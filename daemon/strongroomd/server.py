@@ -79,6 +79,8 @@ class Server:
                 token_settings.label,
                 token_settings.pin,
                 write_lock=backup.token_lock_path(cfg),
+                slow_per_principal=cfg.token_slow_per_principal,
+                slow_total=cfg.token_slow_total,
             )
         except Exception as exc:
             await store.close()

@@ -43,6 +43,7 @@ class World:
     module: Path
     api_key: str  # app in group g1 (sees the keys below)
     other_key: str  # app in group g2 only
+    tls_key: str = ""  # app in group g3: RSA and EC keys only (see test_openssl_ssh.py)
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sobject
     names: dict[str, str] = field(default_factory=dict)  # role -> unique name
 
@@ -85,6 +86,16 @@ def world(daemon: Daemon, module: Path) -> Iterator[World]:
         name = unique("p11-other-aes")
         w.names["other"] = name
         w.keys[name] = c.request("POST", "/crypto/v1/keys", {"name": name, "obj_type": "AES"})
+    # libp11 0.4.12 (Debian 12's OpenSSL engine) stops enumerating keys at the
+    # first key type it does not know (CKK_EC_EDWARDS): OpenSSL gets an app without one.
+    g3 = admin.request("POST", "/sys/v1/groups", {"name": unique("p11g3")})["group_id"]
+    tls = admin.request("POST", "/sys/v1/apps", {"name": unique("p11tls"), "groups": [g3]})
+    w.tls_key = tls["credential"]["api_key"]
+    with Client(daemon.socket, w.tls_key) as c:
+        for role in ("rsa", "ec"):
+            name = unique(f"p11-tls-{role}")
+            w.names[f"tls_{role}"] = name
+            w.keys[name] = c.request("POST", "/crypto/v1/keys", {"name": name, **KEY_SPECS[role]})
     admin.close()
     yield w
 

@@ -4,7 +4,10 @@
 meaning of alg/mode/iv/... is in ``strongroomd.mechanisms``); the PKCS#11
 calls run on one dedicated thread (``thread.Worker``) over one logged-in
 session, with every object indexed by CKA_ID at start-up (``core.Core``)
-and hot session copies of stored keys made on first use.
+and hot session copies of stored keys made on first use. The thread serves
+principals round-robin and keeps key-pair generation in a bounded lane of
+its own (see ``thread``); calls that may open token files first check for
+free descriptors and recover a token a failed call broke (see ``core``).
 
     >>> token = await Token.open("/usr/lib/softhsm/libsofthsm2.so", "strongroom", pin)
     >>> await token.encrypt(key, {"alg": "AES", "plain": b"..."})
@@ -47,14 +50,32 @@ _WRITES = frozenset(
 )
 
 
-def _holding(fd: int, fn: Any, *args: Any) -> Any:
-    """Run ``fn`` (on the token thread) under a shared flock on ``fd``; a backup's
-    exclusive lock makes this wait, and with it the token thread."""
-    fcntl.flock(fd, fcntl.LOCK_SH)
+# Operations that may open token files without writing (reads of token objects).
+_FILES = _WRITES | {"export", "wrap"}
+# Generated in the slow lane: key pairs (RSA takes seconds; see ``thread``).
+_KEY_PAIRS = frozenset(("RSA", "EC"))
+
+
+def _guarded(fd: int | None, fn: Any, core: Core, *args: Any) -> Any:
+    """Run ``fn`` (on the token thread) for a call that may open token files.
+
+    Under a shared flock on ``fd`` when it writes (a backup's exclusive lock
+    makes this wait, and with it the token thread); refused when descriptors
+    are short, and followed by a health check of the token when it fails
+    (``Core.enter`` / ``Core.failed``).
+    """
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_SH)
     try:
-        return fn(*args)
+        core.enter()
+        try:
+            return fn(core, *args)
+        except _PKCS11Error:
+            core.failed()
+            raise
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _asym_type(key: KeyRef) -> str:
@@ -77,15 +98,29 @@ class Token:
         self.quiet: Callable[[], bool] = lambda: False
 
     @classmethod
-    async def open(cls, module: str, label: str, pin: str, write_lock: Path | None = None) -> Token:
+    async def open(
+        cls,
+        module: str,
+        label: str,
+        pin: str,
+        write_lock: Path | None = None,
+        *,
+        slow_per_principal: int = 2,
+        slow_total: int = 8,
+    ) -> Token:
         """``write_lock``: a file whose shared flock every write to the token holds
-        (see ``strongroomd.backup``: a backup takes it exclusively to freeze the token)."""
+        (see ``strongroomd.backup``: a backup takes it exclusively to freeze the token).
+        ``slow_per_principal``/``slow_total``: the slow lane's bounds (``thread.Worker``)."""
         if not _open_lock.acquire(blocking=False):
             raise RuntimeError("a Token is already open in this process")
         fd = None
         if write_lock is not None:
             fd = os.open(write_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        worker = Worker(asyncio.get_running_loop())
+        worker = Worker(
+            asyncio.get_running_loop(),
+            slow_per_principal=slow_per_principal,
+            slow_total=slow_total,
+        )
         worker.start()
         try:
             core = await worker.call(Core, module, label, pin)
@@ -114,11 +149,13 @@ class Token:
             raise RuntimeError("the token is closed")
         return self._core.kids()
 
-    async def _run(self, what: str, fn: Any, *args: Any) -> Any:
+    async def _run(self, what: str, fn: Any, *args: Any, slow: bool = False) -> Any:
+        call = self._worker.slow if slow else self._call
         try:
-            if what in _WRITES and self._write_lock is not None:
-                return await self._call(_holding, self._write_lock, fn, self._core, *args)
-            return await self._call(fn, self._core, *args)
+            if what in _FILES:
+                fd = self._write_lock if what in _WRITES else None
+                return await call(_guarded, fd, fn, self._core, *args)
+            return await call(fn, self._core, *args)
         except _PKCS11Error as exc:
             raise token_error(exc, what) from None
 
@@ -128,7 +165,8 @@ class Token:
         await self._run("delete", Core.remove, kid)
 
     async def generate(self, new: NewKey) -> KeyMaterial:
-        return await self._run("generate", Core.generate, new)
+        """Key pairs go to the slow lane (429 ``busy`` when it is full)."""
+        return await self._run("generate", Core.generate, new, slow=new.obj_type in _KEY_PAIRS)
 
     async def import_key(self, new: NewKey, value: bytes) -> KeyMaterial:
         return await self._run("import", Core.import_key, new, value)

@@ -2,11 +2,30 @@
 
 Only the worker thread touches a ``Core``. It logs in once, indexes every
 object by CKA_ID once, and afterwards never searches the token.
+
+One failed call must not break later ones. SoftHSM 2.6.1 (file backend)
+breaks itself when it cannot open a file: ``Generation::wasUpdated()``
+answers "changed" when it cannot open the token's ``generation`` file, so
+``OSToken::index()`` re-reads the token directory, ``opendir`` fails
+(EMFILE), and the token is marked invalid (``OSToken::valid = false``) for
+good: ``index()`` returns early once invalid and ``createObject()`` refuses,
+so every later token-object creation fails with CKR_GENERAL_ERROR, on every
+session, until C_Finalize. Any call that reaches a token object's files can
+trigger it (create, destroy, set attribute, a copy from a token object).
+Hence :meth:`Core.enter`: such calls first check that descriptors are free
+(and are refused with 503 ``unavailable`` without entering the module otherwise),
+and :meth:`Core.failed` / :meth:`Core._reopen`: if a call fails anyway and
+C_GetTokenInfo shows the token lost, the library is re-initialised, logged
+in again and re-indexed. Closing or replacing a session would not help (the
+broken state is the library's, shared by all sessions) and would destroy the
+session objects it created.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import uuid
 from typing import Any
 
@@ -18,7 +37,14 @@ from pkcs11._pkcs11 import SearchIter
 from strongroomd import mechanisms as mech
 from strongroomd._token import keys
 from strongroomd._token.keys import Entry
-from strongroomd.errors import ApiError, BadRequest, Internal, NotFound, Unsupported
+from strongroomd.errors import (
+    ApiError,
+    BadRequest,
+    Internal,
+    NotFound,
+    Unavailable,
+    Unsupported,
+)
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
 
 log = logging.getLogger("strongroomd.token")
@@ -49,6 +75,29 @@ def load_lib(module: str) -> Any:
     return lib
 
 
+#: Descriptors that must be free before a call that may open token files enters
+#: the module. SoftHSM holds up to about five at once during a write (generation,
+#: directory, object, lock, transaction lock); the rest is margin for the event
+#: loop thread, which may accept connections meanwhile.
+FD_HEADROOM = 16
+
+
+def fds_free(n: int) -> bool:
+    """Whether ``n`` more descriptors can be opened now (opens and closes them)."""
+    opened: list[int] = []
+    try:
+        for _ in range(n):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        return False
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return True
+
+
 def token_error(exc: Exception, what: str) -> ApiError:
     """A PKCS#11 failure as an API error; never echoes key material."""
     if isinstance(exc, ApiError):
@@ -75,8 +124,16 @@ class Core:
             token = lib.get_token(token_label=label)
         except p11e.NoSuchToken:
             raise NotFound(f"no PKCS#11 token labelled {label!r}") from None
+        self._lib, self._label, self._pin = lib, label, pin
+        self._slot = token.slot
         self.session = token.open(rw=True, user_pin=pin)
         self.index: dict[str, Entry] = {}
+        #: A token-file call failed and the token's health is not known yet.
+        self.suspect = False
+        #: Times the library was re-initialised after the token was lost.
+        self.reopened = 0
+        #: Transient keys destroyed by a re-initialisation (for a clear 404).
+        self.lost: set[str] = set()
         self._index_token()
 
     # -- lifecycle -----------------------------------------------------------
@@ -127,36 +184,102 @@ class Core:
     def kids(self) -> set[str]:
         return {kid for kid, e in list(self.index.items()) if e.token}
 
+    # -- health --------------------------------------------------------------
+
+    def enter(self) -> None:
+        """Before a call that may open token files: refuse it when descriptors are
+        short (SoftHSM would break its token for good), and first recover a token
+        that an earlier failed call broke."""
+        if not fds_free(FD_HEADROOM):
+            log.warning("token call refused: fewer than %d descriptors free", FD_HEADROOM)
+            raise Unavailable("the daemon is short of file descriptors; retry shortly")
+        if self.suspect:
+            self._check()
+
+    def failed(self) -> None:
+        """After a token-file call failed: find out now (or at the next
+        :meth:`enter`, if descriptors are short) whether it broke the token."""
+        self.suspect = True
+        if fds_free(FD_HEADROOM):
+            try:
+                self._check()
+            except Exception:
+                log.exception("token recovery failed; retried on the next write")
+
+    def _check(self) -> None:
+        try:
+            self._slot.get_token()  # C_GetTokenInfo: fails once SoftHSM's token is invalid
+        except p11e.PKCS11Error:
+            self._reopen()
+        self.suspect = False
+
+    def _reopen(self) -> None:
+        """Re-initialise the library, log in again, and re-index the token.
+
+        Every session and handle of the old initialisation is gone: session
+        objects (transient keys, hot copies) with them. Token keys come back
+        from the index (hot copies are remade on first use); transient keys are
+        lost, and later uses of them answer 404.
+        """
+        transient = [kid for kid, e in self.index.items() if not e.token]
+        log.error(
+            "the token's state was lost after a failed call; re-initialising the "
+            "PKCS#11 library (%d transient keys are lost)",
+            len(transient),
+        )
+        self.lost.update(transient)
+        self.index.clear()
+        self._lib.reinitialize()
+        token = self._lib.get_token(token_label=self._label)
+        self._slot = token.slot
+        self.session = token.open(rw=True, user_pin=self._pin)
+        self._index_token()
+        self.reopened += 1
+
     # -- lookup --------------------------------------------------------------
 
     def entry(self, kid: str) -> Entry:
         e = self.index.get(kid)
         if e is None:
-            raise NotFound("no such key in the token")
+            raise self._missing(kid)
         return e
+
+    def _missing(self, kid: str) -> NotFound:
+        if kid in self.lost:
+            return NotFound("this transient key was lost when the token was re-initialised")
+        return NotFound("no such key in the token")
 
     def hot(self, kid: str) -> Any:
         """The secret/private object to operate with (a session copy if stored)."""
         e = self.index.get(kid)
         if e is None:
-            raise NotFound("no such key in the token")
+            raise self._missing(kid)
         h = e.hot
         if h is None:
             obj = e.secret if e.secret is not None else e.private
             if obj is None:
                 raise Unsupported("this key has no private part")
-            h = e.hot = obj.copy({Attribute.TOKEN: False}) if e.token else obj
+            h = e.hot = self._copy(obj) if e.token else obj
         return h
+
+    def _copy(self, obj: Any) -> Any:
+        """A session copy of a token object (this reads the object's file)."""
+        self.enter()
+        try:
+            return obj.copy({Attribute.TOKEN: False})
+        except p11e.PKCS11Error:
+            self.failed()
+            raise
 
     def hot_public(self, kid: str) -> Any:
         e = self.index.get(kid)
         if e is None:
-            raise NotFound("no such key in the token")
+            raise self._missing(kid)
         h = e.hot_pub
         if h is None:
             if e.public is None:
                 raise Unsupported("this key has no public part")
-            h = e.hot_pub = e.public.copy({Attribute.TOKEN: False}) if e.token else e.public
+            h = e.hot_pub = self._copy(e.public) if e.token else e.public
         return h
 
     def _new_entry(self, new: NewKey) -> Entry:
