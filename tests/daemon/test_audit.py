@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -184,3 +185,40 @@ def test_online_verify_catches_removed_newest_records(tmp_path) -> None:
         admin.close()
     finally:
         assert d.stop() == 0
+
+
+# -- what fails closed, and how floods are bounded -----------------------------------
+
+
+def test_every_route_has_the_audit_kind_it_should() -> None:
+    """Reads stay served while the log cannot be written; uses and changes do not."""
+    from strongroomd.api import ROUTES
+    from strongroomd.audit import Kind, kind_of
+
+    kinds = {(r.method, r.path): kind_of(r.method, r.path) for r in ROUTES}
+    for (method, path), kind in kinds.items():
+        if method == "GET":
+            assert kind is Kind.READ, path
+        elif path.startswith("/crypto/v1/") and not path.startswith("/crypto/v1/keys"):
+            assert kind is Kind.USE, path
+    assert kinds[("POST", "/crypto/v1/keys/info")] is Kind.READ
+    assert kinds[("POST", "/sys/v1/session/auth")] is Kind.READ
+    assert kinds[("POST", "/crypto/v1/keys")] is Kind.CHANGE
+    assert kinds[("POST", "/crypto/v1/keys/export")] is Kind.CHANGE
+    assert kinds[("POST", "/sys/v1/plugins/{plugin_id}")] is Kind.USE
+    assert kind_of("POST", "/crypto/v1/keys", {"transient": True}) is Kind.USE
+    assert kind_of("POST", "/sys/v1/some/new/route") is Kind.CHANGE  # unknown: fail closed
+
+
+def test_failed_logins_from_many_sources_make_a_bounded_number_of_records(tmp_path) -> None:
+    from strongroomd.audit import LOGIN_SOURCES, Audit
+    from strongroomd.store import Store
+
+    audit = Audit(Store(tmp_path / "db"))
+    for i in range(5000):
+        audit.failed_login(f"connection {i % 500}", None)
+    audit._emit_logins(None)
+    assert audit.pending <= 2 * (LOGIN_SOURCES + 1)  # one window, or two if it straddled
+    counts = [json.loads(r[-1])["count"] for r in audit._pending]
+    assert sum(counts) == 5000
+    assert any(json.loads(r[-1])["source"] == "other" for r in audit._pending)

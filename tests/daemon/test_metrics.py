@@ -78,6 +78,10 @@ def test_metrics_after_some_requests(tmp_path) -> None:
     )
     buckets = 'strongroom_request_duration_seconds_count{method="POST",route="/crypto/v1/keys"}'
     assert _value(text, buckets) == 3
+    # Not stored in the audit log, counted here (its path is in neither).
+    assert _value(text, 'strongroom_unaudited_requests_total{reason="unmatched"}') == 1
+    assert _value(text, "strongroom_audit_failing") == 0
+    assert _value(text, "strongroom_audit_max_pending_records") == 100000
     assert _value(text, "strongroom_requests_in_flight") >= 0
     assert _value(text, "strongroom_connections") >= 1
     assert _value(text, "strongroom_plugin_invocations_total") >= 3
