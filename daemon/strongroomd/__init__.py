@@ -1,0 +1,3 @@
+"""strongroomd: the Strongroom key-management daemon."""
+
+__version__ = "0.1.0"

@@ -299,11 +299,24 @@ class Keyring:
 
     # -- use ------------------------------------------------------------------
     async def operate(self, row: KeyRow, method: str, req: dict) -> dict[str, Any]:
-        """One crypto operation (``method`` of the token) with a key from :meth:`use`."""
-        return await getattr(self.token, method)(ref_of(row), req)
+        """One crypto operation (``method`` of the token) with a key from :meth:`use`.
+
+        As in DSM, ``alg`` may be left out where the key's type fixes it, and a
+        MAC comes back under ``digest`` as well as ``mac``.
+        """
+        if "alg" not in req and method in _ALG_FROM_KEY:
+            alg = _key_alg(row)
+            if alg is not None:
+                req = {**req, "alg": alg}
+        out = await getattr(self.token, method)(ref_of(row), req)
+        if method == "mac":
+            out["digest"] = out["mac"]
+        return out
 
     async def wrap(self, row: KeyRow, subject: KeyRow, req: dict) -> dict[str, Any]:
         """Wrap ``subject`` (found with :meth:`use` for EXPORT) under ``row`` (WRAPKEY)."""
+        if "alg" not in req and _key_alg(row) is not None:
+            req = {**req, "alg": _key_alg(row)}
         return await self.token.wrap(ref_of(row), ref_of(subject), req)
 
     async def export(self, row: KeyRow) -> bytes:
@@ -338,6 +351,8 @@ class Keyring:
     ) -> KeyRow:
         """Unwrap a key into the token under a key the caller may UNWRAPKEY with."""
         row = self.use(owner, principal, key, "UNWRAPKEY")
+        if "alg" not in req and _key_alg(row) is not None:
+            req = {**req, "alg": _key_alg(row)}
         ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
         return await self._make(
             owner,
@@ -606,6 +621,18 @@ class Keyring:
                 if lost:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)
         return {"orphans_removed": len(orphans), "rows_missing": marked}
+
+
+_ALG_FROM_KEY = frozenset(("encrypt", "decrypt", "wrap", "unwrap"))
+
+
+def _key_alg(row: KeyRow) -> str | None:
+    """The algorithm a key's type fixes (RSA for certificates with an RSA key)."""
+    if row.obj_type in ("AES", "DES3", "RSA"):
+        return row.obj_type
+    if row.obj_type == "CERTIFICATE" and not row.elliptic_curve:
+        return "RSA"
+    return None
 
 
 def _patched(cur: KeyRow, patch: KeyPatch, name: str | None) -> KeyRow:

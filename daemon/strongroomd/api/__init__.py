@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from strongroomd.api import apps, crypto, groups, keys, logs, plugins, session
+from strongroomd.api import apps, crypto, groups, keys, logs, plugins, session, sys
 from strongroomd.router import Route
 
 ROUTES: list[Route] = [
     *session.ROUTES,
+    *sys.ROUTES,
     *groups.ROUTES,
     *apps.ROUTES,
     *keys.ROUTES,

@@ -7,13 +7,14 @@ meaning of algorithms and modes.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from strongroomd import mechanisms
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Unsupported
+from strongroomd.errors import ApiError, BadRequest, TooLarge, Unsupported
 from strongroomd.keyring import DEFAULT_SIZE, KeySpec, key_spec, sobject
-from strongroomd.router import KEY, F, Route
+from strongroomd.router import KEY, F, Route, check_body
 from strongroomd.store import KeyRow
 
 
@@ -96,9 +97,10 @@ _NEW_FIELDS = {
     "enabled": F(bool),
 }
 _MODE = (str, dict)
+#: ``alg`` may be left out: the key's type fixes it (as in DSM).
 _ENC = {
     "key": KEY,
-    "alg": F(str, True),
+    "alg": F(str),
     "mode": F(_MODE),
     "iv": F(bytes),
     "ad": F(bytes),
@@ -113,74 +115,135 @@ _SIGN = {
     "deterministic_signature": F(bool),
 }
 _MAC = {"key": KEY, "alg": F(str), "data": F(bytes, True)}
+_WRAP = {"key": KEY, "subject": F(dict, True), "alg": F(str), "mode": F(_MODE), "iv": F(bytes)}
+_UNWRAP = {
+    "key": KEY,
+    "alg": F(str),
+    "obj_type": F(str, True),
+    "wrapped_key": F(bytes, True),
+    "mode": F(_MODE),
+    "iv": F(bytes),
+    "elliptic_curve": F(str),
+    "key_size": F(int),
+    **_NEW_FIELDS,
+}
+
+#: The operations that take one key: (name, key_op, token method, fields, synopsis).
+_OPS = [
+    ("encrypt", "ENCRYPT", "encrypt", {**_ENC, "plain": F(bytes, True)}, "Encrypt with a key."),
+    (
+        "decrypt",
+        "DECRYPT",
+        "decrypt",
+        {**_ENC, "cipher": F(bytes, True), "tag": F(bytes)},
+        "Decrypt with a key.",
+    ),
+    ("sign", "SIGN", "sign", _SIGN, "Sign."),
+    ("verify", "VERIFY", "verify", {**_SIGN, "signature": F(bytes, True)}, "Verify a signature."),
+    ("mac", "MACGENERATE", "mac", _MAC, "Make a MAC (returned as mac and as digest)."),
+    ("macverify", "MACVERIFY", "macverify", {**_MAC, "mac": F(bytes, True)}, "Check a MAC."),
+]
+_BY_NAME = {
+    name: Route("POST", f"/crypto/v1/{name}", _simple(op, method), fields, synopsis=doc)
+    for name, op, method, fields, doc in _OPS
+}
+_BY_NAME["wrapkey"] = Route(
+    "POST",
+    "/crypto/v1/wrapkey",
+    wrapkey,
+    _WRAP,
+    synopsis="Wrap an exportable key under another key.",
+)
+_BY_NAME["unwrapkey"] = Route(
+    "POST", "/crypto/v1/unwrapkey", unwrapkey, _UNWRAP, synopsis="Unwrap a key into the token."
+)
+
+#: Items in one batch request (a 4 MiB frame holds about this many small items).
+MAX_BATCH = 4096
+
+
+def _per_key(route: Route) -> Route:
+    """``/crypto/v1/keys/{kid}/<op>``: the same operation, the key in the path."""
+    inner = route.handler
+
+    async def handler(req: Request) -> Any:
+        req.body = {**req.body, "key": {"kid": req.params["kid"]}}
+        return await inner(req)
+
+    name = route.path.rsplit("/", 1)[1]
+    fields = {k: v for k, v in (route.fields or {}).items() if k != "key"}
+    return Route(
+        "POST", f"/crypto/v1/keys/{{kid}}/{name}", handler, fields, synopsis=route.synopsis
+    )
+
+
+def _batch(name: str, op: str, method: str) -> Route:
+    """``/crypto/v1/keys/batch/<op>``: DSM's items ``{kid, request}`` in, one
+    ``{status, body}`` or ``{status, error}`` out per item, in order. One
+    item's failure does not fail the others; all items go to the token
+    together, so the token thread takes them in batches."""
+    single = _BY_NAME[name]
+
+    async def handler(req: Request) -> list[dict[str, Any]]:
+        items = req.body
+        if not isinstance(items, list):
+            raise BadRequest("a batch is a list of {kid, request} items", code="invalid_field")
+        if len(items) > MAX_BATCH:
+            raise TooLarge(f"a batch holds at most {MAX_BATCH} items")
+        kr, audit = req.services.keyring, req.services.audit
+        action = f"POST /crypto/v1/keys/batch/{name} item"
+
+        async def one(item: Any) -> dict[str, Any]:
+            kid = item.get("kid") if isinstance(item, dict) else None
+            try:
+                if (
+                    not isinstance(kid, str)
+                    or not isinstance(item.get("request"), dict)
+                    or set(item) - {"kid", "request"}
+                    or "key" in item["request"]
+                ):
+                    raise BadRequest(
+                        "an item is {kid, request} (the key goes in kid)", code="invalid_field"
+                    )
+                body = check_body(single, {**item["request"], "key": {"kid": kid}})
+                row = kr.use(req.owner, req.caller, body["key"], op)
+                out = {"kid": row.kid, **await kr.operate(row, method, _rest(body))}
+            except ApiError as exc:
+                audit.record(
+                    action,
+                    actor=req.caller,
+                    object_id=kid if isinstance(kid, str) else None,
+                    status=exc.status,
+                    code=exc.code,
+                    invocation_id=req.owner.invocation_id,
+                )
+                return {"status": exc.status, "error": exc.message, "code": exc.code}
+            audit.record(
+                action, actor=req.caller, object_id=row.kid, invocation_id=req.owner.invocation_id
+            )
+            return {"status": 200, "body": out}
+
+        results = await asyncio.gather(*(one(item) for item in items))
+        req.audit_detail = {"items": len(results)}
+        return list(results)
+
+    return Route(
+        "POST",
+        f"/crypto/v1/keys/batch/{name}",
+        handler,
+        None,
+        synopsis=f"Batch {name}: a list of {{kid, request}}; one result per item, in order.",
+    )
+
 
 ROUTES = [
-    Route(
-        "POST",
-        "/crypto/v1/encrypt",
-        _simple("ENCRYPT", "encrypt"),
-        {**_ENC, "plain": F(bytes, True)},
-        synopsis="Encrypt with a key.",
-    ),
-    Route(
-        "POST",
-        "/crypto/v1/decrypt",
-        _simple("DECRYPT", "decrypt"),
-        {**_ENC, "cipher": F(bytes, True), "tag": F(bytes)},
-        synopsis="Decrypt with a key.",
-    ),
-    Route("POST", "/crypto/v1/sign", _simple("SIGN", "sign"), _SIGN, synopsis="Sign."),
-    Route(
-        "POST",
-        "/crypto/v1/verify",
-        _simple("VERIFY", "verify"),
-        {**_SIGN, "signature": F(bytes, True)},
-        synopsis="Verify a signature.",
-    ),
-    Route("POST", "/crypto/v1/mac", _simple("MACGENERATE", "mac"), _MAC, synopsis="Make a MAC."),
-    Route(
-        "POST",
-        "/crypto/v1/macverify",
-        _simple("MACVERIFY", "macverify"),
-        {**_MAC, "mac": F(bytes, True)},
-        synopsis="Check a MAC.",
-    ),
+    *_BY_NAME.values(),
     Route(
         "POST",
         "/crypto/v1/digest",
         digest,
         {"alg": F(str, True), "data": F(bytes, True)},
         synopsis="Hash data.",
-    ),
-    Route(
-        "POST",
-        "/crypto/v1/wrapkey",
-        wrapkey,
-        {
-            "key": KEY,
-            "subject": F(dict, True),
-            "alg": F(str, True),
-            "mode": F(_MODE),
-            "iv": F(bytes),
-        },
-        synopsis="Wrap an exportable key under another key.",
-    ),
-    Route(
-        "POST",
-        "/crypto/v1/unwrapkey",
-        unwrapkey,
-        {
-            "key": KEY,
-            "alg": F(str, True),
-            "obj_type": F(str, True),
-            "wrapped_key": F(bytes, True),
-            "mode": F(_MODE),
-            "iv": F(bytes),
-            "elliptic_curve": F(str),
-            "key_size": F(int),
-            **_NEW_FIELDS,
-        },
-        synopsis="Unwrap a key into the token.",
     ),
     Route(
         "POST",
@@ -196,4 +259,7 @@ ROUTES = [
         },
         synopsis="ECDH: derive a new key.",
     ),
+    # Batch before per-key: /keys/batch/x would otherwise match /keys/{kid}/x.
+    *(_batch(name, op, method) for name, op, method, _f, _d in _OPS),
+    *(_per_key(route) for route in _BY_NAME.values()),
 ]

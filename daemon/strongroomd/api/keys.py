@@ -132,6 +132,12 @@ async def export(req: Request) -> dict[str, Any]:
     return {**sobject(row), "value": await kr.export(row)}
 
 
+async def export_by_kid(req: Request) -> dict[str, Any]:
+    """``GET /crypto/v1/keys/{kid}/export`` (DSM's form of export)."""
+    req.body = {"kid": req.params["kid"]}
+    return await export(req)
+
+
 async def persist(req: Request) -> dict[str, Any]:
     """Store a transient key (Lua's ``:persist{}``): a token copy under a new kid."""
     b = req.body
@@ -202,6 +208,13 @@ ROUTES = [
         synopsis="List the keys you can see.",
     ),
     Route("GET", "/crypto/v1/keys/{kid}", get, {}, synopsis="Show a key."),
+    Route(
+        "GET",
+        "/crypto/v1/keys/{kid}/export",
+        export_by_kid,
+        {},
+        synopsis="A key with its value; only keys whose key_ops include EXPORT.",
+    ),
     Route(
         "PATCH",
         "/crypto/v1/keys/{kid}",

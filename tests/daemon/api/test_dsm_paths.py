@@ -1,0 +1,142 @@
+"""DSM's REST shapes: per-key paths, batch, alg from the key, digest on mac, health/version.
+
+Results are checked with ``cryptography``, never only against the daemon itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from tests.conftest import Raw, unique
+from tests.daemon.api.helpers import err, new_app, new_group, ok
+
+
+def _exportable_aes(admin: Raw, group: str) -> tuple[str, bytes]:
+    key = ok(
+        admin.call(
+            "POST",
+            "/crypto/v1/keys",
+            {
+                "name": unique("k"),
+                "obj_type": "AES",
+                "group_id": group,
+                "key_ops": ["ENCRYPT", "DECRYPT", "EXPORT", "MACGENERATE", "MACVERIFY"],
+            },
+        )
+    )
+    value = ok(admin.call("GET", f"/crypto/v1/keys/{key['kid']}/export"))["value"]
+    assert value == ok(admin.call("POST", "/crypto/v1/keys/export", {"kid": key["kid"]}))["value"]
+    return key["kid"], value
+
+
+def test_per_key_paths_and_alg_taken_from_the_key(admin_raw: Raw) -> None:
+    g = new_group(admin_raw)
+    kid, value = _exportable_aes(admin_raw, g)
+    out = ok(admin_raw.call("POST", f"/crypto/v1/keys/{kid}/encrypt", {"plain": b"hello"}))
+    assert out["kid"] == kid
+    plain = AESGCM(value).decrypt(out["iv"], out["cipher"] + out["tag"], None)
+    assert plain == b"hello"
+    back = ok(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{kid}/decrypt",
+            {"cipher": out["cipher"], "iv": out["iv"], "tag": out["tag"], "mode": "GCM"},
+        )
+    )
+    assert back["plain"] == b"hello"
+    # The key-in-body form takes alg from the key too.
+    out2 = ok(admin_raw.call("POST", "/crypto/v1/encrypt", {"key": {"kid": kid}, "plain": b"x"}))
+    assert AESGCM(value).decrypt(out2["iv"], out2["cipher"] + out2["tag"], None) == b"x"
+    # A per-key path refuses a key in the body (the path names it).
+    err(
+        admin_raw.call(
+            "POST", f"/crypto/v1/keys/{kid}/encrypt", {"key": {"kid": kid}, "plain": b"x"}
+        ),
+        "unknown_field",
+    )
+
+
+def test_mac_answers_digest_as_well(admin_raw: Raw) -> None:
+    g = new_group(admin_raw)
+    hk = ok(
+        admin_raw.call(
+            "PUT",
+            "/crypto/v1/keys",
+            {"name": unique("h"), "obj_type": "HMAC", "value": b"k" * 32, "group_id": g},
+        )
+    )
+    out = ok(
+        admin_raw.call(
+            "POST", f"/crypto/v1/keys/{hk['kid']}/mac", {"alg": "SHA256", "data": b"msg"}
+        )
+    )
+    want = hmac.new(b"k" * 32, b"msg", hashlib.sha256).digest()
+    assert out["mac"] == out["digest"] == want
+
+
+def test_batch_encrypt_keeps_order_and_isolates_failures(daemon, admin_raw: Raw) -> None:
+    g, other = new_group(admin_raw), new_group(admin_raw)
+    app = new_app(daemon, admin_raw, [g])
+    mine, value = _exportable_aes(admin_raw, g)
+    theirs, _ = _exportable_aes(admin_raw, other)
+    items = []
+    for i in range(1000):
+        if i % 10 == 3:
+            items.append({"kid": theirs, "request": {"plain": b"%d" % i}})  # not in its groups
+        elif i % 10 == 7:
+            items.append({"kid": mine, "request": {"plain": "not bytes"}})  # wrong type
+        else:
+            items.append({"kid": mine, "request": {"alg": "AES", "plain": b"%d" % i}})
+    out = ok(app.call("POST", "/crypto/v1/keys/batch/encrypt", items))
+    assert len(out) == 1000
+    for i, r in enumerate(out):
+        if i % 10 == 3:
+            assert (r["status"], r["code"]) == (404, "not_found"), r
+        elif i % 10 == 7:
+            assert (r["status"], r["code"]) == (400, "invalid_field"), r
+        else:
+            b = r["body"]
+            assert r["status"] == 200 and b["kid"] == mine
+            assert AESGCM(value).decrypt(b["iv"], b["cipher"] + b["tag"], None) == b"%d" % i
+    # Decrypt them back in one batch, in order.
+    back = ok(
+        app.call(
+            "POST",
+            "/crypto/v1/keys/batch/decrypt",
+            [
+                {
+                    "kid": mine,
+                    "request": {
+                        "mode": "GCM",
+                        **{k: r["body"][k] for k in ("cipher", "iv", "tag")},
+                    },
+                }
+                for r in out
+                if r["status"] == 200
+            ],
+        )
+    )
+    plains = [r["body"]["plain"] for r in back]
+    assert plains == [b"%d" % i for i in range(1000) if i % 10 not in (3, 7)]
+
+
+def test_batch_refuses_what_is_not_a_batch(admin_raw: Raw) -> None:
+    err(admin_raw.call("POST", "/crypto/v1/keys/batch/sign", {"kid": "x"}), "invalid_field")
+    out = ok(admin_raw.call("POST", "/crypto/v1/keys/batch/sign", [{"kid": 1}, "x"]))
+    assert [r["code"] for r in out] == ["invalid_field", "invalid_field"]
+
+
+def test_health_and_version_need_no_login(daemon) -> None:
+    anon = Raw(daemon.socket)
+    try:
+        assert anon.call("GET", "/sys/v1/health")["status"] == 204
+        v = ok(anon.call("GET", "/sys/v1/version"))
+        assert set(v) == {"version", "api_version", "server_mode"}
+        assert v["server_mode"] == "Software"
+        # Everything else still needs a login (the denied direction).
+        err(anon.call("GET", "/crypto/v1/keys"), "unauthenticated")
+    finally:
+        anon.close()
