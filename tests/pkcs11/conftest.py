@@ -122,6 +122,7 @@ def session(p11: Any, world: World) -> Iterator[Any]:
 
 
 def tool_env(world: World, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "STRONGROOM_SOCKET": str(world.daemon.socket), **extra}
-    env.pop("STRONGROOM_PKCS11_CONFIG", None)
-    return env
+    env = {**os.environ, "STRONGROOM_SOCKET": str(world.daemon.socket)}
+    for name in ("STRONGROOM_PKCS11_CONFIG", "STRONGROOM_PKCS11_API_KEY_FILE"):
+        env.pop(name, None)
+    return {**env, **extra}

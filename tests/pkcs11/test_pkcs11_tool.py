@@ -182,3 +182,43 @@ def test_missing_key_op(world: World, tmp_path: Path) -> None:
     )
     assert r.returncode != 0
     assert "CKR_KEY_FUNCTION_NOT_PERMITTED" in r.stderr
+
+
+def test_config_file(world: World, tmp_path: Path) -> None:
+    key_file = tmp_path / "app.key"
+    key_file.write_text(world.api_key)
+    conf = tmp_path / "p11.conf"
+    conf.write_text(
+        f"# example\nsocket = {world.daemon.socket}\ntoken_label = vault-a\n"
+        f"api_key_file = {key_file}\ntimeout = 30\n"
+    )
+    env = tool_env(world, STRONGROOM_PKCS11_CONFIG=str(conf))
+    env.pop("STRONGROOM_SOCKET")
+    r = subprocess.run(
+        ["pkcs11-tool", "--module", str(world.module), "-L"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert "token label        : vault-a" in r.stdout
+    assert "login required" not in r.stdout  # the module logs in with the key file
+    r = subprocess.run(
+        ["pkcs11-tool", "--module", str(world.module), "-O"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert world.names["rsa"] in r.stdout
+
+
+def test_daemon_down(world: World, tmp_path: Path) -> None:
+    env = tool_env(world, STRONGROOM_SOCKET=str(tmp_path / "nothing.sock"))
+    r = subprocess.run(
+        ["pkcs11-tool", "--module", str(world.module), "--login", "--pin", world.api_key, "-O"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode != 0
+    assert "CKR_DEVICE_ERROR" in r.stderr
