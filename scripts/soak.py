@@ -42,6 +42,7 @@ import hashlib
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1098,8 +1099,10 @@ def report(soak: Soak, counts: collections.Counter[str], elapsed: float, extra: 
     kinds_v = collections.Counter(k for k, _ in led.violations)
     verdict = "FAIL" if led.violations else "PASS"
     print(f"\nVIOLATIONS: {len(led.violations)} ({verdict})")
+    kid_re = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
     for kind, n in kinds_v.most_common():
-        print(f"  {n:>5}  {kind}")
+        kids = {m.group(0) for k, d in led.violations if k == kind for m in [kid_re.search(d)] if m}
+        print(f"  {n:>5}  {kind}" + (f" ({len(kids)} keys)" if kids else ""))
         for _, detail in [v for v in led.violations if v[0] == kind][:4]:
             print(f"           e.g. {detail}")
 
