@@ -247,6 +247,8 @@ class Audit:
         #: Resolved when the next write round ends: with None, or why it failed.
         self._round: asyncio.Future[str | None] | None = None
         self._closing = False
+        #: One write round at a time (the writer task; after close, a late flush).
+        self._writing = asyncio.Lock()
         #: Failed logins: window number -> source -> counts.
         self._logins: dict[int, dict[str, _Failures]] = {}
 
@@ -394,7 +396,11 @@ class Audit:
                 raise AuditFailing(failure)
 
     async def _write_round(self) -> str | None:
-        """Write what is queued, once. Only the writer task (or close) calls this."""
+        """Write what is queued, once (the writer task; after close, a late flush)."""
+        async with self._writing:
+            return await self._write_round_locked()
+
+    async def _write_round_locked(self) -> str | None:
         fut, self._round = self._round, None
         batch, self._pending = self._pending, []
         failure: str | None = None
