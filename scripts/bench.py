@@ -27,6 +27,56 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
+# -- the PKCS#11 provider vs the Python client (child process) --------------------------
+
+
+def provider_main(sock: str, api_key: str, seconds: float) -> None:
+    """The same sequential loop through libstrongroom-pkcs11.so and through the client."""
+    os.environ["STRONGROOM_SOCKET"] = sock
+    import pkcs11
+    from pkcs11 import Mechanism, ObjectClass
+    from pkcs11.mechanisms import GCMParams
+    from strongroom import Client
+
+    def rate(fn: Any, secs: float) -> float:
+        n, t0 = 0, time.perf_counter()
+        end = t0 + secs
+        while True:
+            for _ in range(10):
+                fn()
+            n += 10
+            now = time.perf_counter()
+            if now >= end:
+                return n / (now - t0)
+
+    plain, nonce, msg = os.urandom(32), os.urandom(12), b"benchmark message"
+    lib = pkcs11.lib(str(ROOT / ".venv" / "lib" / "libstrongroom-pkcs11.so"))
+    gcm = GCMParams(nonce)
+    enc = {"key": {"name": "bench-aes"}, "alg": "AES", "mode": "GCM", "plain": plain}
+    sign = {"key": {"name": "bench-rsa"}, "hash_alg": "SHA256", "data": msg}
+    out: dict[str, float] = {}
+    # Alternate the two paths (two rounds, best of each) so that neither gets
+    # the quieter half of a busy machine.
+    with (
+        lib.get_token(token_label="strongroom").open(user_pin=api_key) as s,
+        Client(socket_path=sock, api_key=api_key) as c,
+    ):
+        aes = s.get_key(object_class=ObjectClass.SECRET_KEY, label="bench-aes")
+        rsa = s.get_key(object_class=ObjectClass.PRIVATE_KEY, label="bench-rsa")
+        runs = {
+            "p11_aes_gcm": lambda: aes.encrypt(
+                plain, mechanism=Mechanism.AES_GCM, mechanism_param=gcm
+            ),
+            "client_aes_gcm": lambda: c.request("POST", "/crypto/v1/encrypt", enc),
+            "p11_rsa_sign": lambda: rsa.sign(msg, mechanism=Mechanism.SHA256_RSA_PKCS),
+            "client_rsa_sign": lambda: c.request("POST", "/crypto/v1/sign", sign),
+        }
+        for _ in range(2):
+            for name, fn in runs.items():
+                out[name] = max(out.get(name, 0.0), rate(fn, seconds / 2))
+    print(json.dumps(out))
+
+
 # -- raw python-pkcs11 (child process) ------------------------------------------------
 
 
@@ -206,9 +256,13 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--raw", nargs=2, metavar=("CONF", "PIN_FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--provider", nargs=2, metavar=("SOCK", "KEY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.raw:
         raw_main(args.raw[0], args.raw[1], args.seconds)
+        return 0
+    if args.provider:
+        provider_main(args.provider[0], args.provider[1], args.seconds)
         return 0
 
     from strongroom import Client
@@ -255,6 +309,14 @@ def main() -> int:
             )
             raw = json.loads(raw_out.stdout)
             got = asyncio.run(through_daemon(sock, api_key, args.seconds))
+            prov_out = subprocess.run(
+                [sys.executable, __file__, "--seconds", str(args.seconds), "--provider",
+                 str(sock), api_key],
+                capture_output=True,
+                text=True,
+                check=True,
+            )  # fmt: skip
+            provider = json.loads(prov_out.stdout)
         finally:
             daemon.send_signal(signal.SIGTERM)
             daemon.wait(30)
@@ -268,7 +330,7 @@ def main() -> int:
         ("AES-256 key creation (token object)", raw["key_create"], got["key_create"]),
     ]
     if args.json:
-        print(json.dumps({"raw": raw, "daemon": got}, indent=2))
+        print(json.dumps({"raw": raw, "daemon": got, "provider": provider}, indent=2))
         return 0
     print(f"{'operation':44} {'raw ops/s':>11} {'daemon ops/s':>13} {'daemon/raw':>11}")
     for name, r, d in rows:
@@ -288,6 +350,14 @@ def main() -> int:
         f"plugin doing one AES-GCM encrypt: p50 {pe['p50_us']:.0f} us vs direct request "
         f"p50 {de['p50_us']:.0f} us: {pe['p50_us'] / de['p50_us']:.2f}x"
     )
+    print(f"\n{'PKCS#11 provider, one thread, sequential':44} {'client ops/s':>12} "
+          f"{'module ops/s':>13} {'module/client':>14}")  # fmt: skip
+    for name, key in (
+        ("RSA-2048 PKCS#1 v1.5 sign (SHA-256)", "rsa_sign"),
+        ("AES-256-GCM 32 B", "aes_gcm"),
+    ):
+        cl, p11 = provider[f"client_{key}"], provider[f"p11_{key}"]
+        print(f"{name:44} {cl:12,.0f} {p11:13,.0f} {p11 / cl:14.2f}")
     return 0
 
 
