@@ -74,6 +74,8 @@ LOGIN_SOURCES = 32
 LOGIN_NAMES = 8
 LOGIN_ACTION = "POST /sys/v1/session/auth"
 STOP = "daemon.stop"
+#: Records appended by offline tools while the daemon is stopped (strongroomd.admin).
+OFFLINE = ("admin.rotate",)
 UNCLEAN = "daemon.unclean_stop"
 GENESIS = b"\0" * 32
 COLUMNS = (
@@ -266,13 +268,16 @@ class Audit:
         # Python ignores SIGXFSZ already; say so here, where it matters: a write past
         # RLIMIT_FSIZE must fail with EFBIG (and be retried), not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        rows = await self.store.query(
-            "SELECT seq, hash, action, time FROM audit ORDER BY seq DESC LIMIT 1"
-        )
+        rows = await self.store.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if rows:
-            last = rows[0]
-            self._seq, self._prev = last["seq"], last["hash"]
+            self._seq, self._prev = rows[0]["seq"], rows[0]["hash"]
             self.head = (self._seq, self._prev)
+            marks = ", ".join("?" * len(OFFLINE))
+            (last,) = await self.store.query(
+                f"SELECT seq, action, time FROM audit WHERE action NOT IN ({marks}) "  # noqa: S608
+                "ORDER BY seq DESC LIMIT 1",
+                OFFLINE,
+            ) or [{"seq": 0, "action": STOP, "time": None}]
             if last["action"] != STOP:
                 log.warning(
                     "the previous run did not stop cleanly (last audit record %d, %s): "

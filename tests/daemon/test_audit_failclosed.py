@@ -123,8 +123,11 @@ def test_kill9_loses_no_change_and_verify_names_the_unclean_stop(tmp_path) -> No
     """A change is answered only once its record is on disk; after a kill -9 the
     chain verifies and the unclean stop is named, where key use may be missing."""
     d = start_daemon(tmp_path)
+    assert d.stop() == 0
+    d.start()  # after a clean stop: no gap named
     admin = Raw(d.socket)
     admin.login(d.admin_key)
+    assert ok(admin.call("GET", "/sys/v1/logs/verify"))["unclean_stops"] == []
     g = new_group(admin)
     kid = new_key(admin, g)["kid"]
     d.kill9()  # right after the answer, well inside one group-commit window
