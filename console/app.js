@@ -489,8 +489,13 @@ async function invokePlugin() {
     const box = $("#invoke-audit");
     renderAudit(box.querySelector(".audit-tree"), recs, true);
     box.hidden = false;
-    const head = recs.find(isInvocation);
-    if (head && head.detail && head.detail.output) $("#run-output").textContent = head.detail.output;
+    // Printed output is never audited; the daemon keeps recent ones in memory.
+    try {
+      const printed = await api("GET", `/sys/v1/plugins/invocations/${encodeURIComponent(inv)}/output`);
+      $("#run-output").textContent = printed.output;
+    } catch (err) {
+      if (err.status !== 404) throw err; // nothing printed, or no longer kept
+    }
   }
 }
 

@@ -581,3 +581,9 @@ class Plugins(_Namespace):
         if "input" not in body:
             body["input"] = None
         return self._c._call("POST", "/sys/v1/plugins/test", body, Record)
+
+    def output(self, invocation_id: str) -> Any:
+        """What a recent invocation printed -> Record ``{invocation_id, plugin_id, at,
+        output, truncated}`` (admin). Kept in memory only; NotFound once evicted."""
+        path = f"/sys/v1/plugins/invocations/{invocation_id}/output"
+        return self._c._call("GET", path, None, Record)

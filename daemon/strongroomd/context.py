@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from strongroomd.outputs import Outputs
+
 if TYPE_CHECKING:
     from strongroomd._sandbox import Pool
     from strongroomd._token import Token
@@ -31,6 +33,8 @@ class Services:
     #: token layer runs short operations inline only when this is 1 (see
     #: ``strongroomd._token.Token.quiet``).
     socket_pending: int = 0
+    #: What recent plugin invocations printed (admins read it; never audited).
+    outputs: Outputs = field(default_factory=Outputs)
 
 
 @dataclass(slots=True)

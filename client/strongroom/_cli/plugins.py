@@ -141,6 +141,24 @@ def plugin_test(state: State, file: str, input_: str | None, groups_: tuple[str,
     click.echo(json.dumps(jsonable(r.get("result")), indent=2, sort_keys=True))
 
 
+@plugin.command("output")
+@click.argument("invocation_id")
+@pass_state
+def plugin_output(state: State, invocation_id: str) -> None:
+    """Show what a recent invocation printed (admins).
+
+    Outputs are kept in memory only, never in the audit log: a restart or newer
+    invocations forget them.
+    """
+    r = state.client.plugins.output(invocation_id)
+    if state.json:
+        print_json(r)
+        return
+    click.echo(r.get("output", ""), nl=False)
+    if r.get("truncated"):
+        click.echo("\n(output truncated)", err=True)
+
+
 def _echo_output(body: dict[str, Any]) -> None:
     output = body.get("output", body.get("printed"))
     if output:

@@ -34,7 +34,6 @@ from strongroomd.store import PluginRow, now_stamp
 
 LIMIT_FIELDS = {"memory_bytes": int, "instructions": int, "wall_seconds": (int, float)}
 MAX_CODE = 512 * 1024
-OUTPUT_NOTE = 1024
 #: What a running plugin may ask of the daemon (the Lua API's paths).
 PLUGIN_PATHS = ("/crypto/v1/",)
 
@@ -275,8 +274,8 @@ async def invoke(req: Request) -> Any:
     if not row.enabled:
         raise Forbidden("the plugin is disabled")
     inv, outcome = await _run(req, row, req.body, req.caller.describe())
-    if outcome.output:
-        req.audit_detail = {"output": outcome.output[:OUTPUT_NOTE]}
+    # Printed output may hold secrets: kept in memory for admins, never audited.
+    req.services.outputs.add(inv, row.id, now_stamp(), outcome.output)
     if outcome.status >= 400:
         body = dict(outcome.body) if isinstance(outcome.body, dict) else {}
         code = body.get("error", "plugin_error")
@@ -288,6 +287,22 @@ async def invoke(req: Request) -> Any:
             raise PluginError(message, outcome.status, str(code), **extra)
         raise from_code(outcome.failure, message, **extra)
     return outcome.body if outcome.status != 204 else None
+
+
+async def output(req: Request) -> dict[str, Any]:
+    require_admin(req.caller)
+    inv = req.params["invocation_id"]
+    req.object_id = inv
+    kept = req.services.outputs.get(inv)
+    if kept is None:
+        raise NotFound(f"no output kept for invocation {inv} (none printed, evicted, or restarted)")
+    return {
+        "invocation_id": kept.invocation_id,
+        "plugin_id": kept.plugin_id,
+        "at": kept.at,
+        "output": kept.output,
+        "truncated": kept.truncated,
+    }
 
 
 async def test(req: Request) -> dict[str, Any]:
@@ -362,6 +377,13 @@ ROUTES = [
             "limits": F(dict),
         },
         synopsis="Run unsaved code in the sandbox with mock input (admins).",
+    ),
+    Route(
+        "GET",
+        "/sys/v1/plugins/invocations/{invocation_id}/output",
+        output,
+        {},
+        synopsis="What a recent invocation printed; kept in memory, never audited (admins).",
     ),
     Route(
         "POST",

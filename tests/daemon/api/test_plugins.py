@@ -259,7 +259,7 @@ def test_nested_operations_are_audited_under_the_invocation(world) -> None:
     assert ok(invoke(a1.conn, p, {"kid": key["kid"]})) == "done"
     top = ok(admin.call("GET", "/sys/v1/logs", {"object_id": p["plugin_id"], "limit": 5}))
     call = next(r for r in top if r["action"] == "POST /sys/v1/plugins/{plugin_id}")
-    assert call["actor_id"] == a1.id and call["detail"]["output"] == "working\n"
+    assert call["actor_id"] == a1.id and "output" not in (call.get("detail") or {})
     nested = ok(admin.call("GET", "/sys/v1/logs", {"invocation_id": call["invocation_id"]}))
     actions = {(r["action"], r["actor_kind"]) for r in nested}
     assert ("POST /crypto/v1/encrypt", "plugin") in actions

@@ -236,7 +236,7 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     assert head == "POST /sys/v1/plugins/{plugin_id}"
     nested = pg.locator("#invoke-audit .invocation .nested .action").all_text_contents()
     assert "POST /crypto/v1/encrypt" in nested and "POST /crypto/v1/keys/info" in nested
-    assert "encrypted" in pg.text_content("#run-output")  # kept in the invocation's record
+    assert "encrypted" in pg.text_content("#run-output")  # kept in memory, not in the audit log
     shot(pg, "4-invoke")
 
     pg.click("#nav button[data-view=audit]")
