@@ -338,6 +338,9 @@ class Soak:
         self.restarting = False
         self.dead = False
         self.taken: dict[str, float] = {}
+        #: Names with a create in flight: a key the janitor finds under such a name
+        #: may be acknowledged a moment later, so it is never judged stray.
+        self.creating: dict[str, int] = {}
 
     # -- choosing ---------------------------------------------------------------
 
@@ -404,10 +407,19 @@ class Soak:
     # -- operations -----------------------------------------------------------------
 
     async def op_create(self, a: Actor) -> bool:
+        name = self.free_name(a.rng)
+        self.creating[name] = self.creating.get(name, 0) + 1
+        try:
+            return await self._create(a, name)
+        finally:  # after the ledger has the key (no await between the answer and it)
+            self.creating[name] -= 1
+            if not self.creating[name]:
+                del self.creating[name]
+
+    async def _create(self, a: Actor, name: str) -> bool:
         rng = a.rng
         transient = rng.random() < 0.12
         t = "AES" if transient else rng.choices(["AES", "HMAC", "EC"], [6, 2.5, 1.5])[0]
-        name = self.free_name(rng)
         body: dict[str, Any] = {"name": name, "obj_type": t}
         if t == "AES":
             body["key_size"] = 256
@@ -575,6 +587,8 @@ class Soak:
             if found.acked_delete() is None:
                 found.gone = False
                 return
+        if found is None and name in self.creating:
+            return  # maybe the key of a create whose answer is on its way: not a stray
         deletes = found.deletes if found is not None else []
         w = self.begin(deletes, {}, f"janitor delete by {a.name}")
         r2 = await a.call("janitor", "DELETE", f"/crypto/v1/keys/{r.body['kid']}")
