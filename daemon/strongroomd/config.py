@@ -2,7 +2,8 @@
 
 Precedence, lowest first: built-in defaults, the TOML file given with
 ``--config``, then the environment (``STRONGROOM_STATE_DIR``,
-``STRONGROOM_SOCKET``, ``STRONGROOM_PKCS11_MODULE``, ``STRONGROOM_HTTP``).
+``STRONGROOM_SOCKET``, ``STRONGROOM_PKCS11_MODULE``, ``STRONGROOM_HTTP``,
+``STRONGROOM_HTTP_PORT``), then the command line.
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ class Config:
     http_enabled: bool = False
     #: Gateway address. Loopback only, unless ``http_allow_remote`` is set.
     http_host: str = "127.0.0.1"
-    #: Gateway TCP port; 0 picks a free one. The URL is logged and written to
-    #: ``<state_dir>/http.url`` once the gateway listens.
+    #: Gateway TCP port; 0 picks a free one (``STRONGROOM_HTTP_PORT``, ``--http-port``).
+    #: The URL is logged and written to ``<state_dir>/http.url`` once the gateway
+    #: listens. A port in use leaves the gateway off with a warning; the socket serves.
     http_port: int = 8480
     #: Allow a non-loopback ``http_host``. The gateway speaks plain HTTP: only
     #: behind a TLS-terminating proxy.
@@ -176,6 +178,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     values.update({k: v for k, v in env.items() if v})
     if os.environ.get("STRONGROOM_HTTP", "").lower() in ("1", "true", "yes", "on"):
         values["http_enabled"] = True
+    if os.environ.get("STRONGROOM_HTTP_PORT"):
+        values["http_port"] = _port(os.environ["STRONGROOM_HTTP_PORT"], "STRONGROOM_HTTP_PORT")
     values.update({k: v for k, v in overrides.items() if v is not None})
 
     known = {f.name: f for f in fields(Config) if f.name != "extra"}
@@ -231,6 +235,13 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _port(text: str, source: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{source} must be a port number (0..65535), not {text!r}") from None
 
 
 def _coerce(key: str, value: Any, default: Any) -> Any:

@@ -1,6 +1,7 @@
 """Command line: flags -> Config -> Server; exit codes.
 
-strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH]
+strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH] [--http-port N]
+strongroomd --version
 strongroomd check-config [--config FILE]
 strongroomd audit verify [--state-dir DIR | --db FILE]
 strongroomd backup --out FILE
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import strongroomd
 from strongroomd import config as config_mod
 from strongroomd.config import ConfigError
 
@@ -41,10 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--socket", default=s, help="Unix socket path (default <state-dir>/strongroomd.sock)"
     )
+    common.add_argument(
+        "--http-port",
+        default=s,
+        type=int,
+        metavar="N",
+        help="HTTP gateway port when the gateway is enabled (default 8480 or "
+        "$STRONGROOM_HTTP_PORT; 0 picks a free one)",
+    )
     common.add_argument("--log-level", default=s, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p = argparse.ArgumentParser(
         prog="strongroomd", description=__doc__.splitlines()[0], parents=[common]
     )
+    p.add_argument("--version", action="version", version=f"strongroomd {strongroomd.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", parents=[common], help="serve in the foreground (the default)")
     sub.add_parser(
@@ -172,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(args, "config", None),
             state_dir=getattr(args, "state_dir", None),
             socket=getattr(args, "socket", None),
+            http_port=getattr(args, "http_port", None),
         )
     except ConfigError as exc:
         print(f"strongroomd: configuration error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -160,7 +161,16 @@ class Server:
         try:
             url = await gateway.start()
         except OSError as exc:
-            raise StartupError(f"HTTP gateway: {exc.strerror}") from exc
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise StartupError(f"HTTP gateway: {exc.strerror}") from exc
+            # The socket is the daemon's real interface: serve it, without the gateway.
+            log.warning(
+                "HTTP gateway and console off: %s; the Unix socket serves as usual. "
+                "Pick another port with the http_port setting, STRONGROOM_HTTP_PORT or "
+                "--http-port (0 picks a free one)",
+                exc.strerror,
+            )
+            return
         self.gateway = gateway
         url_file.write_text(url + "\n")
         log.info("HTTP gateway on %s", url)
