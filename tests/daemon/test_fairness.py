@@ -105,7 +105,9 @@ def rsa(conn: Raw) -> int:
 def test_an_encrypt_waits_for_one_key_generation_not_a_queue(d: Daemon, world: World) -> None:
     conn = world.a.conn  # A's connection; B's request rides on it with per-request auth
     with token_held(d):
-        gens = [rsa(conn) for _ in range(3)]  # the first parks the token thread
+        gens = [rsa(conn)]  # parks the token thread (alone: nothing else is queued yet)
+        wait_queued(d, short=0, slow=1)
+        gens += [rsa(conn) for _ in range(2)]
         enc = world.encrypt(conn, auth=world.b_auth)
         wait_queued(d, short=1, slow=3)
     got = replies(conn, 4)
@@ -122,6 +124,7 @@ def test_principals_take_turns_in_the_short_lane(d: Daemon, world: World) -> Non
     body = {"name": unique("k"), "obj_type": "AES", "key_size": 256, "group_id": world.group}
     with token_held(d):
         first = conn.send("POST", "/crypto/v1/keys", body)  # parks the token thread
+        wait_queued(d, short=1, slow=0)
         mine = [world.encrypt(conn) for _ in range(30)]  # A may use B's key: same group
         enc = world.encrypt(conn, auth=world.b_auth)
         wait_queued(d, short=32, slow=0)
@@ -134,7 +137,9 @@ def test_principals_take_turns_in_the_short_lane(d: Daemon, world: World) -> Non
 def test_a_full_slow_lane_answers_busy_at_once(d: Daemon, world: World) -> None:
     conn = world.a.conn
     with token_held(d):
-        gens = [rsa(conn) for _ in range(3)]  # A's share (token_slow_per_principal = 3)
+        gens = [rsa(conn)]
+        wait_queued(d, short=0, slow=1)
+        gens += [rsa(conn) for _ in range(2)]  # A's share (token_slow_per_principal = 3)
         wait_queued(d, short=0, slow=3)
         extra = rsa(conn)
         refused = conn.recv()  # while the token thread is still parked
