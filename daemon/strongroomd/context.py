@@ -51,6 +51,8 @@ class Owner:
     invocation_id: str | None = None
     #: Set when it ended: a creation finishing afterwards must not add a key to it.
     closed: bool = False
+    #: Transient creations in flight (they count against max_transient_keys).
+    transient_pending: int = 0
 
 
 @dataclass(slots=True)

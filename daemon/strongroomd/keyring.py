@@ -244,6 +244,8 @@ class Keyring:
         #: Groups that creations in flight will put a key in (a group being
         #: deleted must not get one after its emptiness was checked).
         self._filling: Counter[str] = Counter()
+        #: Groups whose deletion is under way: no key may be made in them.
+        self.closing: set[str] = set()
         self._changes: set[asyncio.Task[Any]] = set()
         self._retries: set[asyncio.Task[Any]] = set()
 
@@ -405,7 +407,7 @@ class Keyring:
             owner,
             principal,
             spec,
-            "EXPORT" in src.key_ops,
+            "EXPORT" in ops,  # a copy without EXPORT is sensitive in the token too
             lambda new: self.token.persist(ref_of(src), new),
             lambda _m: ops,
         )
@@ -425,8 +427,9 @@ class Keyring:
         transient = spec.transient
         name = check_name(spec.name or ("transient" if transient else ""))
         if transient:
-            if len(owner.transient) >= self.config.max_transient_keys:
+            if len(owner.transient) + owner.transient_pending >= self.config.max_transient_keys:
                 raise TooLarge("too many transient keys on this connection")
+            owner.transient_pending += 1
         else:
             self._reserve(name)
         new = NewKey(
@@ -466,7 +469,9 @@ class Keyring:
                     raise
                 return row
             finally:
-                if not transient:
+                if transient:
+                    owner.transient_pending -= 1
+                else:
                     self._reserved.discard(name)
                 self._filling[group] -= 1
                 if not self._filling[group]:
@@ -483,27 +488,32 @@ class Keyring:
 
     def target_group(self, principal: Principal, group_id: str | None) -> str:
         gid = check_group_target(principal, group_id)
-        if gid not in self.store.groups:
+        if gid not in self.store.groups or gid in self.closing:
             raise NotFound(f"no group {gid}")
         return gid
 
     # -- change ---------------------------------------------------------------
     async def update(self, owner: Owner, principal: Principal, kid: str, patch: KeyPatch) -> KeyRow:
-        """Rename, describe, enable/disable, narrow key_ops; one writer per key."""
+        """Rename, describe, enable/disable, narrow key_ops; one writer per key.
+
+        Everything is decided on the row as it is under the key's lock, never on
+        a row read before it. EXPORT taken away is written to the row first and
+        then to the token (the row is the safe side: a crash between the two
+        leaves a key the daemon refuses to export, and start-up's reconcile
+        finishes the token's side).
+        """
         row = self.find(owner, principal, {"kid": kid})
         check_key_manage(principal, row)
-        name = None
-        if patch.name is not None and patch.name != row.name:
-            name = check_name(patch.name)
-            if not row.transient:
-                self._reserve(name)  # before the first await
+        name = check_name(patch.name) if patch.name is not None else None
+        reserved: list[str] = []
 
         async def apply(cur: KeyRow) -> KeyRow:
             check_key_manage(principal, cur)
+            if name is not None and name != cur.name and not cur.transient:
+                self._reserve(name)  # synchronous with its check, before any await
+                reserved.append(name)
             new = _patched(cur, patch, name)
-            if "EXPORT" in cur.key_ops and "EXPORT" not in new.key_ops:
-                await self.token.restrict(ref_of(cur))
-            if name is not None and not cur.transient:
+            if name is not None and name != cur.name and not cur.transient:
                 await self.token.rename(ref_of(cur), name)
             return new
 
@@ -516,11 +526,14 @@ class Keyring:
                             raise NotFound("no such key")
                         new = await apply(cur)
                         owner.transient[kid] = new
-                        return new
-                return await self.store.change(KeyRow, kid, apply)
+                else:
+                    new = await self.store.change(KeyRow, kid, apply)
+                if "EXPORT" in row.key_ops and "EXPORT" not in new.key_ops:
+                    await self.token.restrict(ref_of(new))
+                return new
             finally:
-                if name is not None and not row.transient:
-                    self._reserved.discard(name)
+                for n in reserved:
+                    self._reserved.discard(n)
 
         return await self._finish(run())
 
@@ -620,7 +633,18 @@ class Keyring:
                 marked += lost
                 if lost:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)
-        return {"orphans_removed": len(orphans), "rows_missing": marked}
+        # A crash between an EXPORT narrowing's row and its token change: finish it.
+        unexportable = [
+            r.kid for r in store.keys.values() if "EXPORT" not in r.key_ops and not r.missing
+        ]
+        restricted = await self.token.restrict_many(unexportable) if unexportable else 0
+        if restricted:
+            log.warning("made %d token objects unexportable, as their rows say", restricted)
+        return {
+            "orphans_removed": len(orphans),
+            "rows_missing": marked,
+            "unexportable_restricted": restricted,
+        }
 
 
 _ALG_FROM_KEY = frozenset(("encrypt", "decrypt", "wrap", "unwrap"))

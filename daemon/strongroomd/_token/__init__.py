@@ -181,6 +181,10 @@ class Token:
         """CKA_SENSITIVE on and CKA_EXTRACTABLE off, for good (EXPORT was removed)."""
         await self._run("restrict", Core.restrict, key.kid)
 
+    async def restrict_many(self, kids: list[str]) -> int:
+        """Restrict every listed key the token still holds exportable (start-up)."""
+        return await self._run("restrict", Core.restrict_many, kids)
+
     async def persist(self, key: KeyRef, new: NewKey) -> KeyMaterial:
         return await self._run("persist", Core.persist, key, new)
 

@@ -322,6 +322,17 @@ class Core:
                 if obj[Attribute.EXTRACTABLE]:
                     obj[Attribute.EXTRACTABLE] = False
 
+    def restrict_many(self, kids: list[str]) -> int:
+        """:meth:`restrict` each key that is still exportable; how many were."""
+        changed = 0
+        for kid in kids:
+            e = self.index.get(kid)
+            objs = [o for o in (e.secret, e.private) if o is not None] if e else []
+            if any(o[Attribute.EXTRACTABLE] or not o[Attribute.SENSITIVE] for o in objs):
+                self.restrict(kid)
+                changed += 1
+        return changed
+
     def generate(self, new: NewKey) -> KeyMaterial:
         entry = self._new_entry(new)
         t = new.obj_type
@@ -466,6 +477,13 @@ class Core:
                 if obj is not None:
                     copy = obj.copy(attrs)
                     made.append(copy)
+                    if not new.exportable and name in ("secret", "private"):
+                        # The stored copy is as unexportable as its key_ops say (SoftHSM
+                        # refuses these in the copy's template, not as a change after).
+                        if not copy[Attribute.SENSITIVE]:
+                            copy[Attribute.SENSITIVE] = True
+                        if copy[Attribute.EXTRACTABLE]:
+                            copy[Attribute.EXTRACTABLE] = False
                     setattr(entry, name, copy)
         except p11e.PKCS11Error:
             for obj in made:

@@ -8,7 +8,7 @@ from typing import Any
 
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Conflict, Forbidden, NotFound
+from strongroomd.errors import BadRequest, Conflict, NotFound
 from strongroomd.keyring import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import GroupRow, Store, now_stamp
@@ -42,10 +42,10 @@ def _get(req: Request) -> GroupRow:
     gid = req.params["group_id"]
     req.object_id = gid
     row = req.services.store.groups.get(gid)
-    if row is None:
+    # A group the caller is not in answers as one that does not exist: group ids
+    # cannot be probed.
+    if row is None or not (req.caller.is_admin or gid in req.caller.groups):
         raise NotFound(f"no group {gid}")
-    if not req.caller.is_admin and gid not in req.caller.groups:
-        raise Forbidden("you are not in this group")
     return row
 
 
@@ -111,7 +111,12 @@ async def delete(req: Request) -> None:
             raise Conflict(
                 f"the group still has members: {', '.join(sorted(users))}", code="group_not_empty"
             )
-        await store.delete(row)
+        # From here no key may be made in it, though the row goes only after an await.
+        s.keyring.closing.add(gid)
+        try:
+            await store.delete(row)
+        finally:
+            s.keyring.closing.discard(gid)
 
 
 ROUTES = [

@@ -38,12 +38,16 @@ MAX_CODE = 512 * 1024
 PLUGIN_PATHS = ("/crypto/v1/",)
 
 
-def view(row: PluginRow, *, with_code: bool) -> dict[str, Any]:
+def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) -> dict[str, Any]:
+    """A plugin as the API shows it; an app sees only the groups it shares with it."""
+    groups = list(row.groups)
+    if viewer is not None and not viewer.is_admin:
+        groups = [g for g in groups if g in viewer.groups]
     out: dict[str, Any] = {
         "plugin_id": row.id,
         "name": row.name,
         "description": row.description,
-        "groups": list(row.groups),
+        "groups": groups,
         "default_group": row.default_group,
         "enabled": row.enabled,
         "version": row.version,
@@ -149,11 +153,15 @@ async def create(req: Request) -> dict[str, Any]:
 async def list_(req: Request) -> list[dict[str, Any]]:
     p = req.caller
     rows = req.services.store.plugins.values()
-    return [view(r, with_code=p.is_admin) for r in rows if p.is_admin or p.groups & set(r.groups)]
+    return [
+        view(r, with_code=p.is_admin, viewer=p)
+        for r in rows
+        if p.is_admin or p.groups & set(r.groups)
+    ]
 
 
 async def get(req: Request) -> dict[str, Any]:
-    return view(_get(req), with_code=req.caller.is_admin)
+    return view(_get(req), with_code=req.caller.is_admin, viewer=req.caller)
 
 
 async def update(req: Request) -> dict[str, Any]:
@@ -208,9 +216,13 @@ async def delete(req: Request) -> None:
 class _Host:
     """What a running plugin may ask of the daemon: requests as the plugin, audit notes."""
 
-    def __init__(self, req: Request, row: PluginRow, principal: Principal, inv: str) -> None:
+    def __init__(
+        self, req: Request, row: PluginRow, principal: Principal, inv: str, *, stored: bool
+    ) -> None:
         self.dispatcher = req.services.dispatcher
         self.audit = req.services.audit
+        self.store = req.services.store
+        self.stored = stored  # a stored plugin, not a test run's throwaway row
         self.row = row
         self.principal = principal
         self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
@@ -227,6 +239,16 @@ class _Host:
         if self.calls > self.max_calls:
             err = Busy(f"more than {self.max_calls} API calls in one invocation")
             return err.status, err.body()
+        if self.stored:
+            # The plugin as it is now: an admin who disables it, deletes it or takes
+            # a group away is obeyed by invocations already running.
+            row = self.store.plugins.get(self.row.id)
+            if row is None or not row.enabled:
+                err = Forbidden("the plugin was disabled or deleted during this invocation")
+                return err.status, err.body()
+            if row is not self.row:
+                self.row, self.principal = row, plugin_principal(row)
+                self.owner.principal = self.principal
         return await self.dispatcher.handle(self.owner, method, path, body)
 
     def log(self, message: str, severity: str) -> None:
@@ -246,7 +268,7 @@ async def _run(
     inv = str(uuid.uuid4())
     req.invocation_id = inv
     principal = plugin_principal(row)
-    host = _Host(req, row, principal, inv)
+    host = _Host(req, row, principal, inv, stored=not test)
     code = _sandbox.PluginCode(row.id, row.name, row.version, row.code)
     context = {
         "principal": invoker,

@@ -331,6 +331,7 @@ def test_a_plugin_host_reaches_crypto_paths_only() -> None:
     host.dispatcher = RecordingDispatcher()
     host.owner = None
     host.calls, host.max_calls = 0, 10
+    host.stored = False  # a test run's host: no plugin row to re-read
     for path in ("/sys/v1/plugins/x", "/sys/v1/apps", "/sys/v1/session/auth", "/../crypto/v1/x"):
         status, body = asyncio.run(host.request("POST", path, {}))
         assert status == 403 and body["error"] == "forbidden", path

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import strongroom
 
-from tests.conftest import unique
+from tests.conftest import Raw, unique
 from tests.daemon.gateway.conftest import ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -251,10 +251,16 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     until(lambda: all("encrypt" in a for a in rows(pg, "action")))
     assert pg.locator("#audit-list .audit-row").count() >= 1
     pg.click("#audit-filters button[type=reset]")
+    # A refused request by a known caller (failed logins are counted per minute,
+    # so the one above is not a record yet).
+    admin = Raw(http_daemon.socket)
+    admin.login(http_daemon.admin_key)
+    assert admin.call("GET", f"/crypto/v1/keys/{unique('x')}")["status"] == 404
+    admin.close()
     pg.check("#audit-filters [name=failed]")
     pg.click("#audit-refresh")
     until(lambda: all(int(s.split()[0]) >= 400 for s in rows(pg, "status")))
-    assert "401" in pg.text_content("#audit-list")  # the refused login
+    assert "404" in pg.text_content("#audit-list")  # the refused request
     shot(pg, "6-audit-failures")
     pg.fill("#audit-filters [name=invocation_id]", "no-such-invocation")
     pg.click("#audit-refresh")
