@@ -27,7 +27,6 @@ class Dispatcher:
     def __init__(self, services: Services, router: Router) -> None:
         self.services = services
         self.router = router
-        services.audit.max_pending = services.config.audit_max_pending
 
     def authenticate(self, owner: Owner, auth: str | None) -> Principal | None:
         if auth is not None:
@@ -64,6 +63,7 @@ class Dispatcher:
         principal: Principal | None = None
         req: Request | None = None
         action = f"{method} {path}"
+        bucket = None
         try:
             route, params = self.router.match(method, path)
             matched.append(route.path)
@@ -72,7 +72,9 @@ class Dispatcher:
                 principal = self.authenticate(owner, auth)
                 if principal is None:
                     raise Unauthenticated("authenticate first (POST /sys/v1/session/auth)")
-                token_caller.set(principal.id)  # the token thread's fair-queueing bucket
+                # The token thread's fair-queueing bucket, for this request only (a
+                # plugin's calls run inside the invoking request's task).
+                bucket = token_caller.set(principal.id)
             req = Request(
                 self.services, owner, principal, method, path, params, check_body(route, body)
             )
@@ -105,6 +107,9 @@ class Dispatcher:
             exc2 = Internal("internal error")
             self._audit(action, principal, req, owner, exc2.status, exc2.code)
             return exc2.status, exc2.body()
+        finally:
+            if bucket is not None:
+                token_caller.reset(bucket)
 
     def _audit(
         self,

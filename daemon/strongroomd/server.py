@@ -88,7 +88,7 @@ class Server:
             raise StartupError(
                 f"cannot open token {token_settings.label!r}: {type(exc).__name__} {exc}"
             ) from exc
-        audit = Audit(store)
+        audit = Audit(store, cfg.audit_max_pending)
         await audit.start()
         keyring = Keyring(cfg, store, token)
         pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
