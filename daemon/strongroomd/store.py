@@ -72,6 +72,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE principals ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE keys ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
     """,
+    # 2: key lifecycle (DSM's states and dates, links between versions, rotation).
+    """
+    ALTER TABLE keys ADD COLUMN state TEXT NOT NULL DEFAULT 'Active';
+    ALTER TABLE keys ADD COLUMN activation_date TEXT;
+    ALTER TABLE keys ADD COLUMN deactivation_date TEXT;
+    ALTER TABLE keys ADD COLUMN compromise_date TEXT;
+    ALTER TABLE keys ADD COLUMN destruction_date TEXT;
+    ALTER TABLE keys ADD COLUMN deletion_date TEXT;
+    ALTER TABLE keys ADD COLUMN revocation_reason TEXT;
+    ALTER TABLE keys ADD COLUMN links TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE keys ADD COLUMN rotation_policy TEXT;
+    ALTER TABLE keys ADD COLUMN scheduled_rotation TEXT;
+    """,
 ]
 
 
@@ -123,6 +136,20 @@ class KeyRow:
     missing: bool = False
     transient: bool = field(default=False)
     version: int = 1
+    #: DSM's lifecycle: PreActive, Active, Deactivated, Compromised, Destroyed (the
+    #: state as stored; dates can make it effectively later, see keyring.state_of).
+    state: str = "Active"
+    activation_date: str | None = None
+    deactivation_date: str | None = None
+    compromise_date: str | None = None
+    destruction_date: str | None = None
+    #: Set while deletion is scheduled: the key is unusable and goes at that time.
+    deletion_date: str | None = None
+    revocation_reason: dict[str, Any] | None = None
+    #: DSM's KeyLinks: "replacement" / "replaced" between versions of a rotated key.
+    links: dict[str, Any] = field(default_factory=dict)
+    rotation_policy: dict[str, Any] | None = None
+    scheduled_rotation: str | None = None
 
 
 @dataclass(slots=True)
@@ -140,7 +167,16 @@ class PluginRow:
     updated_at: str
 
 
-_JSON = {"groups", "key_ops", "custom_metadata", "creator", "limits"}
+_JSON = {
+    "groups",
+    "key_ops",
+    "custom_metadata",
+    "creator",
+    "limits",
+    "links",
+    "revocation_reason",
+    "rotation_policy",
+}
 _BOOL = {"enabled", "public_only", "missing"}
 
 
@@ -158,7 +194,10 @@ def _from_db(cls: type[T], rec: sqlite3.Row) -> T:
     kw = {}
     for k in rec.keys():  # noqa: SIM118 - sqlite3.Row is not a mapping
         v = rec[k]
-        kw[k] = json.loads(v) if k in _JSON else (bool(v) if k in _BOOL else v)
+        if k in _JSON:
+            kw[k] = json.loads(v) if v is not None else None
+        else:
+            kw[k] = bool(v) if k in _BOOL else v
     return cls(**kw)
 
 
@@ -338,13 +377,17 @@ class Store:
         self._remember(row)
         return row
 
-    async def _write(self, old: R, new: R) -> R:
+    @staticmethod
+    def _update_sql(old: Any, new: Any) -> tuple[str, dict[str, Any]]:
         table, pk = _TABLES[type(old)]
         d = _to_db(new, _SKIP)
         sets = ", ".join(f"{c} = :{c}" for c in d if c != pk)
         sql = f"UPDATE {table} SET {sets} WHERE {pk} = :{pk} AND version = :_was"  # noqa: S608
+        return sql, {**d, "_was": old.version}
+
+    async def _write(self, old: R, new: R) -> R:
         try:
-            (n,) = await self.execute([(sql, {**d, "_was": old.version})])
+            (n,) = await self.execute([self._update_sql(old, new)])
         except sqlite3.IntegrityError:
             raise Conflict(
                 f"a {_WHAT[type(old)]} named {new.name!r} exists", code="name_exists"
@@ -353,6 +396,40 @@ class Store:
             raise Stale(_WHAT[type(old)])
         self._remember(new)
         return new
+
+    async def commit(self, changes: list[tuple[Any, Any]], inserts: list[Any]) -> None:
+        """Several rows in one transaction: each change a compare-and-set (the new
+        row's version is the old one's + 1, set here), then the inserts. All or
+        nothing: a key rotation renames the old version and adds the new one at once."""
+        news = [replace(new, version=old.version + 1) for old, new in changes]
+        statements = [
+            self._update_sql(old, new) for (old, _), new in zip(changes, news, strict=True)
+        ]
+        for row in inserts:
+            table, _ = _TABLES[type(row)]
+            d = _to_db(row, _SKIP)
+            cols, marks = ", ".join(d), ", ".join(f":{c}" for c in d)
+            statements.append((f"INSERT INTO {table} ({cols}) VALUES ({marks})", d))  # noqa: S608
+
+        def tx() -> None:
+            db = self._db
+            assert db is not None
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for i, (sql, params) in enumerate(statements):
+                    if db.execute(sql, params).rowcount != 1 and i < len(changes):
+                        raise Stale(_WHAT[type(changes[i][0])])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(tx)
+        except sqlite3.IntegrityError:
+            raise Conflict("a name is taken", code="name_exists") from None
+        for row in [*news, *inserts]:
+            self._remember(row)
 
     async def change(self, cls: type[R], object_id: str, fn: Callable[[R], R | Awaitable[R]]) -> R:
         """Change one row: ``fn`` gets the row as it is now and returns the new one.
