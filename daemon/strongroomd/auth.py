@@ -24,7 +24,7 @@ from strongroomd.errors import (
     NotFound,
     Unauthenticated,
 )
-from strongroomd.store import KeyRow, PrincipalRow, Store
+from strongroomd.store import KeyRow, PrincipalRow, Store, stamp_time
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 _DUMMY_SALT = secrets.token_bytes(16)
@@ -164,8 +164,30 @@ def can_see_key(p: Principal, key: KeyRow) -> bool:
     return p.is_admin or key.group_id in p.groups
 
 
-def check_key_use(p: Principal, key: KeyRow, op: str) -> None:
-    """May ``p`` perform ``op`` (a key_ops name) with ``key``?"""
+#: Operations that protect new data: refused once a key is deactivated or
+#: compromised, which may still process (decrypt, verify, unwrap, check a MAC)
+#: what it protected before, as in DSM and KMIP.
+PROTECT_OPS = frozenset(
+    {"ENCRYPT", "SIGN", "WRAPKEY", "MACGENERATE", "AGREEKEY", "DERIVEKEY", "EXPORT"}
+)
+
+
+def state_of(key: KeyRow, now: float | None = None) -> str:
+    """A key's lifecycle state now: the stored one, moved on by its dates."""
+    if key.state in ("Deactivated", "Compromised", "Destroyed"):
+        return key.state
+    t = time.time() if now is None else now
+    if key.deactivation_date and stamp_time(key.deactivation_date) <= t:
+        return "Deactivated"
+    if key.activation_date and stamp_time(key.activation_date) > t:
+        return "PreActive"
+    if key.state == "PreActive" and not key.activation_date:
+        return "PreActive"  # waits for POST .../activate
+    return "Active"
+
+
+def check_key_use(p: Principal, key: KeyRow, op: str, now: float | None = None) -> None:
+    """May ``p`` perform ``op`` (a key_ops name) with ``key``, now?"""
     if not can_see_key(p, key):
         # The answer for a key that does not exist: names cannot be probed.
         raise NotFound("no such key")
@@ -173,6 +195,15 @@ def check_key_use(p: Principal, key: KeyRow, op: str) -> None:
         raise KeyOpNotPermitted(f"the key's key_ops do not include {op}")
     if not key.enabled:
         raise Forbidden("the key is disabled")
+    if key.deletion_date:
+        raise Forbidden("the key is scheduled for deletion (cancel_deletion to use it again)")
+    state = state_of(key, now)
+    if state == "Destroyed":
+        raise Forbidden("the key's material is destroyed")
+    if state == "PreActive":
+        raise Forbidden("the key is not active yet")
+    if state != "Active" and op in PROTECT_OPS:
+        raise Forbidden(f"the key is {state.lower()}: it may only decrypt, verify and unwrap")
 
 
 def check_key_manage(p: Principal, key: KeyRow) -> None:

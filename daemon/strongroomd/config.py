@@ -72,6 +72,12 @@ class Config:
     shutdown_grace: float = 10.0
     #: Transient keys one connection may hold at once.
     max_transient_keys: int = 1000
+    #: Days between POST .../schedule_deletion and the deletion, unless the request
+    #: says otherwise (the key is unusable meanwhile; cancel_deletion undoes it).
+    key_deletion_pending_days: int = 7
+    #: How often the daemon does what the clock made due: scheduled deletions and
+    #: rotation policies (seconds; a rotation may start up to this late).
+    lifecycle_interval: float = 60.0
     #: Token thread, slow lane (key-pair generation; docs/protocol.md, "Token
     #: scheduling"): generations one principal may have queued or running;
     #: beyond, ``429 busy``. Two keep one client's generations back to back.
@@ -197,6 +203,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "max_inflight",
         "session_ttl",
         "max_transient_keys",
+        "key_deletion_pending_days",
+        "lifecycle_interval",
         "token_slow_per_principal",
         "token_slow_total",
         "plugin_memory_bytes",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -39,11 +40,12 @@ from strongroomd.auth import (
     check_group_target,
     check_key_manage,
     check_key_use,
+    state_of,
 )
 from strongroomd.context import Owner
 from strongroomd.errors import BadRequest, Conflict, Internal, NotFound, TooLarge, Unsupported
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
-from strongroomd.store import KeyRow, Store, now_stamp
+from strongroomd.store import KeyRow, Store, now_stamp, stamp_time
 
 if TYPE_CHECKING:
     from strongroomd._token import Token
@@ -126,9 +128,96 @@ def sobject(row: KeyRow) -> dict[str, Any]:
         out["pub_key"] = row.pub_key
     if row.transient:
         out["transient_key"] = row.kid
+    out["state"] = state_of(row)
+    for name in LIFECYCLE_DATES:
+        if getattr(row, name):
+            out[name] = getattr(row, name)
+    if row.revocation_reason:
+        out["revocation_reason"] = dict(row.revocation_reason)
+    if row.links:
+        out["links"] = dict(row.links)
+    if row.rotation_policy:
+        out["rotation_policy"] = dict(row.rotation_policy)
     if row.missing:
         out["state"] = "missing"
     return out
+
+
+LIFECYCLE_DATES = (
+    "activation_date",
+    "deactivation_date",
+    "compromise_date",
+    "destruction_date",
+    "deletion_date",
+    "scheduled_rotation",
+)
+#: DSM's RevocationReasonCode values; the two compromise codes make a key Compromised.
+REVOCATION_CODES = frozenset(
+    {
+        "Unspecified",
+        "KeyCompromise",
+        "CACompromise",
+        "AffiliationChanged",
+        "Superseded",
+        "CessationOfOperation",
+        "PrivilegeWithdrawn",
+    }
+)
+
+
+def check_date(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a timestamp like 20261130T120000Z", code="invalid_value")
+    try:
+        stamp_time(value)
+    except ValueError:
+        raise BadRequest(
+            f"{name} must be a timestamp like 20261130T120000Z", code="invalid_value"
+        ) from None
+    return value
+
+
+def check_rotation_policy(policy: Any) -> dict[str, Any] | None:
+    """DSM's RotationPolicy: interval_days or interval_months, effective_at,
+    deactivate_rotated_key. None (or {}) removes a policy."""
+    if not policy:
+        return None
+    if not isinstance(policy, dict) or set(policy) - {
+        "interval_days",
+        "interval_months",
+        "effective_at",
+        "deactivate_rotated_key",
+    }:
+        raise BadRequest(
+            "rotation_policy takes interval_days or interval_months, effective_at, "
+            "deactivate_rotated_key",
+            code="invalid_value",
+        )
+    days, months = policy.get("interval_days"), policy.get("interval_months")
+    if (days is None) == (months is None):
+        raise BadRequest(
+            "rotation_policy needs one of interval_days, interval_months", code="invalid_value"
+        )
+    n = days if days is not None else months
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= 100 * 366:
+        raise BadRequest("a rotation interval is a positive number", code="invalid_value")
+    if "effective_at" in policy:
+        check_date(policy["effective_at"], "rotation_policy.effective_at")
+    if not isinstance(policy.get("deactivate_rotated_key", False), bool):
+        raise BadRequest("deactivate_rotated_key must be a boolean", code="invalid_value")
+    return dict(policy)
+
+
+def next_rotation(policy: dict[str, Any] | None, after: float) -> str | None:
+    """When a key under ``policy`` is next rotated, counting from ``after``."""
+    if not policy:
+        return None
+    if "effective_at" in policy and stamp_time(policy["effective_at"]) > after:
+        return policy["effective_at"]
+    days = policy.get("interval_days")
+    if days is None:
+        days = 30 * policy["interval_months"]  # DSM counts months; 30 days each here
+    return now_stamp(after + days * 86400)
 
 
 def normalize_type(body: dict[str, Any]) -> tuple[str, str | None]:
@@ -196,6 +285,9 @@ class KeySpec:
     custom_metadata: dict[str, str] = field(default_factory=dict)
     enabled: bool = True
     transient: bool = False
+    activation_date: str | None = None
+    deactivation_date: str | None = None
+    rotation_policy: dict[str, Any] | None = None
 
 
 def key_spec(body: dict[str, Any], obj_type: str, **overrides: Any) -> KeySpec:
@@ -210,6 +302,17 @@ def key_spec(body: dict[str, Any], obj_type: str, **overrides: Any) -> KeySpec:
         "custom_metadata": check_metadata(body.get("custom_metadata", {})),
         "enabled": bool(body.get("enabled", True)),
         "transient": bool(body.get("transient", False)),
+        "activation_date": (
+            check_date(body["activation_date"], "activation_date")
+            if "activation_date" in body
+            else None
+        ),
+        "deactivation_date": (
+            check_date(body["deactivation_date"], "deactivation_date")
+            if "deactivation_date" in body
+            else None
+        ),
+        "rotation_policy": check_rotation_policy(body.get("rotation_policy")),
     }
     fields_.update(overrides)
     return KeySpec(obj_type, **fields_)
@@ -224,6 +327,8 @@ class KeyPatch:
     custom_metadata: dict[str, str] | None = None
     enabled: bool | None = None
     key_ops: list[str] | None = None
+    #: activation_date, deactivation_date, rotation_policy: only those given.
+    lifecycle: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +340,14 @@ class Deleted:
 
 
 class Keyring:
-    def __init__(self, config: Config, store: Store, token: Token) -> None:
+    def __init__(
+        self, config: Config, store: Store, token: Token, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.store = store
         self.token = token
+        #: Injectable, so tests move time instead of sleeping (rotation, deletion).
+        self.clock = clock
         #: Names taken by creations and renames that have not written their row yet.
         self._reserved: set[str] = set()
         #: Groups that creations in flight will put a key in (a group being
@@ -283,7 +392,7 @@ class Keyring:
     def use(self, owner: Owner, principal: Principal, descriptor: Any, op: str) -> KeyRow:
         """Find a key and check that the caller may perform ``op`` with it."""
         row = self.find(owner, principal, descriptor)
-        check_key_use(principal, row, op)
+        check_key_use(principal, row, op, self.clock())
         if row.missing:
             raise Internal("the key's material is missing from the token")
         return row
@@ -457,6 +566,10 @@ class Keyring:
                         pub_key=mat.pub_key,
                         public_only=mat.public_only,
                         transient=transient,
+                        activation_date=spec.activation_date,
+                        deactivation_date=spec.deactivation_date,
+                        rotation_policy=spec.rotation_policy,
+                        scheduled_rotation=next_rotation(spec.rotation_policy, self.clock()),
                     )
                     if transient:
                         if owner.closed:  # the connection ended while the token worked
@@ -512,7 +625,7 @@ class Keyring:
             if name is not None and name != cur.name and not cur.transient:
                 self._reserve(name)  # synchronous with its check, before any await
                 reserved.append(name)
-            new = _patched(cur, patch, name)
+            new = _patched(cur, patch, name, self.clock())
             if name is not None and name != cur.name and not cur.transient:
                 await self.token.rename(ref_of(cur), name)
             return new
@@ -611,6 +724,266 @@ class Keyring:
         if pending:
             await asyncio.wait(pending, timeout=grace)
 
+    # -- lifecycle (DSM's states, rotation with versions, scheduled deletion) ----
+    async def _transition(
+        self, owner: Owner, principal: Principal, kid: str, fn: Callable[[KeyRow], KeyRow]
+    ) -> KeyRow:
+        """A row-only lifecycle change of a stored key, by someone who may manage it."""
+        row = self.find(owner, principal, {"kid": kid})
+        if row.transient:
+            raise BadRequest("a transient key has no lifecycle", code="invalid_value")
+        check_key_manage(principal, row)
+
+        def apply(cur: KeyRow) -> KeyRow:
+            check_key_manage(principal, cur)
+            return fn(cur)
+
+        return await self._finish(self.store.change(KeyRow, kid, apply))
+
+    async def activate(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        def fn(cur: KeyRow) -> KeyRow:
+            state = state_of(cur, self.clock())
+            if state == "Active":
+                return cur
+            if state != "PreActive":
+                raise Conflict(f"a {state} key cannot be activated", code="conflict")
+            return replace(cur, state="Active", activation_date=now_stamp(self.clock()))
+
+        return await self._transition(owner, principal, kid, fn)
+
+    async def revoke(
+        self, owner: Owner, principal: Principal, kid: str, reason: dict[str, Any]
+    ) -> KeyRow:
+        """Deactivated, or Compromised for a compromise code: it still decrypts and
+        verifies what it protected, and protects nothing new."""
+        code = reason.get("code")
+        if code not in REVOCATION_CODES:
+            raise BadRequest(
+                f"code must be one of {sorted(REVOCATION_CODES)}", code="invalid_value"
+            )
+        if not isinstance(reason.get("message", ""), str):
+            raise BadRequest("message must be a string", code="invalid_value")
+        when = reason.get("compromise_occurance_date")
+        if when is not None:
+            check_date(when, "compromise_occurance_date")
+        compromised = code in ("KeyCompromise", "CACompromise")
+
+        def fn(cur: KeyRow) -> KeyRow:
+            state = state_of(cur, self.clock())
+            if state == "Destroyed":
+                raise Conflict("a destroyed key cannot be revoked", code="conflict")
+            now = now_stamp(self.clock())
+            return replace(
+                cur,
+                state="Compromised" if compromised else "Deactivated",
+                deactivation_date=cur.deactivation_date or now,
+                compromise_date=(when or now) if compromised else cur.compromise_date,
+                revocation_reason=dict(reason),
+                rotation_policy=None,
+                scheduled_rotation=None,
+            )
+
+        return await self._transition(owner, principal, kid, fn)
+
+    async def schedule_deletion(
+        self, owner: Owner, principal: Principal, kid: str, days: int
+    ) -> KeyRow:
+        """The key is unusable from now on and deleted after ``days`` (cancellable)."""
+        when = now_stamp(self.clock() + days * 86400)
+        return await self._transition(
+            owner, principal, kid, lambda c: replace(c, deletion_date=when)
+        )
+
+    async def cancel_deletion(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        def fn(cur: KeyRow) -> KeyRow:
+            if not cur.deletion_date:
+                raise Conflict("the key is not scheduled for deletion", code="conflict")
+            return replace(cur, deletion_date=None)
+
+        return await self._transition(owner, principal, kid, fn)
+
+    async def destroy(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        """Destroyed: the material leaves the token, the metadata stays (DSM's destroy
+        and delete_key_material). Only a deactivated or compromised key: revoke first.
+        The row goes first, so a crash leaves a Destroyed row whose object start-up
+        removes."""
+
+        def fn(cur: KeyRow) -> KeyRow:
+            state = state_of(cur, self.clock())
+            if state not in ("Deactivated", "Compromised"):
+                raise Conflict(f"revoke the key first (it is {state})", code="conflict")
+            return replace(cur, state="Destroyed", destruction_date=now_stamp(self.clock()))
+
+        row = await self._transition(owner, principal, kid, fn)
+        await self._destroy(kid, retry=False)
+        return row
+
+    async def delete_private(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        """Keep only the public half of a key pair (DELETE .../private)."""
+
+        def fn(cur: KeyRow) -> KeyRow:
+            if cur.obj_type not in ("RSA", "EC") or cur.public_only:
+                raise BadRequest("only a key pair has a private part", code="invalid_value")
+            ops = [op for op in cur.key_ops if op not in PRIVATE_OPS]
+            return replace(cur, public_only=True, key_ops=ops)
+
+        row = await self._transition(owner, principal, kid, fn)
+        await self.token.remove_private(kid)
+        return row
+
+    async def rekey(
+        self,
+        owner: Owner,
+        principal: Principal,
+        name: str,
+        changes: dict[str, Any],
+        *,
+        deactivate_old: bool = False,
+    ) -> KeyRow:
+        """Rotate a key (DSM's rekey): a new key takes the name and the metadata; the
+        old version is renamed "<name> (rotated at <timestamp>)" and linked.
+
+        The new version's token object is made first; the old row's rename and
+        links and the new row are then written in one transaction, so a crash
+        leaves either the old key alone (and an orphan object start-up removes)
+        or both versions, linked. Old versions still decrypt and verify; names
+        resolve to the newest.
+        """
+        row = self.find(owner, principal, {"name": name})
+        if row.transient or row.obj_type == "CERTIFICATE" or row.public_only:
+            raise BadRequest(
+                "only a stored key with its private part can be rotated", code="invalid_value"
+            )
+        check_key_manage(principal, row)
+        rotated = self._rotated_name(row.name)
+        self._reserve(rotated)  # before the first await
+        new_kid = str(uuid.uuid4())
+
+        async def run() -> KeyRow:
+            try:
+                # Rotations of one name queue on the name: each rotates the version
+                # that holds it when its turn comes.
+                async with self.store.writing(f"name:{name}"):
+                    return await rotate_holder()
+            finally:
+                self._reserved.discard(rotated)
+
+        async def rotate_holder() -> KeyRow:
+            holder = self.find(owner, principal, {"name": name})
+            async with self.store.writing(holder.kid):
+                cur = self.store.keys.get(holder.kid)
+                if cur is None or cur.name != name:
+                    raise Conflict("the key was renamed or deleted meanwhile", code="conflict")
+                check_key_manage(principal, cur)
+                if state_of(cur, self.clock()) in ("Destroyed", "Compromised"):
+                    raise Conflict(f"a {cur.state} key cannot be rotated", code="conflict")
+                old, new = await self._rotate(
+                    cur, principal, new_kid, rotated, changes, deactivate_old
+                )
+            try:  # the old version's label follows its new name (cosmetic)
+                await self.token.rename(ref_of(old), rotated)
+            except Exception as exc:
+                log.warning("rotated key %s keeps its old token label: %s", old.kid, exc)
+            return new
+
+        return await self._finish(run())
+
+    async def _rotate(
+        self,
+        cur: KeyRow,
+        principal: Principal,
+        new_kid: str,
+        rotated: str,
+        changes: dict[str, Any],
+        deactivate_old: bool,
+    ) -> tuple[KeyRow, KeyRow]:
+        now = self.clock()
+        ops = choose_ops(cur.obj_type, changes.get("key_ops", cur.key_ops), imported=False)
+        size = changes.get("key_size", cur.key_size if cur.obj_type != "EC" else None)
+        curve = changes.get("elliptic_curve", cur.elliptic_curve)
+        policy = (
+            check_rotation_policy(changes["rotation_policy"])
+            if "rotation_policy" in changes
+            else cur.rotation_policy
+        )
+        new_key = NewKey(new_kid, cur.name, cur.obj_type, size, curve, "EXPORT" in ops, False)
+        mat = await self.token.generate(new_key)
+        try:
+            new = KeyRow(
+                kid=new_kid,
+                name=cur.name,
+                obj_type=mat.obj_type,
+                key_size=mat.key_size,
+                elliptic_curve=mat.curve,
+                key_ops=ops,
+                group_id=cur.group_id,
+                description=changes.get("description", cur.description),
+                custom_metadata=check_metadata(changes.get("custom_metadata", cur.custom_metadata)),
+                created_at=now_stamp(now),
+                creator=principal.creator(),
+                enabled=bool(changes.get("enabled", cur.enabled)),
+                pub_key=mat.pub_key,
+                public_only=False,
+                activation_date=changes.get("activation_date"),
+                deactivation_date=changes.get("deactivation_date"),
+                links={"replaced": cur.kid},
+                rotation_policy=policy,
+                scheduled_rotation=next_rotation(policy, now),
+            )
+            old = replace(
+                cur,
+                name=rotated,
+                links={**cur.links, "replacement": new_kid},
+                rotation_policy=None,
+                scheduled_rotation=None,
+            )
+            if deactivate_old:
+                old = replace(old, state="Deactivated", deactivation_date=now_stamp(now))
+            await self.store.commit([(cur, old)], [new])
+        except BaseException:
+            await self._destroy(new_kid)
+            raise
+        return self.store.keys[cur.kid], new
+
+    def _rotated_name(self, name: str) -> str:
+        base = f"{name} (rotated at {now_stamp(self.clock())})"
+        out, n = base, 1
+        while out in self.store.key_names or out in self._reserved:
+            n += 1
+            out = f"{base} #{n}"
+        return check_name(out[:MAX_NAME])
+
+    async def tick(self, now: float | None = None) -> dict[str, list[str]]:
+        """Do what the clock has made due: scheduled deletions, then rotations.
+
+        The daemon calls it every ``lifecycle_interval`` seconds; tests call it
+        with a ``now`` of their choosing instead of sleeping.
+        """
+        t = self.clock() if now is None else now
+        daemon = Principal("admin", "strongroomd", "strongroomd", frozenset())
+        nobody = Owner(id="lifecycle", principal=daemon)
+        done: dict[str, list[str]] = {"deleted": [], "rotated": []}
+        for row in list(self.store.keys.values()):
+            if row.deletion_date and stamp_time(row.deletion_date) <= t:
+                try:
+                    await self.delete(nobody, daemon, row.kid)
+                    done["deleted"].append(row.kid)
+                except Exception as exc:
+                    log.error("scheduled deletion of %s failed: %s", row.kid, exc)
+        for row in list(self.store.keys.values()):
+            due = row.scheduled_rotation
+            if not due or stamp_time(due) > t or row.deletion_date:
+                continue
+            if state_of(row, t) != "Active":
+                continue
+            try:
+                deactivate = bool((row.rotation_policy or {}).get("deactivate_rotated_key"))
+                new = await self.rekey(nobody, daemon, row.name, {}, deactivate_old=deactivate)
+                done["rotated"].append(f"{row.kid} -> {new.kid}")
+            except Exception as exc:
+                log.error("scheduled rotation of %s failed: %s", row.kid, exc)
+        return done
+
     # -- start-up -----------------------------------------------------------------
     async def reconcile(self) -> dict[str, int]:
         """Make token and database agree after any crash.
@@ -625,8 +998,24 @@ class Keyring:
         for kid in orphans:
             log.warning("removing token object %s that has no database row", kid)
             await self.token.remove(kid)
+        # Lifecycle changes whose row was written but not their token side.
+        finished = 0
+        for row in list(store.keys.values()):
+            if row.state == "Destroyed" and row.kid in on_token:
+                await self.token.remove(row.kid)
+                finished += 1
+            elif (
+                row.public_only
+                and row.obj_type != "CERTIFICATE"
+                and self.token.has_private(row.kid)
+            ):
+                await self.token.remove_private(row.kid)
+                finished += 1
+        on_token = self.token.kids()
         marked = 0
         for row in list(store.keys.values()):
+            if row.state == "Destroyed":
+                continue  # no material, on purpose
             lost = row.kid not in on_token
             if lost != row.missing:
                 await store.change(KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost))
@@ -635,7 +1024,9 @@ class Keyring:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)
         # A crash between an EXPORT narrowing's row and its token change: finish it.
         unexportable = [
-            r.kid for r in store.keys.values() if "EXPORT" not in r.key_ops and not r.missing
+            r.kid
+            for r in store.keys.values()
+            if "EXPORT" not in r.key_ops and not r.missing and r.state != "Destroyed"
         ]
         restricted = await self.token.restrict_many(unexportable) if unexportable else 0
         if restricted:
@@ -644,6 +1035,7 @@ class Keyring:
             "orphans_removed": len(orphans),
             "rows_missing": marked,
             "unexportable_restricted": restricted,
+            "lifecycle_finished": finished,
         }
 
 
@@ -659,7 +1051,7 @@ def _key_alg(row: KeyRow) -> str | None:
     return None
 
 
-def _patched(cur: KeyRow, patch: KeyPatch, name: str | None) -> KeyRow:
+def _patched(cur: KeyRow, patch: KeyPatch, name: str | None, now: float) -> KeyRow:
     new = replace(cur, key_ops=list(cur.key_ops), custom_metadata=dict(cur.custom_metadata))
     if name is not None:
         new.name = name
@@ -669,6 +1061,13 @@ def _patched(cur: KeyRow, patch: KeyPatch, name: str | None) -> KeyRow:
         new.custom_metadata = check_metadata(patch.custom_metadata)
     if patch.enabled is not None:
         new.enabled = patch.enabled
+    for date in ("activation_date", "deactivation_date"):
+        if date in patch.lifecycle:
+            value = patch.lifecycle[date]
+            setattr(new, date, None if value is None else check_date(value, date))
+    if "rotation_policy" in patch.lifecycle:
+        new.rotation_policy = check_rotation_policy(patch.lifecycle["rotation_policy"])
+        new.scheduled_rotation = next_rotation(new.rotation_policy, now)
     if patch.key_ops is not None:
         wider = sorted(set(patch.key_ops) - set(cur.key_ops))
         if wider:

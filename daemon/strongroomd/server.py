@@ -66,6 +66,7 @@ class Server:
         self._caps: tuple[int, int] | None = None
         self._lock: int | None = None
         self._stopping = False
+        self._lifecycle: asyncio.Task[None] | None = None
 
     # -- start-up -------------------------------------------------------------------
     async def start(self) -> None:
@@ -110,6 +111,7 @@ class Server:
         if cfg.http_enabled:
             await self._serve_http()
         await self._listen()
+        self._lifecycle = asyncio.create_task(self._tick(), name="key-lifecycle")
 
     async def _ensure_admin(self) -> None:
         assert self.services is not None
@@ -283,7 +285,32 @@ class Server:
         self._stopping = True
         self._stop.set()
 
+    async def _tick(self) -> None:
+        """Scheduled deletions and rotation policies, every ``lifecycle_interval``."""
+        assert self.services is not None
+        keyring, audit = self.services.keyring, self.services.audit
+        while True:
+            await asyncio.sleep(self.config.lifecycle_interval)
+            try:
+                done = await keyring.tick()
+            except Exception:
+                log.exception("key lifecycle pass failed")
+                continue
+            for kid in done["deleted"]:
+                audit.record("key.scheduled_deletion", object_id=kid)
+            for change in done["rotated"]:
+                audit.record(
+                    "key.scheduled_rotation",
+                    object_id=change.split(" ")[0],
+                    detail={"rotation": change},
+                )
+
     async def shutdown(self) -> None:
+        if self._lifecycle is not None:
+            self._lifecycle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lifecycle
+            self._lifecycle = None
         if self._server is not None:
             self._server.close()
         if self.gateway is not None:

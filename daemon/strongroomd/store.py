@@ -18,6 +18,7 @@ whose version moved underneath it (another daemon on the same database).
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import json
 import sqlite3
@@ -88,9 +89,17 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def now_stamp() -> str:
+STAMP = "%Y%m%dT%H%M%SZ"
+
+
+def now_stamp(t: float | None = None) -> str:
     """DSM's timestamp form, e.g. 20261126T154900Z."""
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return time.strftime(STAMP, time.gmtime(t))
+
+
+def stamp_time(stamp: str) -> float:
+    """Seconds since the epoch of a DSM timestamp (ValueError if it is not one)."""
+    return float(calendar.timegm(time.strptime(stamp, STAMP)))
 
 
 @dataclass(slots=True)

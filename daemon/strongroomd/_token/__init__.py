@@ -181,6 +181,16 @@ class Token:
         """CKA_SENSITIVE on and CKA_EXTRACTABLE off, for good (EXPORT was removed)."""
         await self._run("restrict", Core.restrict, key.kid)
 
+    async def remove_private(self, kid: str) -> bool:
+        """Destroy the private half of a key pair (the public one stays)."""
+        return await self._run("delete", Core.remove_private, kid)
+
+    def has_private(self, kid: str) -> bool:
+        """From the index (no token call)."""
+        if self._core is None:
+            raise RuntimeError("the token is closed")
+        return self._core.has_private(kid)
+
     async def restrict_many(self, kids: list[str]) -> int:
         """Restrict every listed key the token still holds exportable (start-up)."""
         return await self._run("restrict", Core.restrict_many, kids)

@@ -322,6 +322,20 @@ class Core:
                 if obj[Attribute.EXTRACTABLE]:
                     obj[Attribute.EXTRACTABLE] = False
 
+    def remove_private(self, kid: str) -> bool:
+        """Destroy a key pair's private object; whether there was one."""
+        e = self.index.get(kid)
+        if e is None or e.private is None:
+            return False
+        e.drop_hot()
+        e.private.destroy()
+        e.private = None
+        return True
+
+    def has_private(self, kid: str) -> bool:
+        e = self.index.get(kid)
+        return e is not None and e.private is not None
+
     def restrict_many(self, kids: list[str]) -> int:
         """:meth:`restrict` each key that is still exportable; how many were."""
         changed = 0

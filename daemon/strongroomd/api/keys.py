@@ -104,6 +104,7 @@ async def update(req: Request) -> dict[str, Any]:
         custom_metadata=b.get("custom_metadata"),
         enabled=b.get("enabled"),
         key_ops=b.get("key_ops"),
+        lifecycle=_lifecycle(b),
     )
     return sobject(await req.services.keyring.update(req.owner, req.caller, kid, patch))
 
@@ -130,6 +131,47 @@ async def export(req: Request) -> dict[str, Any]:
     row = kr.use(req.owner, req.caller, _descriptor(req.body), "EXPORT")
     req.object_id = row.kid
     return {**sobject(row), "value": await kr.export(row)}
+
+
+def _lifecycle(b: dict[str, Any]) -> dict[str, Any]:
+    return {k: b[k] for k in ("activation_date", "deactivation_date", "rotation_policy") if k in b}
+
+
+async def rekey(req: Request) -> dict[str, Any]:
+    """DSM's rotation: a new version takes the name; the old one is renamed and linked."""
+    b = dict(req.body)
+    name, deactivate = b.pop("name"), b.pop("deactivate_rotated_key", False)
+    row = await req.services.keyring.rekey(
+        req.owner, req.caller, name, b, deactivate_old=bool(deactivate)
+    )
+    req.object_id = row.kid
+    return sobject(row)
+
+
+def _transition(method: str):
+    async def handler(req: Request) -> dict[str, Any]:
+        kid = req.params["kid"]
+        req.object_id = kid
+        fn = getattr(req.services.keyring, method)
+        return sobject(await fn(req.owner, req.caller, kid))
+
+    handler.__name__ = method
+    return handler
+
+
+async def revoke(req: Request) -> dict[str, Any]:
+    kid = req.params["kid"]
+    req.object_id = kid
+    return sobject(await req.services.keyring.revoke(req.owner, req.caller, kid, req.body))
+
+
+async def schedule_deletion(req: Request) -> dict[str, Any]:
+    kid = req.params["kid"]
+    req.object_id = kid
+    days = req.body.get("pending_days", req.services.config.key_deletion_pending_days)
+    if not 0 <= days <= 3650:
+        raise BadRequest("pending_days is 0..3650", code="invalid_value")
+    return sobject(await req.services.keyring.schedule_deletion(req.owner, req.caller, kid, days))
 
 
 async def export_by_kid(req: Request) -> dict[str, Any]:
@@ -166,6 +208,9 @@ _CREATE = {
     "transient": F(bool),
     "enabled": F(bool),
     "deterministic_signatures": F(bool),
+    "activation_date": F(str),
+    "deactivation_date": F(str),
+    "rotation_policy": F(dict),
 }
 _WHICH = {"kid": F(str), "name": F(str), "transient_key": F(str)}
 
@@ -191,6 +236,25 @@ ROUTES = [
             "custom_metadata": F(dict),
         },
         synopsis="Store a transient key under a new kid.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/rekey",
+        rekey,
+        {
+            "name": F(str, True),
+            "deactivate_rotated_key": F(bool),
+            "key_ops": F(list, items=str),
+            "key_size": F(int),
+            "elliptic_curve": F(str),
+            "description": F(str),
+            "custom_metadata": F(dict),
+            "enabled": F(bool),
+            "activation_date": F(str),
+            "deactivation_date": F(str),
+            "rotation_policy": F(dict),
+        },
+        synopsis="Rotate a key: a new version takes its name; the old one stays, linked.",
     ),
     Route("POST", "/crypto/v1/keys", create, _CREATE, synopsis="Generate a key in the token."),
     Route(
@@ -225,8 +289,60 @@ ROUTES = [
             "custom_metadata": F(dict),
             "enabled": F(bool),
             "key_ops": F(list, items=str),
+            "activation_date": F((str, type(None))),
+            "deactivation_date": F((str, type(None))),
+            "rotation_policy": F((dict, type(None))),
         },
-        synopsis="Rename, describe, enable, narrow key_ops.",
+        synopsis="Rename, describe, enable, narrow key_ops, set dates and rotation policy.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/activate",
+        _transition("activate"),
+        {},
+        synopsis="PreActive -> Active.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/revoke",
+        revoke,
+        {"code": F(str, True), "message": F(str), "compromise_occurance_date": F(str)},
+        synopsis="Deactivated (or Compromised): decrypt and verify only, from now on.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/schedule_deletion",
+        schedule_deletion,
+        {"pending_days": F(int)},
+        synopsis="Unusable now, deleted after pending_days (key_deletion_pending_days).",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/cancel_deletion",
+        _transition("cancel_deletion"),
+        {},
+        synopsis="Undo schedule_deletion.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/destroy",
+        _transition("destroy"),
+        {},
+        synopsis="Destroyed: the material is erased, the metadata stays (revoke first).",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/delete_key_material",
+        _transition("destroy"),
+        {},
+        synopsis="The same as destroy (DSM's name for it).",
+    ),
+    Route(
+        "DELETE",
+        "/crypto/v1/keys/{kid}/private",
+        _transition("delete_private"),
+        {},
+        synopsis="Keep only the public half of a key pair.",
     ),
     Route("DELETE", "/crypto/v1/keys/{kid}", delete, {}, synopsis="Destroy a key."),
 ]
