@@ -15,7 +15,8 @@ from strongroomd.auth import Principal
 from strongroomd.config import Config
 from strongroomd.context import Owner
 from strongroomd.errors import Forbidden
-from strongroomd.keyring import Keyring, KeySpec
+from strongroomd.keyring import Keyring
+from strongroomd.keyspec import KeySpec
 from strongroomd.store import GroupRow, Store, now_stamp
 
 from tests.daemon.token_fixture import softhsm_token

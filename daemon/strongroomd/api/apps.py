@@ -11,7 +11,7 @@ from strongroomd.api.groups import membership
 from strongroomd.auth import api_key, new_secret, require_admin
 from strongroomd.context import Request
 from strongroomd.errors import Conflict, Forbidden, NotFound
-from strongroomd.keyring import check_name
+from strongroomd.keyspec import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import PrincipalRow, now_stamp
 

@@ -13,7 +13,7 @@ from typing import Any
 from strongroomd import mechanisms
 from strongroomd.context import Request
 from strongroomd.errors import ApiError, BadRequest, TooLarge, Unsupported
-from strongroomd.keyring import DEFAULT_SIZE, KeySpec, key_spec, sobject
+from strongroomd.keyspec import DEFAULT_SIZE, KeySpec, key_spec, sobject
 from strongroomd.router import KEY, F, Route, check_body
 from strongroomd.store import KeyRow
 

@@ -9,7 +9,7 @@ from typing import Any
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest, Conflict, NotFound
-from strongroomd.keyring import check_name
+from strongroomd.keyspec import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import GroupRow, Store, now_stamp
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
-from strongroomd.keyring import (
+from strongroomd.keyspec import (
     DEFAULT_SIZE,
     KeyPatch,
     KeySpec,

@@ -28,7 +28,7 @@ from strongroomd.errors import (
     Unsupported,
     from_code,
 )
-from strongroomd.keyring import check_name
+from strongroomd.keyspec import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import PluginRow, now_stamp
 
