@@ -206,6 +206,15 @@ async def through_daemon(sock: Path, api_key: str, seconds: float) -> dict[str, 
         out["aes_gcm_1conn"] = await rate(clients[:1], enc, 256, seconds)
         out["aes_gcm_4conn"] = await rate(clients, enc, 64, seconds)
         out["aes_gcm_latency"] = await latencies(clients[0], enc)
+        kid = (await clients[0].request("POST", "/crypto/v1/keys/info", {"name": "bench-aes"}))[
+            "kid"
+        ]
+        batch = (
+            "POST",
+            "/crypto/v1/keys/batch/encrypt",
+            [{"kid": kid, "request": {"plain": plain}} for _ in range(64)],
+        )
+        out["aes_gcm_batch64"] = 64 * await rate(clients[:1], batch, 4, seconds)
         out["rsa_sign"] = await rate(clients[:1], rsa, 16, seconds)
         out["ecdsa_sign"] = await rate(clients[:1], ecd, 64, seconds)
         out["key_create"] = await rate(clients[:1], create, 16, min(seconds, 2.0))
@@ -257,7 +266,17 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--raw", nargs=2, metavar=("CONF", "PIN_FILE"), help=argparse.SUPPRESS)
     ap.add_argument("--provider", nargs=2, metavar=("SOCK", "KEY"), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--keys",
+        type=int,
+        default=0,
+        help="instead: AES-GCM and start-up with this many keys in the token vs one",
+    )
     args = ap.parse_args()
+    if args.keys:
+        from bench_scale import scale
+
+        return scale(args.keys, args.seconds)
     if args.raw:
         raw_main(args.raw[0], args.raw[1], args.seconds)
         return 0
@@ -325,6 +344,7 @@ def main() -> int:
     rows = [
         ("AES-256-GCM 32 B, 1 connection pipelined", raw["aes_gcm"], got["aes_gcm_1conn"]),
         ("AES-256-GCM 32 B, 4 connections", raw["aes_gcm"], got["aes_gcm_4conn"]),
+        ("AES-256-GCM 32 B, batches of 64 items", raw["aes_gcm"], got["aes_gcm_batch64"]),
         ("RSA-2048 PKCS#1 v1.5 sign (SHA-256)", raw["rsa_sign"], got["rsa_sign"]),
         ("ECDSA P-256 sign (SHA-256)", raw["ecdsa_sign"], got["ecdsa_sign"]),
         ("AES-256 key creation (token object)", raw["key_create"], got["key_create"]),
