@@ -42,7 +42,7 @@ from strongroomd.auth import (
     check_key_use,
 )
 from strongroomd.context import Owner
-from strongroomd.errors import BadRequest, Conflict, Internal, NotFound, TooLarge
+from strongroomd.errors import ApiError, BadRequest, Conflict, Internal, NotFound, TooLarge
 from strongroomd.keyref import KeyMaterial, NewKey
 from strongroomd.keyspec import (
     ALG_FROM_KEY,
@@ -151,6 +151,15 @@ class Keyring(Lifecycle):
         if method == "mac":
             out["digest"] = out["mac"]
         return out
+
+    async def operate_many(
+        self, row: KeyRow, method: str, reqs: list[dict]
+    ) -> list[dict[str, Any] | ApiError]:
+        """Many encrypts or decrypts with one AES/DES3 key from :meth:`use`, as one
+        token job (a batch's fast path); per item a result or its own error."""
+        alg = key_alg(row)
+        reqs = [r if "alg" in r or alg is None else {**r, "alg": alg} for r in reqs]
+        return await self.token.symmetric_many(ref_of(row), reqs, decrypting=(method == "decrypt"))
 
     async def wrap(self, row: KeyRow, subject: KeyRow, req: dict) -> dict[str, Any]:
         """Wrap ``subject`` (found with :meth:`use` for EXPORT) under ``row`` (WRAPKEY)."""

@@ -33,7 +33,7 @@ from strongroomd import mechanisms as mech
 from strongroomd._token import ops
 from strongroomd._token.core import Core, token_error
 from strongroomd._token.thread import MISSED, Worker
-from strongroomd.errors import BadRequest, BadTag, Unsupported
+from strongroomd.errors import ApiError, BadRequest, BadTag, Unsupported
 from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
 
 __all__ = ["Token"]
@@ -240,6 +240,50 @@ class Token:
             m, p = Mechanism.RSA_X_509, None
             data = mech.oaep_encode(plain, key.key_size // 8, mode.hash)
         return {"cipher": await self._run("encrypt", ops.public_encrypt, key.kid, m, p, data)}
+
+    async def symmetric_many(
+        self, key: KeyRef, reqs: list[dict], *, decrypting: bool
+    ) -> list[dict | ApiError]:
+        """A batch's AES/DES3 items for one key as one token job (not one each):
+        per item a result, or the error that item alone gets."""
+        out: list[dict | ApiError | None] = [None] * len(reqs)
+        jobs = []
+        for i, req in enumerate(reqs):
+            try:
+                spec = mech.cipher_spec(key.obj_type, req, decrypt=decrypting)
+                m, p = ops.sym_mechanism(spec)
+                if not decrypting:
+                    data = req["plain"]
+                elif spec.kind == "AES_GCM":
+                    if "tag" not in req:
+                        raise BadRequest("GCM decryption needs tag", code="missing_field")
+                    data = req["cipher"] + req["tag"]
+                else:
+                    data = req["cipher"]
+                jobs.append((i, spec, m, p, data))
+            except ApiError as exc:
+                out[i] = exc
+        if jobs:
+            done = await self._call(
+                ops.symmetric_many,
+                self._core,
+                key.kid,
+                decrypting,
+                [(m, p, data) for _i, _s, m, p, data in jobs],
+            )
+            for (i, spec, *_), r in zip(jobs, done, strict=True):
+                if isinstance(r, ops.DECRYPT_FAILURES) and decrypting:
+                    out[i] = BadTag()
+                elif isinstance(r, Exception):
+                    out[i] = token_error(r, "decrypt" if decrypting else "encrypt")
+                elif decrypting:
+                    out[i] = {"plain": r}
+                elif spec.kind == "AES_GCM":
+                    cut = len(r) - spec.tag_bits // 8
+                    out[i] = {"cipher": r[:cut], "iv": spec.iv, "tag": r[cut:]}
+                else:
+                    out[i] = {"cipher": r, "iv": spec.iv} if spec.return_iv else {"cipher": r}
+        return out  # type: ignore[return-value]
 
     async def decrypt(self, key: KeyRef, req: dict) -> dict:
         t = key.obj_type

@@ -102,6 +102,20 @@ def decrypt(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes)
     return core.hot(kid)._decrypt(data, mechanism, param, None, len(data) + 32)
 
 
+def symmetric_many(
+    core: Core, kid: str, decrypting: bool, items: list[tuple[Mechanism, Any, bytes]]
+) -> list[bytes | Exception]:
+    """Many operations with one key in one job; each item's failure is its own."""
+    one = decrypt if decrypting else encrypt
+    out: list[bytes | Exception] = []
+    for mechanism, param, data in items:
+        try:
+            out.append(one(core, kid, mechanism, param, data))
+        except Exception as exc:  # handed back per item
+            out.append(exc)
+    return out
+
+
 def public_encrypt(core: Core, kid: str, mechanism: Mechanism, param: Any, data: bytes) -> bytes:
     return core.hot_public(kid)._encrypt(data, mechanism, param, 1024)
 

@@ -121,6 +121,14 @@ def test_batch_encrypt_keeps_order_and_isolates_failures(daemon, admin_raw: Raw)
     )
     plains = [r["body"]["plain"] for r in back]
     assert plains == [b"%d" % i for i in range(1000) if i % 10 not in (3, 7)]
+    # One audit record per batch, naming each key with its items' outcomes.
+    logs = ok(admin_raw.call("GET", "/sys/v1/logs", {"actor_id": app.id}))
+    batch = [r for r in logs if r["action"] == "POST /crypto/v1/keys/batch/encrypt"]
+    assert len(batch) == 1
+    assert batch[0]["detail"]["keys"] == {
+        mine: {"ok": 800, "invalid_field": 100},
+        theirs: {"not_found": 100},
+    }
 
 
 def test_batch_refuses_what_is_not_a_batch(admin_raw: Raw) -> None:
