@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("strongroomd.keyring")
 T = TypeVar("T")
+#: Batch items per token job.
+CHUNK = 64
 
 
 class Keyring(Lifecycle):
