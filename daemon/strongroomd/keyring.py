@@ -157,11 +157,19 @@ class Keyring(Lifecycle):
     async def operate_many(
         self, row: KeyRow, method: str, reqs: list[dict]
     ) -> list[dict[str, Any] | ApiError]:
-        """Many encrypts or decrypts with one AES/DES3 key from :meth:`use`, as one
-        token job (a batch's fast path); per item a result or its own error."""
+        """Many encrypts or decrypts with one AES/DES3 key from :meth:`use`, in token
+        jobs of CHUNK items (a batch's fast path; other principals' work interleaves
+        between the jobs); per item a result or its own error."""
         alg = key_alg(row)
         reqs = [r if "alg" in r or alg is None else {**r, "alg": alg} for r in reqs]
-        return await self.token.symmetric_many(ref_of(row), reqs, decrypting=(method == "decrypt"))
+        decrypting = method == "decrypt"
+        parts = await asyncio.gather(
+            *(
+                self.token.symmetric_many(ref_of(row), reqs[i : i + CHUNK], decrypting=decrypting)
+                for i in range(0, len(reqs), CHUNK)
+            )
+        )
+        return [out for part in parts for out in part]
 
     async def wrap(self, row: KeyRow, subject: KeyRow, req: dict) -> dict[str, Any]:
         """Wrap ``subject`` (found with :meth:`use` for EXPORT) under ``row`` (WRAPKEY)."""
