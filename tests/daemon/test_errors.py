@@ -28,3 +28,21 @@ def test_codes_reported_by_the_sandbox_become_their_class() -> None:
     assert errors.from_code("no such code", "?").status == 500
     own = errors.PluginError("teapot", 418, "short_and_stout")
     assert (own.status, own.body()["error"]) == (418, "short_and_stout")
+
+
+def test_no_raise_in_the_daemon_names_a_code_outside_its_class() -> None:
+    """A static check of every ``Class(..., code="...")`` in the daemon's source."""
+    import re
+    from pathlib import Path
+
+    root = Path(errors.__file__).parent
+    pattern = re.compile(r'\b([A-Z][A-Za-z]+)\((?:[^()]|\([^()]*\))*?code="(\w+)"', re.S)
+    wrong = []
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        for m in pattern.finditer(text):
+            cls = getattr(errors, m.group(1), None)
+            if isinstance(cls, type) and issubclass(cls, errors.ApiError):
+                if m.group(2) not in cls.codes:
+                    wrong.append(f"{path.name}:{text[: m.start()].count(chr(10)) + 1}")
+    assert wrong == []
