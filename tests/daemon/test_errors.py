@@ -42,7 +42,7 @@ def test_no_raise_in_the_daemon_names_a_code_outside_its_class() -> None:
         text = path.read_text()
         for m in pattern.finditer(text):
             cls = getattr(errors, m.group(1), None)
-            if isinstance(cls, type) and issubclass(cls, errors.ApiError):
-                if m.group(2) not in cls.codes:
-                    wrong.append(f"{path.name}:{text[: m.start()].count(chr(10)) + 1}")
+            known = isinstance(cls, type) and issubclass(cls, errors.ApiError)
+            if known and m.group(2) not in cls.codes:
+                wrong.append(f"{path.name}:{text[: m.start()].count(chr(10)) + 1}")
     assert wrong == []
