@@ -506,7 +506,7 @@ def wrap_mode(obj_type: str, req: dict) -> str | RsaMode:
         if isinstance(mode, str) and mode.upper() == "OAEP":
             mode = None
         rsa_mode = rsa_encrypt_mode(mode)
-        if rsa_mode.kind != "OAEP" or rsa_mode.hash != "SHA1":
-            raise Unsupported("RSA wraps only with OAEP and SHA1 on this token")
+        if rsa_mode.kind != "OAEP":
+            raise Unsupported("RSA wraps keys with OAEP only")
         return rsa_mode
     raise Unsupported(f"a {obj_type} key cannot wrap keys")

@@ -364,10 +364,13 @@ class Token:
         mode = mech.wrap_mode(_asym_type(key) if key.obj_type != "AES" else "AES", req)
         if mode in ("KW", "KWP"):
             wrapped = await self._run("wrap", ops.wrap_aes, key.kid, subject, mode == "KWP")
-        else:
+        elif mode.hash == "SHA1":
             wrapped = await self._run(
                 "wrap", ops.wrap, key.kid, True, subject.kid, Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
             )
+        else:
+            k = key.key_size // 8
+            wrapped = await self._run("wrap", ops.wrap_rsa_oaep, key.kid, subject, mode.hash, k)
         return {"wrapped_key": wrapped}
 
     async def unwrap(self, key: KeyRef, new: NewKey, req: dict) -> KeyMaterial:
@@ -377,6 +380,9 @@ class Token:
         data = req["wrapped_key"]
         if mode in ("KW", "KWP"):
             return await self._run("unwrap", ops.unwrap_aes, key.kid, new, data, mode == "KWP")
+        if mode.hash != "SHA1":
+            k = key.key_size // 8
+            return await self._run("unwrap", ops.unwrap_rsa_oaep, key.kid, new, data, mode.hash, k)
         m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
         return await self._run("unwrap", ops.unwrap, key.kid, new, m, p, data)
 

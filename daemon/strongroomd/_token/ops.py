@@ -164,6 +164,28 @@ def unwrap_aes(core: Core, kid: str, new: NewKey, data: bytes, pad: bool) -> Key
     return _store_value(core, new, value)
 
 
+def wrap_rsa_oaep(core: Core, kid: str, subject: KeyRef, hash_name: str, k: int) -> bytes:
+    """RSA-OAEP with a hash SoftHSM's OAEP lacks: raw RSA in the token over OAEP
+    padding applied here (as encryption does), around the subject's exported value."""
+    data = mech.oaep_encode(core.export(subject), k, hash_name)
+    return core.hot_public(kid)._encrypt(data, Mechanism.RSA_X_509, None, 1024)
+
+
+def unwrap_rsa_oaep(
+    core: Core, kid: str, new: NewKey, data: bytes, hash_name: str, k: int
+) -> KeyMaterial:
+    """The inverse of :func:`wrap_rsa_oaep`; the padding is checked in constant time."""
+    if new.obj_type not in keys.SECRET_TYPES:
+        raise Unsupported("only symmetric keys can be unwrapped")
+    if len(data) != k:
+        raise BadTag()
+    try:
+        raw = core.hot(kid)._decrypt(data, Mechanism.RSA_X_509, None, None, k)
+    except DECRYPT_FAILURES:
+        raise BadTag() from None
+    return _store_value(core, new, mech.oaep_decode(raw, k, hash_name))
+
+
 def _secret_size(new: NewKey, n: int) -> int:
     """Check the byte length of an unwrapped/derived secret; returns bits."""
     t = new.obj_type

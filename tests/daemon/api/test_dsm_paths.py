@@ -148,3 +148,69 @@ def test_health_and_version_need_no_login(daemon) -> None:
         err(anon.call("GET", "/crypto/v1/keys"), "unauthenticated")
     finally:
         anon.close()
+
+
+def test_rsa_wraps_and_unwraps_with_oaep_sha256(admin_raw: Raw) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    g = new_group(admin_raw)
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pkcs8 = private.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    kek = ok(
+        admin_raw.call(
+            "PUT",
+            "/crypto/v1/keys",
+            {
+                "name": unique("kek"),
+                "obj_type": "RSA",
+                "value": pkcs8,
+                "group_id": g,
+                "key_ops": ["WRAPKEY", "UNWRAPKEY", "ENCRYPT", "DECRYPT"],
+            },
+        )
+    )
+    subject, value = _exportable_aes(admin_raw, g)
+    oaep256 = padding.OAEP(padding.MGF1(hashes.SHA256()), hashes.SHA256(), None)
+    mode = {"OAEP": {"mgf": {"mgf1": {"hash": "SHA256"}}}}
+    wrapped = ok(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{kek['kid']}/wrapkey",
+            {"subject": {"kid": subject}, "mode": mode},
+        )
+    )["wrapped_key"]
+    assert private.decrypt(wrapped, oaep256) == value
+    fresh = bytes(range(32))
+    made = ok(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{kek['kid']}/unwrapkey",
+            {
+                "wrapped_key": private.public_key().encrypt(fresh, oaep256),
+                "obj_type": "AES",
+                "mode": mode,
+                "name": unique("unwrapped"),
+                "group_id": g,
+                "key_ops": ["ENCRYPT", "EXPORT"],
+            },
+        )
+    )
+    assert _value_of(admin_raw, made["kid"]) == fresh
+    bad = ok(admin_raw.call("POST", "/crypto/v1/keys/info", {"kid": kek["kid"]}))
+    err(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{bad['kid']}/unwrapkey",
+            {"wrapped_key": b"\x01" * 256, "obj_type": "AES", "mode": mode, "name": unique()},
+        ),
+        "bad_tag",
+    )
+
+
+def _value_of(conn: Raw, kid: str) -> bytes:
+    return ok(conn.call("GET", f"/crypto/v1/keys/{kid}/export"))["value"]
