@@ -40,6 +40,9 @@ ALLOWED_OPS: dict[str, frozenset[str]] = {
         | _COMMON
     ),
     "DES3": frozenset({"ENCRYPT", "DECRYPT", "WRAPKEY", "UNWRAPKEY", "DERIVEKEY"} | _COMMON),
+    "DES": frozenset({"ENCRYPT", "DECRYPT", "WRAPKEY", "UNWRAPKEY", "DERIVEKEY"} | _COMMON),
+    # Stored and exported, never used for crypto (DSM's opaque objects).
+    "OPAQUE": frozenset(_COMMON),
     "HMAC": frozenset({"MACGENERATE", "MACVERIFY", "DERIVEKEY"} | _COMMON),
     "SECRET": frozenset({"DERIVEKEY"} | _COMMON),
     "RSA": frozenset({"SIGN", "VERIFY", "ENCRYPT", "DECRYPT", "WRAPKEY", "UNWRAPKEY"} | _COMMON),
@@ -49,13 +52,15 @@ ALLOWED_OPS: dict[str, frozenset[str]] = {
 DEFAULT_OPS: dict[str, list[str]] = {
     "AES": ["ENCRYPT", "DECRYPT", "WRAPKEY", "UNWRAPKEY", "APPMANAGEABLE"],
     "DES3": ["ENCRYPT", "DECRYPT", "WRAPKEY", "UNWRAPKEY", "APPMANAGEABLE"],
+    "DES": ["ENCRYPT", "DECRYPT", "APPMANAGEABLE"],
+    "OPAQUE": ["EXPORT", "APPMANAGEABLE"],
     "HMAC": ["MACGENERATE", "MACVERIFY", "APPMANAGEABLE"],
     "SECRET": ["DERIVEKEY", "APPMANAGEABLE"],
     "RSA": ["SIGN", "VERIFY", "ENCRYPT", "DECRYPT", "APPMANAGEABLE"],
     "EC": ["SIGN", "VERIFY", "APPMANAGEABLE"],
     "CERTIFICATE": ["VERIFY", "APPMANAGEABLE"],
 }
-DEFAULT_SIZE = {"AES": 256, "DES3": 168, "HMAC": 256, "SECRET": 256, "RSA": 2048}
+DEFAULT_SIZE = {"AES": 256, "DES3": 168, "DES": 56, "HMAC": 256, "SECRET": 256, "RSA": 2048}
 PRIVATE_OPS = frozenset({"SIGN", "DECRYPT", "UNWRAPKEY", "AGREEKEY", "DERIVEKEY"})
 MAX_NAME = 256
 MAX_METADATA = 64
@@ -214,7 +219,7 @@ def choose_ops(
 ) -> list[str]:
     if asked is None:
         ops = list(DEFAULT_OPS[obj_type])
-        if imported:
+        if imported and "EXPORT" not in ops:
             ops.append("EXPORT")
         if public_only:
             ops = [op for op in ops if op not in PRIVATE_OPS]
@@ -306,7 +311,7 @@ ALG_FROM_KEY = frozenset(("encrypt", "decrypt", "wrap", "unwrap"))
 
 def key_alg(row: KeyRow) -> str | None:
     """The algorithm a key's type fixes (RSA for certificates with an RSA key)."""
-    if row.obj_type in ("AES", "DES3", "RSA"):
+    if row.obj_type in ("AES", "DES3", "DES", "RSA"):
         return row.obj_type
     if row.obj_type == "CERTIFICATE" and not row.elliptic_curve:
         return "RSA"

@@ -159,6 +159,12 @@ def check_key_size(obj_type: str, key_size: int | None) -> int:
     if obj_type == "AES":
         if key_size not in (128, 192, 256):
             raise BadRequest("AES key_size must be 128, 192 or 256", code="invalid_key_size")
+    elif obj_type == "DES":
+        if key_size not in (None, 56, 64):
+            raise BadRequest("DES key_size is 56", code="invalid_key_size")
+        return 56
+    elif obj_type == "OPAQUE":
+        raise BadRequest("an OPAQUE object is imported, not generated", code="invalid_value")
     elif obj_type == "DES3":
         if key_size is None:
             return 168
@@ -196,11 +202,38 @@ def check_value_size(obj_type: str, value: bytes) -> int:
         if n != 24:
             raise BadRequest("a DES3 key is 24 bytes", code="invalid_key_size")
         return 168
+    if obj_type == "DES":
+        if n != 8:
+            raise BadRequest("a DES key is 8 bytes", code="invalid_key_size")
+        return 56
+    if obj_type == "OPAQUE" and not 1 <= n <= 64 * 1024:
+        raise BadRequest("an OPAQUE object is 1 byte to 64 KiB", code="invalid_key_size")
     if obj_type == "HMAC" and not HMAC_MIN_BYTES <= n <= HMAC_MAX_BYTES:
         raise BadRequest("an HMAC key is 14 to 512 bytes", code="invalid_key_size")
     if obj_type == "SECRET" and not 1 <= n <= 1024:
         raise BadRequest("a SECRET is 1 to 1024 bytes", code="invalid_key_size")
     return n * 8
+
+
+def des_odd_parity(value: bytes) -> bytes:
+    """Each byte's low bit set so that the byte has odd parity, as DES keys do."""
+    return bytes((b & 0xFE) | (bin(b >> 1).count("1") + 1) % 2 for b in value)
+
+
+def token_value(obj_type: str, value: bytes) -> bytes:
+    """What the token holds for a symmetric key's value."""
+    if obj_type == "HMAC":
+        return hmac_token_value(value)
+    if obj_type == "DES":
+        return des_token_value(value)
+    return value
+
+
+def des_token_value(value: bytes) -> bytes:
+    """A single-DES key as the token holds it: DES3 with K1 = K2 = K3, which
+    computes exactly single DES (SoftHSM 2.6.1 lists DES mechanisms but refuses
+    them)."""
+    return value * 3
 
 
 def hmac_token_value(value: bytes) -> bytes:

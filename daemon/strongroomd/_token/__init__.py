@@ -38,7 +38,16 @@ from strongroomd.keyref import KeyMaterial, KeyRef, NewKey
 
 __all__ = ["Token"]
 
-_SYMMETRIC = frozenset(("AES", "DES3"))
+_SYMMETRIC = frozenset(("AES", "DES3", "DES"))
+
+
+def _as_token_cipher(key: KeyRef, req: dict) -> tuple[str, dict]:
+    """A DES key is a DES3 object holding K||K||K: its requests are DES3 ones."""
+    if key.obj_type != "DES":
+        return key.obj_type, req
+    return "DES3", ({**req, "alg": "DES3"} if req.get("alg") == "DES" else req)
+
+
 #: Largest input a symmetric operation may run inline on the event loop.
 SHORT = 16 * 1024
 _PKCS11Error = p11e.PKCS11Error
@@ -215,6 +224,7 @@ class Token:
         t = key.obj_type
         plain = req["plain"]
         if t in _SYMMETRIC:
+            t, req = _as_token_cipher(key, req)
             spec = mech.cipher_spec(t, req, decrypt=False)
             m, p = ops.sym_mechanism(spec)
             try:
@@ -250,7 +260,8 @@ class Token:
         jobs = []
         for i, req in enumerate(reqs):
             try:
-                spec = mech.cipher_spec(key.obj_type, req, decrypt=decrypting)
+                t, req = _as_token_cipher(key, req)
+                spec = mech.cipher_spec(t, req, decrypt=decrypting)
                 m, p = ops.sym_mechanism(spec)
                 if not decrypting:
                     data = req["plain"]
@@ -289,6 +300,7 @@ class Token:
         t = key.obj_type
         cipher = req["cipher"]
         if t in _SYMMETRIC:
+            t, req = _as_token_cipher(key, req)
             spec = mech.cipher_spec(t, req, decrypt=True)
             m, p = ops.sym_mechanism(spec)
             if spec.kind == "AES_GCM":

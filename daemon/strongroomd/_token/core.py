@@ -353,9 +353,11 @@ class Core:
         if t in keys.SECRET_TYPES:
             bits = mech.check_key_size(t, new.key_size)
             template = keys.secret_template(new)
-            if t == "HMAC" and bits < mech.HMAC_TOKEN_BYTES * 8:
-                value = self.session.generate_random(bits)
-                template[Attribute.VALUE] = mech.hmac_token_value(value)
+            if (t == "HMAC" and bits < mech.HMAC_TOKEN_BYTES * 8) or t == "DES":
+                value = self.session.generate_random(64 if t == "DES" else bits)
+                if t == "DES":
+                    value = mech.des_odd_parity(value)
+                template[Attribute.VALUE] = mech.token_value(t, value)
                 entry.secret = self.session.create_object(template)
             else:
                 mechanism = {
@@ -404,7 +406,7 @@ class Core:
         if t in keys.SECRET_TYPES:
             bits = mech.check_value_size(t, value)
             template = keys.secret_template(new)
-            template[Attribute.VALUE] = mech.hmac_token_value(value) if t == "HMAC" else value
+            template[Attribute.VALUE] = mech.token_value(t, value)
             entry.secret = self.session.create_object(template)
             self._commit(entry)
             return keys.material(new, bits, None, False)
@@ -463,6 +465,8 @@ class Core:
             value = e.secret[Attribute.VALUE]
             if key.obj_type == "HMAC" and key.key_size:
                 value = value[: key.key_size // 8]
+            elif key.obj_type == "DES":
+                value = value[:8]  # the token holds K||K||K
             return value
         if e.cert is not None:
             return e.cert[Attribute.VALUE]

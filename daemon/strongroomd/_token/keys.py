@@ -21,6 +21,8 @@ from strongroomd.keyref import KeyMaterial, NewKey
 SECRET_TYPES = {
     "AES": KeyType.AES,
     "DES3": KeyType.DES3,
+    "DES": KeyType.DES3,  # K||K||K: single DES (mechanisms.des_token_value)
+    "OPAQUE": KeyType.GENERIC_SECRET,  # stored and exported, never used
     "HMAC": KeyType.GENERIC_SECRET,
     "SECRET": KeyType.GENERIC_SECRET,
 }
@@ -46,7 +48,9 @@ _SECRET_CAPS = {
     ),
     "HMAC": (Attribute.SIGN, Attribute.VERIFY, Attribute.DERIVE),
     "SECRET": (Attribute.SIGN, Attribute.VERIFY, Attribute.DERIVE),
+    "OPAQUE": (),
 }
+_SECRET_CAPS["DES"] = _SECRET_CAPS["DES3"]
 _PRIVATE_CAPS = {
     "RSA": (Attribute.DECRYPT, Attribute.SIGN, Attribute.UNWRAP),
     "EC": (Attribute.SIGN, Attribute.DERIVE),

@@ -192,12 +192,14 @@ def _secret_size(new: NewKey, n: int) -> int:
     ok = {
         "AES": n in (16, 24, 32),
         "DES3": n == 24,
+        "DES": n == 8,
+        "OPAQUE": n >= 1,
         "HMAC": mech.HMAC_MIN_BYTES <= n <= mech.HMAC_MAX_BYTES,
         "SECRET": n >= 1,
     }.get(t, False)
     if not ok:
         raise BadRequest(f"the key is not a valid {t} key", code="invalid_key_size")
-    return 168 if t == "DES3" else n * 8
+    return {"DES3": 168, "DES": 56}.get(t, n * 8)
 
 
 def _store_value(core: Core, new: NewKey, value: bytes) -> KeyMaterial:
@@ -205,7 +207,7 @@ def _store_value(core: Core, new: NewKey, value: bytes) -> KeyMaterial:
     entry = core._new_entry(new)
     bits = _secret_size(new, len(value))
     template = keys.secret_template(new)
-    template[Attribute.VALUE] = mech.hmac_token_value(value) if new.obj_type == "HMAC" else value
+    template[Attribute.VALUE] = mech.token_value(new.obj_type, value)
     entry.secret = core.session.create_object(template)
     core._commit(entry)
     return KeyMaterial(new.obj_type, bits, None, None, False)

@@ -226,7 +226,7 @@ def _batch(name: str, op: str, method: str) -> Route:
             except ApiError as exc:
                 answer(i, kid, exc)
                 continue
-            if method in ("encrypt", "decrypt") and row.obj_type in ("AES", "DES3"):
+            if method in ("encrypt", "decrypt") and row.obj_type in ("AES", "DES3", "DES"):
                 entry = grouped.setdefault(row.kid, (row, [], []))
                 entry[1].append(i)
                 entry[2].append(_rest(body))

@@ -20,14 +20,14 @@ from strongroomd.keyspec import (
 from strongroomd.router import KEY, F, Route
 from strongroomd.store import KeyRow
 
-SYMMETRIC = {"AES", "DES3", "HMAC", "SECRET"}
+SYMMETRIC = {"AES", "DES3", "DES", "HMAC", "SECRET", "OPAQUE"}
 
 
 async def create(req: Request) -> dict[str, Any]:
     b = req.body
     obj_type, curve = normalize_type(b)
-    if obj_type == "CERTIFICATE":
-        raise BadRequest("a CERTIFICATE can only be imported (PUT)", code="invalid_value")
+    if obj_type in ("CERTIFICATE", "OPAQUE"):
+        raise BadRequest(f"a {obj_type} can only be imported (PUT)", code="invalid_value")
     if obj_type == "EC" and not curve:
         raise BadRequest("elliptic_curve is required for EC keys", code="missing_field")
     size = None if obj_type == "EC" else b.get("key_size", DEFAULT_SIZE[obj_type])

@@ -214,3 +214,75 @@ def test_rsa_wraps_and_unwraps_with_oaep_sha256(admin_raw: Raw) -> None:
 
 def _value_of(conn: Raw, kid: str) -> bytes:
     return ok(conn.call("GET", f"/crypto/v1/keys/{kid}/export"))["value"]
+
+
+def test_des_is_single_des_and_opaque_is_stored_only(admin_raw: Raw) -> None:
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+
+    g = new_group(admin_raw)
+    value = bytes.fromhex("133457799bbcdff1")
+    des = ok(
+        admin_raw.call(
+            "PUT",
+            "/crypto/v1/keys",
+            {"name": unique("des"), "obj_type": "DES", "value": value, "group_id": g},
+        )
+    )
+    assert (des["obj_type"], des["key_size"]) == ("DES", 56)
+    iv = bytes(8)
+    out = ok(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{des['kid']}/encrypt",
+            {"plain": b"8 bytes!", "mode": "CBCNOPAD", "iv": iv},
+        )
+    )
+    # TripleDES with K||K||K is single DES in cryptography too.
+    dec = Cipher(TripleDES(value * 3), modes.CBC(iv)).decryptor()
+    assert dec.update(out["cipher"]) + dec.finalize() == b"8 bytes!"
+    assert _value_of(admin_raw, des["kid"]) == value
+    # The classic single-DES worked example (FIPS 46 walk-throughs): one block, ECB.
+    ecb = ok(
+        admin_raw.call(
+            "POST",
+            f"/crypto/v1/keys/{des['kid']}/encrypt",
+            {"plain": bytes.fromhex("0123456789abcdef"), "mode": "ECB"},
+        )
+    )
+    assert ecb["cipher"].hex() == "85e813540f0ab405"
+    made = ok(
+        admin_raw.call(
+            "POST",
+            "/crypto/v1/keys",
+            {
+                "name": unique("des"),
+                "obj_type": "DES",
+                "group_id": g,
+                "key_ops": ["ENCRYPT", "EXPORT"],
+            },
+        )
+    )
+    generated = _value_of(admin_raw, made["kid"])
+    assert len(generated) == 8 and all(bin(b).count("1") % 2 for b in generated)
+
+    blob = b"any bytes at all, kept and given back"
+    opaque = ok(
+        admin_raw.call(
+            "PUT",
+            "/crypto/v1/keys",
+            {"name": unique("op"), "obj_type": "OPAQUE", "value": blob, "group_id": g},
+        )
+    )
+    assert opaque["key_ops"] == ["EXPORT", "APPMANAGEABLE"]
+    assert _value_of(admin_raw, opaque["kid"]) == blob
+    err(
+        admin_raw.call("POST", f"/crypto/v1/keys/{opaque['kid']}/encrypt", {"plain": b"x"}),
+        "key_op_not_permitted",
+    )
+    err(
+        admin_raw.call(
+            "POST", "/crypto/v1/keys", {"name": unique("op"), "obj_type": "OPAQUE", "group_id": g}
+        ),
+        "invalid_value",
+    )
