@@ -84,6 +84,7 @@ struct key {
     unsigned gen; /* connection generation of a transient key */
     int public_only;
     int present;
+    int destroyed; /* deleted through this module: its other objects destroy as no-ops */
     unsigned char *spki;
     size_t spki_len;
     struct sr_pub pub;
@@ -92,6 +93,7 @@ struct key {
 struct obj {
     int key;
     CK_OBJECT_CLASS cls;
+    int destroyed; /* C_DestroyObject was called on this handle */
 };
 
 static struct key *keys;
@@ -262,6 +264,7 @@ static int add_obj(int key, CK_OBJECT_CLASS cls) {
     }
     objs[n_objs].key = key;
     objs[n_objs].cls = cls;
+    objs[n_objs].destroyed = 0;
     return (int)n_objs++;
 }
 
@@ -1639,7 +1642,8 @@ EXPORT CK_RV C_GetMechanismInfo(CK_SLOT_ID slot, CK_MECHANISM_TYPE type, CK_MECH
         if (MECHS[i].type == type) {
             p->ulMinKeySize = MECHS[i].min;
             p->ulMaxKeySize = MECHS[i].max;
-            p->flags = MECHS[i].flags;
+            /* CKF_HW: the daemon (its HSM) performs it, not this library */
+            p->flags = MECHS[i].flags | CKF_HW;
             return CKR_OK;
         }
     return CKR_MECHANISM_INVALID;
@@ -2462,7 +2466,15 @@ EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho) {
     struct keyref kr;
     pthread_mutex_lock(&g_lock);
     rv = keyref_of(ho, &kr, NULL);
+    /* A pair's second object after the first was destroyed (the key went
+     * with both): already gone, which is what the caller asked for. */
+    int gone = rv != CKR_OK && ho && ho <= n_objs && !objs[ho - 1].destroyed &&
+               keys[objs[ho - 1].key].destroyed && !keys[objs[ho - 1].key].present;
+    if (gone)
+        objs[ho - 1].destroyed = 1;
     pthread_mutex_unlock(&g_lock);
+    if (gone)
+        return CKR_OK;
     if (rv != CKR_OK)
         return CKR_OBJECT_HANDLE_INVALID;
     char path[128];
@@ -2476,8 +2488,11 @@ EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho) {
     sr_resp_free(&r);
     pthread_mutex_lock(&g_lock);
     struct key *k = obj_key(ho, NULL);
-    if (k)
+    if (k) {
         k->present = 0; /* the key goes with all of its objects */
+        k->destroyed = 1;
+        objs[ho - 1].destroyed = 1;
+    }
     pthread_mutex_unlock(&g_lock);
     return CKR_OK;
 }

@@ -222,3 +222,41 @@ def test_daemon_down(world: World, tmp_path: Path) -> None:
     )
     assert r.returncode != 0
     assert "CKR_DEVICE_ERROR" in r.stderr
+
+
+def test_pkcs11_tool_self_test(world: World) -> None:
+    """`pkcs11-tool --test`: random, digests, signatures, verify, decrypt on the app's keys."""
+    r = tool(world, "--test", pin=world.api_key, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "No errors" in out
+    assert "all 4 signature functions seem to work" in out  # needs CKF_HW mechanisms
+    assert "SHA256-RSA-PKCS: OK" in out
+    assert "RSA-PKCS-OAEP" in out
+
+
+def test_pkcs11_tool_test_ec(world: World) -> None:
+    """`pkcs11-tool --test-ec`: generate a P-256 pair, relabel, sign, delete."""
+    r = tool(
+        world,
+        "--test-ec",
+        "--id",
+        "0a0b",
+        "--label",
+        "tool-test-ec",
+        "--key-type",
+        "EC:prime256v1",
+        pin=world.api_key,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Key pair generated" in r.stdout
+    assert "Deleting the private and the public key again" in r.stdout
+    assert "error" not in (r.stdout + r.stderr).lower()
+
+
+def test_pkcs11_tool_test_fork(world: World) -> None:
+    """`pkcs11-tool --test-fork`: C_Initialize again in a forked child."""
+    r = tool(world, "--test-fork", pin=world.api_key, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Calling C_Initialize in forked child process" in r.stdout
