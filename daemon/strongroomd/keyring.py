@@ -177,6 +177,13 @@ class Keyring(Lifecycle):
             req = {**req, "alg": key_alg(row)}
         return await self.token.wrap(ref_of(row), ref_of(subject), req)
 
+    async def kcv(self, row: KeyRow, method: str) -> str:
+        """The key check value of a key the caller can see (it reveals 24 or 40
+        bits of one encryption, not the key)."""
+        if method not in ("Encrypt", "Cmac"):
+            raise BadRequest("kcv_method is Encrypt or Cmac", code="invalid_value")
+        return await self.token.kcv(ref_of(row), method)
+
     async def export(self, row: KeyRow) -> bytes:
         """The value of a key found with :meth:`use` for EXPORT."""
         return await self.token.export(ref_of(row))

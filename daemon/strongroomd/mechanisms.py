@@ -215,6 +215,31 @@ def check_value_size(obj_type: str, value: bytes) -> int:
     return n * 8
 
 
+def kcv_of_value(obj_type: str, value: bytes, method: str) -> str:
+    """The key check value of a key given by value (``kcv/verify``), with
+    ``cryptography``: the same definition as the token's."""
+    from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.cmac import CMAC
+
+    if obj_type == "AES":
+        if len(value) not in (16, 24, 32):
+            raise BadRequest("an AES key is 16, 24 or 32 bytes", code="invalid_key_size")
+        if method == "Cmac":
+            c = CMAC(algorithms.AES(value))
+            c.update(bytes(16))
+            return c.finalize()[:5].hex().upper()
+        e = Cipher(algorithms.AES(value), modes.ECB()).encryptor()  # noqa: S305 - one zero block
+        return (e.update(bytes(16)) + e.finalize())[:3].hex().upper()
+    if obj_type in ("DES", "DES3"):
+        if len(value) != (8 if obj_type == "DES" else 24) or method == "Cmac":
+            raise BadRequest(f"not a {obj_type} key for this method", code="invalid_value")
+        key = value * 3 if obj_type == "DES" else value
+        e = Cipher(TripleDES(key), modes.ECB()).encryptor()  # noqa: S305 - one zero block
+        return (e.update(bytes(8)) + e.finalize())[:3].hex().upper()
+    raise Unsupported("a key check value is for AES, DES and DES3 keys")
+
+
 def des_odd_parity(value: bytes) -> bytes:
     """Each byte's low bit set so that the byte has odd parity, as DES keys do."""
     return bytes((b & 0xFE) | (bin(b >> 1).count("1") + 1) % 2 for b in value)

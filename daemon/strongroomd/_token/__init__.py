@@ -186,6 +186,22 @@ class Token:
     async def rename(self, key: KeyRef, name: str) -> None:
         await self._run("rename", Core.rename, key, name)
 
+    async def kcv(self, key: KeyRef, method: str) -> str:
+        """A key check value: the first 3 bytes of the key's encryption of a zero
+        block ("Encrypt"), or the first 5 of its CMAC over one ("Cmac", AES)."""
+        t = "DES3" if key.obj_type == "DES" else key.obj_type
+        if t not in ("AES", "DES3"):
+            raise Unsupported("a key check value is for AES, DES and DES3 keys")
+        block = bytes(16 if t == "AES" else 8)
+        if method == "Cmac":
+            if t != "AES":
+                raise Unsupported("a CMAC key check value is for AES keys")
+            out = await self._run("kcv", ops.sign, key.kid, Mechanism.AES_CMAC, None, block)
+            return out[:5].hex().upper()
+        m = Mechanism.AES_ECB if t == "AES" else Mechanism.DES3_ECB
+        out = await self._run("kcv", ops.encrypt, key.kid, m, None, block)
+        return out[:3].hex().upper()
+
     async def restrict(self, key: KeyRef) -> None:
         """CKA_SENSITIVE on and CKA_EXTRACTABLE off, for good (EXPORT was removed)."""
         await self._run("restrict", Core.restrict, key.kid)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from typing import Any
 
+from strongroomd import mechanisms
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
 from strongroomd.keyspec import (
@@ -174,6 +176,35 @@ async def schedule_deletion(req: Request) -> dict[str, Any]:
     return sobject(await req.services.keyring.schedule_deletion(req.owner, req.caller, kid, days))
 
 
+async def kcv(req: Request) -> dict[str, Any]:
+    """DSM's key check value of a key (AES, DES, DES3)."""
+    b = req.body
+    row = _find(req, _descriptor(b))
+    return {
+        "kid": row.kid,
+        "kcv": await req.services.keyring.kcv(row, b.get("kcv_method", "Encrypt")),
+    }
+
+
+async def kcv_verify(req: Request) -> dict[str, Any]:
+    """Check a KCV against a key given by value (no key of the daemon's is used)."""
+    b = req.body
+    obj_type = b["obj_type"].upper()
+    value = _value(b)
+    got = mechanisms.kcv_of_value(obj_type, value, b.get("kcv_method", "Encrypt"))
+    return {"verified": hmac.compare_digest(got, b["kcv"].upper())}
+
+
+async def key_digest(req: Request) -> dict[str, Any]:
+    """The digest of an exportable key's value (DSM's keys/digest): needs EXPORT."""
+    b = req.body
+    kr = req.services.keyring
+    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")
+    req.object_id = row.kid
+    value = await kr.export(row)
+    return {"kid": row.kid, **mechanisms.digest({"alg": b["alg"], "data": value})}
+
+
 async def export_by_kid(req: Request) -> dict[str, Any]:
     """``GET /crypto/v1/keys/{kid}/export`` (DSM's form of export)."""
     req.body = {"kid": req.params["kid"]}
@@ -216,6 +247,32 @@ _WHICH = {"kid": F(str), "name": F(str), "transient_key": F(str)}
 
 ROUTES = [
     Route("POST", "/crypto/v1/keys/info", info, _WHICH, synopsis="Show a key by descriptor."),
+    Route(
+        "POST",
+        "/crypto/v1/keys/kcv",
+        kcv,
+        {**_WHICH, "kcv_method": F(str)},
+        synopsis="Key check value of an AES, DES or DES3 key (Encrypt or Cmac).",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/kcv/verify",
+        kcv_verify,
+        {
+            "kcv": F(str, True),
+            "value": F((bytes, str), True),
+            "obj_type": F(str, True),
+            "kcv_method": F(str),
+        },
+        synopsis="Check a key check value against a key given by value.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/digest",
+        key_digest,
+        {"key": KEY, "alg": F(str, True)},
+        synopsis="Digest of an exportable key's value.",
+    ),
     Route(
         "POST",
         "/crypto/v1/keys/export",

@@ -286,3 +286,54 @@ def test_des_is_single_des_and_opaque_is_stored_only(admin_raw: Raw) -> None:
         ),
         "invalid_value",
     )
+
+
+def test_key_check_values_and_key_digests(admin_raw: Raw) -> None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.cmac import CMAC
+
+    g = new_group(admin_raw)
+    value = bytes(range(16))
+    key = ok(
+        admin_raw.call(
+            "PUT",
+            "/crypto/v1/keys",
+            {"name": unique("kcv"), "obj_type": "AES", "value": value, "group_id": g},
+        )
+    )
+    enc = Cipher(algorithms.AES(value), modes.ECB()).encryptor().update(bytes(16))
+    mac = CMAC(algorithms.AES(value))
+    mac.update(bytes(16))
+    want_enc, want_cmac = enc[:3].hex().upper(), mac.finalize()[:5].hex().upper()
+    assert ok(admin_raw.call("POST", "/crypto/v1/keys/kcv", {"kid": key["kid"]}))["kcv"] == want_enc
+    got = ok(
+        admin_raw.call("POST", "/crypto/v1/keys/kcv", {"name": key["name"], "kcv_method": "Cmac"})
+    )
+    assert got["kcv"] == want_cmac
+    for kcv, method, verified in ((want_enc, "Encrypt", True), ("000000", "Encrypt", False),
+                                  (want_cmac.lower(), "Cmac", True)):  # fmt: skip
+        out = ok(
+            admin_raw.call(
+                "POST",
+                "/crypto/v1/keys/kcv/verify",
+                {"kcv": kcv, "value": value, "obj_type": "AES", "kcv_method": method},
+            )
+        )
+        assert out["verified"] is verified
+    digest = ok(
+        admin_raw.call(
+            "POST", "/crypto/v1/keys/digest", {"key": {"kid": key["kid"]}, "alg": "SHA256"}
+        )
+    )
+    assert digest["digest"] == hashlib.sha256(value).digest()
+    sealed = ok(
+        admin_raw.call(
+            "POST", "/crypto/v1/keys", {"name": unique("k"), "obj_type": "AES", "group_id": g}
+        )
+    )
+    err(
+        admin_raw.call(
+            "POST", "/crypto/v1/keys/digest", {"key": {"kid": sealed["kid"]}, "alg": "SHA256"}
+        ),
+        "key_op_not_permitted",
+    )
