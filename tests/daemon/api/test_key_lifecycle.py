@@ -258,3 +258,30 @@ def test_kill9_during_rekeys_leaves_no_key_half_rotated(tmp_path: Path) -> None:
         assert verify["ok"], verify
     finally:
         d.stop()
+
+
+def test_kill9_during_batches_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    d = start_daemon(tmp_path)
+    try:
+        admin = Raw(d.socket)
+        admin.login(d.admin_key)
+        g = new_group(admin)
+        new = {"name": unique("b"), "obj_type": "AES", "group_id": g, "key_ops": EXPORTABLE}
+        kid = ok(admin.call("POST", "/crypto/v1/keys", new))["kid"]
+        items = [{"kid": kid, "request": {"plain": b"%d" % i}} for i in range(500)]
+        for _ in range(20):
+            admin.send("POST", "/crypto/v1/keys/batch/encrypt", items)
+        first = admin.recv()  # one batch answered, the others in flight at the kill
+        assert first["status"] == 200
+        d.kill9()
+        d.start()
+        admin = Raw(d.socket)
+        admin.login(d.admin_key)
+        value = _value(admin, kid)  # the key survived, with its material
+        for i, r in enumerate(first["body"]):
+            b = r["body"]
+            assert AESGCM(value).decrypt(b["iv"], b["cipher"] + b["tag"], None) == b"%d" % i
+        ok(admin.call("POST", f"/crypto/v1/keys/{kid}/encrypt", {"plain": b"after"}))
+        assert ok(admin.call("GET", "/sys/v1/logs/verify"))["ok"]
+    finally:
+        d.stop()
