@@ -70,6 +70,13 @@ CHUNK = 64
 
 
 class Keyring(Lifecycle):
+    """The one door to key rows and token writes (see the module's docstring).
+
+    >>> row = await keyring.create(owner, principal, KeySpec("AES", name="k", key_size=256))
+    >>> out = await keyring.operate(keyring.use(owner, principal, {"name": "k"}, "ENCRYPT"),
+    ...                             "encrypt", {"plain": b"x"})
+    """
+
     def __init__(
         self, config: Config, store: Store, token: Token, clock: Callable[[], float] = time.time
     ) -> None:
