@@ -29,15 +29,18 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 extras="${STRONGROOM_PIP_EXTRAS:-}"
-hash="$(sha256sum < "$ROOT/pyproject.toml" | cut -c1-16)"
+hash="$(cat "$ROOT/client/pyproject.toml" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 stamp="$VENV/.installed-$hash${extras:+-$extras}"
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
   python3 -m venv "$VENV"
 fi
-# Any install of this pyproject.toml serves a run without extras (extras only add).
+# Any install of these pyproject.toml files serves a run without extras (extras only add).
 if [ ! -e "$stamp" ] && ! { [ -z "$extras" ] && compgen -G "$VENV/.installed-$hash*" >/dev/null; }; then
   echo "setup: installing the project into $VENV" >&2
+  # Two distributions: the client (strongroom) first, then the daemon (strongroomd),
+  # which depends on it.
+  "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT/client" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}" >&2
   find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash*" -delete
   touch "$stamp"

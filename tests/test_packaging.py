@@ -1,0 +1,144 @@
+"""Two distributions from one repository (client/pyproject.toml and pyproject.toml).
+
+The client, ``strongroom``, installs alone: its wheel requires msgpack (the
+library) and click (the command line), nothing of the daemon's. Checked on a
+wheel built here and installed into a fresh venv that sees only that wheel
+and those two packages. Offline: the build backend comes from pip's own
+configuration as ``scripts/_setup.sh`` uses it, and the dependencies are the
+main venv's installed packages, linked one by one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tomllib
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+DAEMON_ONLY = ("strongroomd", "pkcs11", "lupa", "aiohttp", "cryptography", "sdnotify")
+
+
+def _requires(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        msg = Parser().parsestr(z.read(meta).decode())
+    return [r.split(";")[0].strip() for r in msg.get_all("Requires-Dist") or []]
+
+
+def _name(requirement: str) -> str:
+    for i, c in enumerate(requirement):
+        if not (c.isalnum() or c in "-_."):
+            return requirement[:i].lower()
+    return requirement.lower()
+
+
+@pytest.fixture(scope="module")
+def client_wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [*PIP, "wheel", "-q", "--no-deps", str(ROOT / "client"), "-w", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("strongroom-*.whl")
+    return wheel
+
+
+def _venv_with(tmp: Path, wheel: Path, packages: list[str]) -> Path:
+    """A venv holding the wheel and, linked from this venv, only ``packages``."""
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    subprocess.run(
+        [*PIP, "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    deps = tmp / "deps"
+    deps.mkdir()
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations
+        (deps / name).symlink_to(spec.submodule_search_locations[0])
+    site = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    Path(site, "deps.pth").write_text(f"{deps}\n")
+    return venv
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def test_client_pyproject_declares_msgpack_and_click_only() -> None:
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "strongroom"
+    assert sorted(_name(r) for r in project["dependencies"]) == ["click", "msgpack"]
+    assert project["scripts"] == {"strongroom": "strongroom._cli:main"}
+    daemon = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert daemon["name"] == "strongroomd"
+    assert "strongroom" in {_name(r) for r in daemon["dependencies"]}
+    assert "strongroom" not in daemon["scripts"]
+
+
+def test_client_wheel_needs_no_daemon_package(client_wheel: Path) -> None:
+    assert sorted(_name(r) for r in _requires(client_wheel)) == ["click", "msgpack"]
+    with zipfile.ZipFile(client_wheel) as z:
+        names = z.namelist()
+    assert "strongroom/py.typed" in names and "strongroom/wire.py" in names
+    assert not [n for n in names if n.startswith("strongroomd")]
+    with zipfile.ZipFile(client_wheel) as z:
+        ep = next(n for n in names if n.endswith("entry_points.txt"))
+        assert "strongroom = strongroom._cli:main" in z.read(ep).decode()
+
+
+def test_library_works_with_msgpack_alone(client_wheel: Path, tmp_path: Path, daemon) -> None:
+    venv = _venv_with(tmp_path, client_wheel, ["msgpack"])
+    code = (
+        "import importlib.util, sys, strongroom\n"
+        "assert strongroom.__file__.startswith(sys.prefix), strongroom.__file__\n"
+        f"with strongroom.Client({str(daemon.socket)!r}, {daemon.admin_key!r}) as c:\n"
+        "    assert c.crypto.digest(b'hi', alg='SHA256').digest\n"
+        f"absent = [m for m in {(*DAEMON_ONLY, 'click')!r} if importlib.util.find_spec(m)]\n"
+        "assert not absent, absent\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run(
+        [venv / "bin" / "python", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r
+
+
+def test_cli_runs_with_msgpack_and_click(client_wheel: Path, tmp_path: Path) -> None:
+    venv = _venv_with(tmp_path, client_wheel, ["msgpack", "click"])
+    cli = venv / "bin" / "strongroom"
+    r = subprocess.run(
+        [cli, "--help"], capture_output=True, text=True, timeout=60, env=_clean_env(), cwd=tmp_path
+    )
+    assert r.returncode == 0 and "keys" in r.stdout and "Traceback" not in r.stderr, r
+    r = subprocess.run(
+        [cli, "--version"], capture_output=True, text=True, timeout=60, env=_clean_env()
+    )
+    assert r.returncode == 0 and "0.1.0" in r.stdout, r
