@@ -148,3 +148,44 @@ size_t sr_ecdsa_raw_to_der(const unsigned char *raw, size_t len, unsigned char *
     memcpy(out + o, body, i);
     return o + i;
 }
+
+/* The fields of an X.509 certificate PKCS#11 shows: each a whole TLV. */
+int sr_parse_cert(const unsigned char *der, size_t len, struct sr_cert *out) {
+    const unsigned char *p = der, *end = der + len, *q, *qend, *start;
+    struct tlv cert, tbs, t;
+    memset(out, 0, sizeof *out);
+    if (tlv(&p, end, &cert) || cert.tag != 0x30)
+        return -1;
+    q = cert.v;
+    if (tlv(&q, cert.v + cert.len, &tbs) || tbs.tag != 0x30)
+        return -1;
+    q = tbs.v;
+    qend = tbs.v + tbs.len;
+    start = q;
+    if (tlv(&q, qend, &t))
+        return -1;
+    if (t.tag == 0xa0) { /* [0] version */
+        start = q;
+        if (tlv(&q, qend, &t))
+            return -1;
+    }
+    if (t.tag != 0x02)
+        return -1;
+    out->serial = start;
+    out->serial_len = (size_t)(q - start);
+    if (tlv(&q, qend, &t) || t.tag != 0x30) /* signature AlgorithmIdentifier */
+        return -1;
+    start = q;
+    if (tlv(&q, qend, &t) || t.tag != 0x30)
+        return -1;
+    out->issuer = start;
+    out->issuer_len = (size_t)(q - start);
+    if (tlv(&q, qend, &t) || t.tag != 0x30) /* validity */
+        return -1;
+    start = q;
+    if (tlv(&q, qend, &t) || t.tag != 0x30)
+        return -1;
+    out->subject = start;
+    out->subject_len = (size_t)(q - start);
+    return 0;
+}

@@ -88,6 +88,9 @@ struct key {
     unsigned char *spki;
     size_t spki_len;
     struct sr_pub pub;
+    unsigned char *cert; /* a certificate's DER, fetched when first asked for */
+    size_t cert_len;
+    struct sr_cert c;
 };
 
 struct obj {
@@ -331,6 +334,8 @@ static int upsert_key(const msgpack_object *so, unsigned gen) {
     }
     k->present = 1;
     if (k->type == T_RSA || k->type == T_EC || k->type == T_CERT) {
+        if (k->type == T_CERT)
+            add_obj((int)i, CKO_CERTIFICATE);
         if (!k->public_only)
             add_obj((int)i, CKO_PRIVATE_KEY);
         add_obj((int)i, CKO_PUBLIC_KEY);
@@ -420,6 +425,98 @@ static CK_KEY_TYPE key_type(const struct key *k) {
     return CKK_VENDOR_DEFINED;
 }
 
+/* An attribute of a CKO_CERTIFICATE (X.509). The DER-derived ones need
+ * k->cert (cert_fetch); without it they are CKR_ATTRIBUTE_SENSITIVE. */
+static CK_RV cert_attr(const struct key *k, CK_ATTRIBUTE_TYPE t, const void **p, CK_ULONG *n,
+                       unsigned char *scratch) {
+    CK_ULONG u;
+    const CK_BBOOL *b = NULL;
+    switch (t) {
+    case CKA_CLASS:
+        u = CKO_CERTIFICATE;
+        goto ulong;
+    case CKA_CERTIFICATE_TYPE:
+        u = CKC_X_509;
+        goto ulong;
+    case CKA_CERTIFICATE_CATEGORY:
+        u = 0; /* unspecified */
+        goto ulong;
+    case CKA_JAVA_MIDP_SECURITY_DOMAIN:
+        u = 0;
+        goto ulong;
+    case CKA_TOKEN:
+        b = k->transient ? &F : &T;
+        break;
+    case CKA_PRIVATE:
+    case CKA_TRUSTED:
+    case CKA_COPYABLE:
+        b = &F;
+        break;
+    case CKA_MODIFIABLE:
+    case CKA_DESTROYABLE:
+        b = &T;
+        break;
+    case CKA_LABEL:
+        *p = k->name;
+        *n = strlen(k->name);
+        return CKR_OK;
+    case CKA_ID:
+        *p = k->kid;
+        *n = strlen(k->kid);
+        return CKR_OK;
+    case CKA_START_DATE:
+    case CKA_END_DATE:
+    case CKA_URL:
+    case CKA_HASH_OF_SUBJECT_PUBLIC_KEY:
+    case CKA_HASH_OF_ISSUER_PUBLIC_KEY:
+        *p = scratch;
+        *n = 0;
+        return CKR_OK;
+    case CKA_PUBLIC_KEY_INFO:
+        if (!k->spki)
+            return CKR_ATTRIBUTE_TYPE_INVALID;
+        *p = k->spki;
+        *n = k->spki_len;
+        return CKR_OK;
+    case CKA_VALUE:
+    case CKA_SUBJECT:
+    case CKA_ISSUER:
+    case CKA_SERIAL_NUMBER:
+        if (!k->cert)
+            return CKR_ATTRIBUTE_SENSITIVE;
+        if (t == CKA_VALUE) {
+            *p = k->cert;
+            *n = k->cert_len;
+        } else if (!k->c.serial) { /* not X.509 DER we can read: only the value */
+            return CKR_ATTRIBUTE_TYPE_INVALID;
+        } else if (t == CKA_SUBJECT) {
+            *p = k->c.subject;
+            *n = k->c.subject_len;
+        } else if (t == CKA_ISSUER) {
+            *p = k->c.issuer;
+            *n = k->c.issuer_len;
+        } else {
+            *p = k->c.serial;
+            *n = k->c.serial_len;
+        }
+        return CKR_OK;
+    default:
+        return CKR_ATTRIBUTE_TYPE_INVALID;
+    }
+    *p = b;
+    *n = sizeof(CK_BBOOL);
+    return CKR_OK;
+ulong:
+    memcpy(scratch, &u, sizeof u);
+    *p = scratch;
+    *n = sizeof u;
+    return CKR_OK;
+}
+
+static int cert_der_attr(CK_ATTRIBUTE_TYPE t) {
+    return t == CKA_VALUE || t == CKA_SUBJECT || t == CKA_ISSUER || t == CKA_SERIAL_NUMBER;
+}
+
 /* The value of one attribute. scratch holds at least 1024 bytes.
  * CKR_ATTRIBUTE_TYPE_INVALID / CKR_ATTRIBUTE_SENSITIVE when it has none.
  * CKA_VALUE of an exportable secret key is fetched by the caller. */
@@ -439,6 +536,8 @@ static CK_RV attr_value(const struct obj *o, const struct key *k, CK_ATTRIBUTE_T
         *n = sizeof(CK_ULONG);                                                                     \
         return CKR_OK;                                                                             \
     } while (0)
+    if (o->cls == CKO_CERTIFICATE)
+        return cert_attr(k, t, p, n, scratch);
     int secret = o->cls == CKO_SECRET_KEY, priv = o->cls == CKO_PRIVATE_KEY,
         pub = o->cls == CKO_PUBLIC_KEY;
     int exportable = (k->ops & OP_EXPORT) != 0;
@@ -1451,8 +1550,10 @@ static void reset_state(void) {
             }
     free(sessions);
     sessions = NULL;
-    for (size_t i = 0; i < n_keys; i++)
+    for (size_t i = 0; i < n_keys; i++) {
         free(keys[i].spki);
+        free(keys[i].cert);
+    }
     free(keys);
     keys = NULL;
     n_keys = cap_keys = 0;
@@ -1796,6 +1897,48 @@ EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h) {
 
 /* ---------------------------------------------------------------- objects */
 
+static CK_RV export_value(const struct keyref *kr, unsigned char **v, size_t *n);
+
+/* Keep a certificate's DER with its key; caller holds g_lock; takes v. */
+static void cert_store(struct key *k, unsigned char *v, size_t n) {
+    if (k->cert) {
+        free(v);
+        return;
+    }
+    k->cert = v;
+    k->cert_len = n;
+    if (sr_parse_cert(v, n, &k->c))
+        memset(&k->c, 0, sizeof k->c);
+}
+
+/* Fetch the DER of the certificate object ho if it is one and not yet known
+ * (POST /crypto/v1/keys/export). No lock held on entry. */
+static CK_RV cert_fetch(CK_OBJECT_HANDLE ho) {
+    struct keyref kr;
+    struct obj *o;
+    pthread_mutex_lock(&g_lock);
+    struct key *k = obj_key(ho, &o);
+    int need = k && o->cls == CKO_CERTIFICATE && !k->cert;
+    if (need)
+        keyref_of(ho, &kr, NULL);
+    pthread_mutex_unlock(&g_lock);
+    if (!need)
+        return CKR_OK;
+    unsigned char *v = NULL;
+    size_t n = 0;
+    CK_RV rv = export_value(&kr, &v, &n);
+    if (rv != CKR_OK)
+        return rv;
+    pthread_mutex_lock(&g_lock);
+    k = obj_key(ho, NULL);
+    if (k && !strcmp(k->kid, kr.kid))
+        cert_store(k, v, n);
+    else
+        free(v);
+    pthread_mutex_unlock(&g_lock);
+    return CKR_OK;
+}
+
 static int matches(const struct obj *o, const struct key *k, CK_ATTRIBUTE_PTR t, CK_ULONG n) {
     unsigned char scratch[1100];
     for (CK_ULONG i = 0; i < n; i++) {
@@ -1829,6 +1972,19 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG
         rv = refresh();
         if (rv != CKR_OK)
             return rv;
+        int der = 0;
+        for (CK_ULONG i = 0; i < n; i++)
+            der |= cert_der_attr(t[i].type);
+        for (CK_OBJECT_HANDLE ho = 1; der; ho++) {
+            pthread_mutex_lock(&g_lock);
+            int more = ho <= n_objs;
+            pthread_mutex_unlock(&g_lock);
+            if (!more)
+                break;
+            rv = cert_fetch(ho);
+            if (rv == CKR_DEVICE_ERROR)
+                return rv; /* other errors: the certificate just does not match */
+        }
     }
     pthread_mutex_lock(&g_lock);
     s = get_session(h);
@@ -1927,6 +2083,12 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho, CK_AT
         return CKR_ARGUMENTS_BAD;
     int want_value = 0;
     struct keyref kr;
+    for (CK_ULONG i = 0; i < n; i++)
+        if (cert_der_attr(t[i].type)) {
+            if (logged_in() && cert_fetch(ho) == CKR_DEVICE_ERROR)
+                return CKR_DEVICE_ERROR;
+            break;
+        }
     pthread_mutex_lock(&g_lock);
     if (!get_session(h)) {
         pthread_mutex_unlock(&g_lock);
@@ -2438,7 +2600,7 @@ EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
         want = CKO_SECRET_KEY;
     } else if (a.cls == CKO_CERTIFICATE) {
         type = T_CERT;
-        want = CKO_PUBLIC_KEY;
+        want = CKO_CERTIFICATE;
         a.ops_set = 0;
     } else {
         return CKR_ATTRIBUTE_VALUE_INVALID; /* private/public key import: use PUT /crypto/v1/keys */
@@ -2456,6 +2618,22 @@ EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
         return rv == CKR_ARGUMENTS_BAD ? CKR_ATTRIBUTE_VALUE_INVALID : rv;
     *ph = take_new(&r, want);
     sr_resp_free(&r);
+    if (*ph && type == T_CERT) {
+        struct sr_cert c;
+        unsigned char *v = malloc(a.value_len_bytes ? a.value_len_bytes : 1);
+        if (v && !sr_parse_cert(a.value, a.value_len_bytes, &c)) { /* DER: keep it */
+            memcpy(v, a.value, a.value_len_bytes);
+            pthread_mutex_lock(&g_lock);
+            struct key *k = obj_key(*ph, NULL);
+            if (k)
+                cert_store(k, v, a.value_len_bytes);
+            else
+                free(v);
+            pthread_mutex_unlock(&g_lock);
+        } else {
+            free(v);
+        }
+    }
     return *ph ? CKR_OK : CKR_DEVICE_ERROR;
 }
 

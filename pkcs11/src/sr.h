@@ -82,6 +82,12 @@ struct sr_pub {
     size_t params_len, point_len;
 };
 int sr_parse_spki(const unsigned char *der, size_t len, struct sr_pub *out);
+/* X.509: serial (INTEGER), issuer and subject (Name), each the whole DER TLV */
+struct sr_cert {
+    const unsigned char *serial, *issuer, *subject;
+    size_t serial_len, issuer_len, subject_len;
+};
+int sr_parse_cert(const unsigned char *der, size_t len, struct sr_cert *out);
 /* DER ECDSA-Sig-Value -> r||s of size bytes each; 0 on success */
 int sr_ecdsa_der_to_raw(const unsigned char *der, size_t len, unsigned char *out, size_t size);
 /* r||s -> DER; returns DER length, out must hold 2*half+8 */
