@@ -15,13 +15,14 @@ import os
 import subprocess
 import sys
 import tomllib
+import urllib.request
 import zipfile
 from email.parser import Parser
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_daemon
 
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 DAEMON_ONLY = ("strongroomd", "pkcs11", "lupa", "aiohttp", "cryptography", "sdnotify")
@@ -142,3 +143,47 @@ def test_cli_runs_with_msgpack_and_click(client_wheel: Path, tmp_path: Path) -> 
         [cli, "--version"], capture_output=True, text=True, timeout=60, env=_clean_env()
     )
     assert r.returncode == 0 and "0.1.0" in r.stdout, r
+
+
+# -- the daemon's wheel carries the console -------------------------------------------------
+
+
+def test_daemon_wheel_bundles_the_console_and_the_gateway_serves_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    out = tmp_path / "wheel"
+    subprocess.run(
+        [*PIP, "wheel", "-q", "--no-deps", str(ROOT), "-w", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("strongroomd-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        bundled = {
+            "strongroomd/console/index.html",
+            "strongroomd/console/app.js",
+            "strongroomd/console/style.css",
+            "strongroomd/console/vendor/codemirror.js",
+            "strongroomd/console/vendor/codemirror.css",
+            "strongroomd/console/vendor/lua.js",
+            "strongroomd/console/vendor/matchbrackets.js",
+        }
+        assert bundled <= names, sorted(bundled - names)
+        assert not [n for n in names if n.startswith("strongroom/")]  # the client's own wheel
+        site = tmp_path / "site"
+        z.extractall(site)
+    # The installed package (not the source tree) is what the daemon runs from here.
+    index = site / "strongroomd" / "console" / "index.html"
+    index.write_text(index.read_text() + "<!-- from the wheel -->\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    d = start_daemon(tmp_path, config="http_enabled = true\nhttp_port = 0\n")
+    try:
+        url = (d.state_dir / "http.url").read_text().strip()
+        with urllib.request.urlopen(f"{url}/console/", timeout=10) as r:
+            assert r.status == 200 and "<!-- from the wheel -->" in r.read().decode()
+        with urllib.request.urlopen(f"{url}/console/vendor/lua.js", timeout=10) as r:
+            assert r.status == 200 and b"CodeMirror" in r.read()
+    finally:
+        assert d.stop() == 0

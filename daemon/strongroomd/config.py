@@ -113,7 +113,8 @@ class Config:
     #: Allow a non-loopback ``http_host``. The gateway speaks plain HTTP: only
     #: behind a TLS-terminating proxy.
     http_allow_remote: bool = False
-    #: Web console files; default the ``console/`` folder of the source tree.
+    #: Web console files; default the package's bundle, else the source tree's
+    #: ``console/`` (see :mod:`strongroomd._console`).
     http_console_dir: Path | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)

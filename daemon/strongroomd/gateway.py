@@ -42,12 +42,11 @@ import logging
 import math
 import socket
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from strongroomd import metrics, openapi
+from strongroomd import _console, metrics, openapi
 from strongroomd.context import Owner
 from strongroomd.errors import ApiError, BadRequest, Busy, TooLarge, Unauthenticated
 from strongroomd.protocol import MAX_PATH, METHODS, Admission, Budget, Listener
@@ -61,15 +60,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("strongroomd.gateway")
 
 AUTH_PATH = "/sys/v1/session/auth"
-SOURCE_CONSOLE = Path(__file__).resolve().parents[2] / "console"
-#: The console's own files, and the editor files it takes from console/node_modules.
-CONSOLE_FILES = {"index.html", "app.js", "style.css"}
-VENDOR_FILES = {
-    "codemirror.js": "codemirror/lib/codemirror.js",
-    "codemirror.css": "codemirror/lib/codemirror.css",
-    "lua.js": "codemirror/mode/lua/lua.js",
-    "matchbrackets.js": "codemirror/addon/edit/matchbrackets.js",
-}
 TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -103,7 +93,7 @@ class Gateway:
         self.budget = budget or Budget(config.max_inflight_bytes)
         self.admission = Admission("HTTP", max_connections or config.http_max_connections)
         self._listener: Listener | None = None
-        self.console_dir = config.http_console_dir or SOURCE_CONSOLE
+        self.console_dir = config.http_console_dir or _console.default_dir()
         self.url = ""
         self._hosts: set[str] = set()
         self._runner: web.AppRunner | None = None
@@ -328,19 +318,15 @@ class Gateway:
         )
 
     def _console(self, name: str) -> web.StreamResponse:
-        if name in ("", "index.html"):
-            path = self.console_dir / "index.html"
-        elif name in CONSOLE_FILES:
-            path = self.console_dir / name
-        elif name.startswith("vendor/") and name.removeprefix("vendor/") in VENDOR_FILES:
-            path = self.console_dir / "node_modules" / VENDOR_FILES[name.removeprefix("vendor/")]
-        else:
+        path = _console.resolve(self.console_dir, name)
+        if path is None:
             return _error(404, "not_found", f"no console file {name!r}")
         if not path.is_file():
             return _error(
                 404,
                 "not_found",
-                f"{path} is missing: the console is installed by scripts/_setup.sh (npm ci)",
+                f"{path} is missing: a package bundles the console when it is built; "
+                "a source tree gets the editor files from scripts/_setup.sh (npm ci)",
             )
         return web.FileResponse(
             path,
