@@ -1,5 +1,6 @@
 /* The little DER the module reads and writes: SubjectPublicKeyInfo (RSA, EC,
  * Ed25519) and ECDSA-Sig-Value. Every read is bounds-checked. */
+#include <stdlib.h>
 #include <string.h>
 
 #include "sr.h"
@@ -188,4 +189,201 @@ int sr_parse_cert(const unsigned char *der, size_t len, struct sr_cert *out) {
     out->subject = start;
     out->subject_len = (size_t)(q - start);
     return 0;
+}
+
+/* ---- writing ---- */
+
+static void der_grow(struct sr_der *d, size_t more) {
+    if (d->err || d->n + more <= d->cap)
+        return;
+    size_t c = (d->n + more) * 2 + 64;
+    unsigned char *p = realloc(d->p, c);
+    if (!p) {
+        d->err = 1;
+        return;
+    }
+    d->p = p;
+    d->cap = c;
+}
+
+void sr_der_init(struct sr_der *d) { memset(d, 0, sizeof *d); }
+
+void sr_der_free(struct sr_der *d) {
+    if (d->p)
+        memset(d->p, 0, d->cap); /* private key material passes through here */
+    free(d->p);
+    memset(d, 0, sizeof *d);
+}
+
+void sr_der_raw(struct sr_der *d, const void *v, size_t n) {
+    der_grow(d, n);
+    if (d->err)
+        return;
+    if (n)
+        memcpy(d->p + d->n, v, n);
+    d->n += n;
+}
+
+void sr_der_tlv(struct sr_der *d, unsigned tag, const void *v, size_t n) {
+    unsigned char h[6];
+    size_t i = 0;
+    h[i++] = (unsigned char)tag;
+    if (n < 0x80) {
+        h[i++] = (unsigned char)n;
+    } else if (n < 0x100) {
+        h[i++] = 0x81;
+        h[i++] = (unsigned char)n;
+    } else if (n < 0x10000) {
+        h[i++] = 0x82;
+        h[i++] = (unsigned char)(n >> 8);
+        h[i++] = (unsigned char)n;
+    } else {
+        h[i++] = 0x83;
+        h[i++] = (unsigned char)(n >> 16);
+        h[i++] = (unsigned char)(n >> 8);
+        h[i++] = (unsigned char)n;
+    }
+    sr_der_raw(d, h, i);
+    sr_der_raw(d, v, n);
+}
+
+void sr_der_uint(struct sr_der *d, const unsigned char *v, size_t n) {
+    while (n > 1 && v[0] == 0) {
+        v++;
+        n--;
+    }
+    if (n == 0) {
+        sr_der_tlv(d, 0x02, "\0", 1);
+        return;
+    }
+    if (v[0] & 0x80) {
+        unsigned char *t = malloc(n + 1);
+        if (!t) {
+            d->err = 1;
+            return;
+        }
+        t[0] = 0;
+        memcpy(t + 1, v, n);
+        sr_der_tlv(d, 0x02, t, n + 1);
+        memset(t, 0, n + 1);
+        free(t);
+    } else {
+        sr_der_tlv(d, 0x02, v, n);
+    }
+}
+
+/* Wrap everything written so far in one TLV. */
+void sr_der_wrap(struct sr_der *d, unsigned tag) {
+    struct sr_der o;
+    sr_der_init(&o);
+    sr_der_tlv(&o, tag, d->p, d->n);
+    o.err |= d->err;
+    sr_der_free(d);
+    *d = o;
+}
+
+/* SubjectPublicKeyInfo of an EC/Ed25519 key: params = the curve's DER OID. */
+int sr_spki_ec(const unsigned char *params, size_t params_len, const unsigned char *point,
+               size_t point_len, struct sr_der *out) {
+    struct sr_der alg, bits;
+    sr_der_init(&alg);
+    sr_der_init(&bits);
+    int ed = params_len == 5 && !memcmp(params + 2, OID_ED25519, 3);
+    if (ed) {
+        sr_der_raw(&alg, params, params_len);
+    } else {
+        sr_der_tlv(&alg, 0x06, OID_EC, sizeof OID_EC);
+        sr_der_raw(&alg, params, params_len);
+    }
+    sr_der_wrap(&alg, 0x30);
+    sr_der_raw(&bits, "\0", 1);
+    sr_der_raw(&bits, point, point_len);
+    sr_der_wrap(&bits, 0x03);
+    sr_der_init(out);
+    sr_der_raw(out, alg.p, alg.n);
+    sr_der_raw(out, bits.p, bits.n);
+    sr_der_wrap(out, 0x30);
+    int err = alg.err || bits.err || out->err;
+    sr_der_free(&alg);
+    sr_der_free(&bits);
+    return err ? -1 : 0;
+}
+
+int sr_spki_rsa(const unsigned char *n, size_t n_len, const unsigned char *e, size_t e_len,
+                struct sr_der *out) {
+    struct sr_der key;
+    sr_der_init(&key);
+    sr_der_uint(&key, n, n_len);
+    sr_der_uint(&key, e, e_len);
+    sr_der_wrap(&key, 0x30);
+    sr_der_init(out);
+    sr_der_tlv(out, 0x06, OID_RSA, sizeof OID_RSA);
+    sr_der_raw(out, "\x05\x00", 2);
+    sr_der_wrap(out, 0x30); /* AlgorithmIdentifier */
+    /* BIT STRING: unused-bits byte then the RSAPublicKey */
+    struct sr_der bits;
+    sr_der_init(&bits);
+    sr_der_raw(&bits, "\0", 1);
+    sr_der_raw(&bits, key.p, key.n);
+    sr_der_tlv(out, 0x03, bits.p, bits.n);
+    sr_der_wrap(out, 0x30);
+    int err = key.err || bits.err || out->err;
+    sr_der_free(&key);
+    sr_der_free(&bits);
+    return err ? -1 : 0;
+}
+
+/* PKCS#8 PrivateKeyInfo around an RSAPrivateKey (all eight numbers). */
+int sr_pkcs8_rsa(const unsigned char *const v[8], const size_t len[8], struct sr_der *out) {
+    struct sr_der key;
+    sr_der_init(&key);
+    sr_der_tlv(&key, 0x02, "\0", 1);
+    for (int i = 0; i < 8; i++)
+        sr_der_uint(&key, v[i], len[i]);
+    sr_der_wrap(&key, 0x30);
+    sr_der_init(out);
+    sr_der_tlv(out, 0x02, "\0", 1);
+    sr_der_raw(out, "\x30\x0d\x06\x09", 4);
+    sr_der_raw(out, OID_RSA, sizeof OID_RSA);
+    sr_der_raw(out, "\x05\x00", 2);
+    sr_der_tlv(out, 0x04, key.p, key.n);
+    sr_der_wrap(out, 0x30);
+    int err = key.err || out->err;
+    sr_der_free(&key);
+    return err ? -1 : 0;
+}
+
+/* PKCS#8 of an EC private value d (padded to size bytes) or of an Ed25519 seed. */
+int sr_pkcs8_ec(const unsigned char *params, size_t params_len, const unsigned char *d,
+                size_t d_len, size_t size, struct sr_der *out) {
+    struct sr_der key, alg;
+    unsigned char padded[80];
+    int ed = params_len == 5 && !memcmp(params + 2, OID_ED25519, 3);
+    if (d_len > size || size > sizeof padded)
+        return -1;
+    memset(padded, 0, sizeof padded);
+    memcpy(padded + size - d_len, d, d_len);
+    sr_der_init(&key);
+    sr_der_init(&alg);
+    if (ed) {
+        sr_der_tlv(&key, 0x04, padded, size); /* CurvePrivateKey */
+        sr_der_raw(&alg, params, params_len);
+    } else {
+        sr_der_tlv(&key, 0x02, "\x01", 1);
+        sr_der_tlv(&key, 0x04, padded, size);
+        sr_der_wrap(&key, 0x30); /* ECPrivateKey */
+        sr_der_tlv(&alg, 0x06, OID_EC, sizeof OID_EC);
+        sr_der_raw(&alg, params, params_len);
+    }
+    sr_der_wrap(&alg, 0x30);
+    sr_der_init(out);
+    sr_der_tlv(out, 0x02, "\0", 1);
+    sr_der_raw(out, alg.p, alg.n);
+    sr_der_tlv(out, 0x04, key.p, key.n);
+    sr_der_wrap(out, 0x30);
+    memset(padded, 0, sizeof padded);
+    int err = key.err || alg.err || out->err;
+    sr_der_free(&key);
+    sr_der_free(&alg);
+    return err ? -1 : 0;
 }

@@ -2223,6 +2223,16 @@ struct tmpl {
     int key_type_set;
     CK_OBJECT_CLASS cls;
     int cls_set;
+    /* key import: RSA numbers (n, e, d, p, q, dp, dq, qinv) and the EC point */
+    const unsigned char *rsa[8];
+    size_t rsa_len[8];
+    const unsigned char *ec_point;
+    size_t ec_point_len;
+};
+
+static const CK_ATTRIBUTE_TYPE RSA_ATTRS[8] = {
+    CKA_MODULUS, CKA_PUBLIC_EXPONENT, CKA_PRIVATE_EXPONENT, CKA_PRIME_1,
+    CKA_PRIME_2, CKA_EXPONENT_1,      CKA_EXPONENT_2,       CKA_COEFFICIENT,
 };
 
 static int tbool(const CK_ATTRIBUTE *a) {
@@ -2297,6 +2307,25 @@ static CK_RV read_tmpl(CK_ATTRIBUTE_PTR t, CK_ULONG n, struct tmpl *o, int mac) 
         case CKA_PUBLIC_EXPONENT:
             o->exponent = a->pValue;
             o->exponent_len = a->ulValueLen;
+            o->rsa[1] = a->pValue;
+            o->rsa_len[1] = a->ulValueLen;
+            break;
+        case CKA_MODULUS:
+        case CKA_PRIVATE_EXPONENT:
+        case CKA_PRIME_1:
+        case CKA_PRIME_2:
+        case CKA_EXPONENT_1:
+        case CKA_EXPONENT_2:
+        case CKA_COEFFICIENT:
+            for (int j = 0; j < 8; j++)
+                if (RSA_ATTRS[j] == a->type) {
+                    o->rsa[j] = a->pValue;
+                    o->rsa_len[j] = a->ulValueLen;
+                }
+            break;
+        case CKA_EC_POINT:
+            o->ec_point = a->pValue;
+            o->ec_point_len = a->ulValueLen;
             break;
         case CKA_EC_PARAMS:
             o->ec_params = a->pValue;
@@ -2362,6 +2391,43 @@ static const char *curve_of(const unsigned char *p, size_t n) {
     if (n == 14 && p[0] == 0x13 && !memcmp(p + 2, "edwards25519", 12))
         return "Ed25519";
     return NULL;
+}
+
+static size_t curve_size(const char *name) {
+    if (!strcmp(name, "NistP384"))
+        return 48;
+    if (!strcmp(name, "NistP521"))
+        return 66;
+    return 32; /* P-256, secp256k1, Ed25519 */
+}
+
+/* CKA_EC_POINT or an ECDH public value: the raw point, unwrapped from a DER
+ * OCTET STRING when it is one (both forms occur in the wild). */
+static int ec_point_raw(const char *curve, const unsigned char *p, size_t n,
+                        const unsigned char **out, size_t *out_len) {
+    int ed = !strcmp(curve, "Ed25519");
+    size_t raw = ed ? 32 : 1 + 2 * curve_size(curve);
+    if (!p)
+        return -1;
+    if (n == raw && (ed || p[0] == 0x04)) {
+        *out = p;
+        *out_len = n;
+        return 0;
+    }
+    size_t h = 0, l = 0;
+    if (n >= 2 && p[0] == 0x04 && p[1] < 0x80) {
+        h = 2;
+        l = p[1];
+    } else if (n >= 3 && p[0] == 0x04 && p[1] == 0x81) {
+        h = 3;
+        l = p[2];
+    }
+    if (h && l == raw && h + l == n && (ed || p[h] == 0x04)) {
+        *out = p + h;
+        *out_len = l;
+        return 0;
+    }
+    return -1;
 }
 
 /* The common fields of a create/import/unwrap body: name, key_ops, transient. */
@@ -2570,6 +2636,98 @@ EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_ATTR
     return *hpriv && *hpub ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
+/* PUT /crypto/v1/keys with a value: the answer's object of class cls. */
+static CK_RV put_key(const struct tmpl *a, int type, const unsigned char *v, size_t n,
+                     CK_OBJECT_CLASS cls, CK_OBJECT_HANDLE_PTR ph) {
+    sr_body b;
+    sr_resp r;
+    sr_body_init(&b);
+    sr_map(&b, 2 + common_fields(a, NULL, type));
+    sr_kv_str(&b, "obj_type", TYPE_NAMES[type]);
+    sr_kv_bin(&b, "value", v, n);
+    put_common(&b, a, NULL, type);
+    CK_RV rv = call("PUT", "/crypto/v1/keys", &b, &r);
+    sr_body_free(&b);
+    if (rv != CKR_OK)
+        return rv == CKR_ARGUMENTS_BAD ? CKR_ATTRIBUTE_VALUE_INVALID : rv;
+    *ph = take_new(&r, cls);
+    sr_resp_free(&r);
+    return *ph ? CKR_OK : CKR_DEVICE_ERROR;
+}
+
+/* C_CreateObject of an RSA or EC private/public key: PKCS#8 or
+ * SubjectPublicKeyInfo DER built here from the template, then PUT. */
+static CK_RV import_asym(struct tmpl *a, CK_OBJECT_HANDLE_PTR ph) {
+    int priv = a->cls == CKO_PRIVATE_KEY;
+    struct sr_der d;
+    int err;
+    if (!a->key_type_set)
+        return CKR_TEMPLATE_INCOMPLETE;
+    if (a->key_type == CKK_RSA) {
+        if (!a->rsa[0] || !a->rsa[1])
+            return CKR_TEMPLATE_INCOMPLETE;
+        if (priv) {
+            for (int i = 2; i < 8; i++)
+                if (!a->rsa[i] || !a->rsa_len[i])
+                    return CKR_TEMPLATE_INCOMPLETE; /* the CRT numbers too */
+            err = sr_pkcs8_rsa(a->rsa, a->rsa_len, &d);
+        } else {
+            err = sr_spki_rsa(a->rsa[0], a->rsa_len[0], a->rsa[1], a->rsa_len[1], &d);
+        }
+    } else if (a->key_type == CKK_EC || a->key_type == CKK_EC_EDWARDS) {
+        if (!a->ec_params)
+            return CKR_TEMPLATE_INCOMPLETE;
+        const char *curve = curve_of(a->ec_params, a->ec_params_len);
+        if (!curve)
+            return CKR_CURVE_NOT_SUPPORTED;
+        if ((a->key_type == CKK_EC_EDWARDS) != !strcmp(curve, "Ed25519"))
+            return CKR_TEMPLATE_INCONSISTENT;
+        /* the curve's OID as this module writes it (not PrintableString forms) */
+        const unsigned char *params = NULL;
+        size_t params_len = 0;
+        for (size_t i = 0; i < sizeof CURVES / sizeof CURVES[0]; i++)
+            if (!strcmp(CURVES[i].name, curve)) {
+                params = CURVES[i].der;
+                params_len = CURVES[i].len;
+            }
+        if (priv) {
+            if (!a->value || !a->value_len_bytes)
+                return CKR_TEMPLATE_INCOMPLETE;
+            if (a->value_len_bytes > curve_size(curve))
+                return CKR_ATTRIBUTE_VALUE_INVALID;
+            err = sr_pkcs8_ec(params, params_len, a->value, a->value_len_bytes, curve_size(curve),
+                              &d);
+        } else {
+            const unsigned char *pt;
+            size_t pl;
+            if (!a->ec_point)
+                return CKR_TEMPLATE_INCOMPLETE;
+            if (ec_point_raw(curve, a->ec_point, a->ec_point_len, &pt, &pl))
+                return CKR_ATTRIBUTE_VALUE_INVALID;
+            err = sr_spki_ec(params, params_len, pt, pl, &d);
+        }
+    } else {
+        return CKR_ATTRIBUTE_VALUE_INVALID;
+    }
+    if (err) {
+        sr_der_free(&d);
+        return CKR_HOST_MEMORY;
+    }
+    int type = a->key_type == CKK_RSA ? T_RSA : T_EC;
+    if (priv) { /* one Strongroom key is both objects: the public side may do its half */
+        static const unsigned pairs[][2] = {
+            {OP_SIGN, OP_VERIFY}, {OP_DECRYPT, OP_ENCRYPT}, {OP_UNWRAPKEY, OP_WRAPKEY}};
+        for (size_t i = 0; i < 3; i++)
+            if ((a->ops & pairs[i][0]) && !(a->ops_set & pairs[i][1])) {
+                a->ops |= pairs[i][1];
+                a->ops_set |= pairs[i][1];
+            }
+    }
+    CK_RV rv = put_key(a, type, d.p, d.n, a->cls, ph);
+    sr_der_free(&d);
+    return rv;
+}
+
 EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
                             CK_OBJECT_HANDLE_PTR ph) {
     CK_RV rv = need_login(h);
@@ -2588,7 +2746,11 @@ EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
     rv = read_tmpl(t, n, &a, is_mac_type(a.key_type));
     if (rv != CKR_OK)
         return rv;
-    if (!a.cls_set || !a.value)
+    if (!a.cls_set)
+        return CKR_TEMPLATE_INCOMPLETE;
+    if (a.cls == CKO_PRIVATE_KEY || a.cls == CKO_PUBLIC_KEY)
+        return import_asym(&a, ph);
+    if (!a.value)
         return CKR_TEMPLATE_INCOMPLETE;
     if (a.cls == CKO_SECRET_KEY) {
         if (!a.key_type_set)
@@ -2920,11 +3082,123 @@ EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HAN
     return *ph ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
+static void delete_key(const char *kid) {
+    char path[128];
+    sr_resp r;
+    snprintf(path, sizeof path, "/crypto/v1/keys/%s", kid);
+    if (call("DELETE", path, NULL, &r) == CKR_OK)
+        sr_resp_free(&r);
+}
+
+/* CKM_ECDH1_DERIVE (CKD_NULL): the peer's point becomes a transient public
+ * key (PUT /crypto/v1/keys), then POST /crypto/v1/agree makes the new key;
+ * the daemon keeps the leading CKA_VALUE_LEN bytes of the shared x. */
 EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hb,
                          CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR ph) {
-    (void)h, (void)pm, (void)hb, (void)t, (void)n, (void)ph;
-    CK_RV rv = check_init();
-    return rv != CKR_OK ? rv : CKR_FUNCTION_NOT_SUPPORTED;
+    CK_RV rv = need_login(h);
+    if (rv != CKR_OK)
+        return rv;
+    if (!pm || !ph)
+        return CKR_ARGUMENTS_BAD;
+    if (pm->mechanism != CKM_ECDH1_DERIVE)
+        return CKR_MECHANISM_INVALID;
+    CK_ECDH1_DERIVE_PARAMS *dp = pm->pParameter;
+    if (!dp || pm->ulParameterLen != sizeof *dp || !dp->pPublicData || !dp->ulPublicDataLen)
+        return CKR_MECHANISM_PARAM_INVALID;
+    if (dp->kdf != CKD_NULL || dp->ulSharedDataLen)
+        return CKR_MECHANISM_PARAM_INVALID; /* the daemon offers the raw shared secret only */
+    struct keyref base;
+    struct key bk;
+    struct obj *bo = NULL;
+    unsigned char params[32]; /* copied: bk's pointers are the table's */
+    size_t params_len = 0;
+    pthread_mutex_lock(&g_lock);
+    struct key *k = obj_key(hb, &bo);
+    if (!k)
+        rv = CKR_KEY_HANDLE_INVALID;
+    else if (bo->cls != CKO_PRIVATE_KEY || key_type(k) != CKK_EC || k->pub.kind != 2 ||
+             k->pub.params_len > sizeof params)
+        rv = CKR_KEY_TYPE_INCONSISTENT;
+    else {
+        rv = keyref_of(hb, &base, &bk);
+        params_len = k->pub.params_len;
+        memcpy(params, k->pub.params, params_len);
+    }
+    pthread_mutex_unlock(&g_lock);
+    if (rv != CKR_OK)
+        return rv;
+    struct tmpl a;
+    tmpl_init(&a);
+    for (CK_ULONG i = 0; i < n && t; i++)
+        if (t[i].type == CKA_KEY_TYPE && t[i].pValue && t[i].ulValueLen == sizeof(CK_KEY_TYPE))
+            a.key_type = *(CK_KEY_TYPE *)t[i].pValue;
+    if ((rv = read_tmpl(t, n, &a, is_mac_type(a.key_type) && a.key_type != CKK_GENERIC_SECRET)) !=
+        CKR_OK)
+        return rv;
+    if (a.cls_set && a.cls != CKO_SECRET_KEY)
+        return CKR_TEMPLATE_INCONSISTENT;
+    int type = !a.key_type_set || a.key_type == CKK_GENERIC_SECRET ? T_SECRET
+               : a.key_type == CKK_AES                            ? T_AES
+               : is_mac_type(a.key_type)                          ? T_HMAC
+                                                                  : T_NONE;
+    if (type == T_NONE)
+        return CKR_TEMPLATE_INCONSISTENT;
+    size_t size = curve_size(bk.curve);
+    CK_ULONG bytes = a.value_len ? a.value_len : (type == T_AES ? 32 : size);
+    if (bytes > size)
+        return CKR_KEY_SIZE_RANGE;
+    if (type == T_AES && bytes != 16 && bytes != 24 && bytes != 32)
+        return CKR_ATTRIBUTE_VALUE_INVALID;
+    const unsigned char *pt;
+    size_t pl;
+    if (ec_point_raw(bk.curve, dp->pPublicData, dp->ulPublicDataLen, &pt, &pl))
+        return CKR_MECHANISM_PARAM_INVALID;
+    /* the peer's public key, for as long as this call */
+    struct sr_der spki;
+    if (sr_spki_ec(params, params_len, pt, pl, &spki)) {
+        sr_der_free(&spki);
+        return CKR_HOST_MEMORY;
+    }
+    sr_body b;
+    sr_resp r;
+    sr_body_init(&b);
+    sr_map(&b, 4);
+    sr_kv_str(&b, "obj_type", "EC");
+    sr_kv_bin(&b, "value", spki.p, spki.n);
+    sr_str(&b, "transient");
+    sr_bool(&b, 1);
+    sr_kv_str(&b, "name", "pkcs11-ecdh-peer");
+    rv = call("PUT", "/crypto/v1/keys", &b, &r);
+    sr_body_free(&b);
+    sr_der_free(&spki);
+    if (rv != CKR_OK)
+        return rv == CKR_ARGUMENTS_BAD ? CKR_MECHANISM_PARAM_INVALID : rv;
+    const char *ks;
+    size_t kn;
+    char peer[64];
+    if (sr_get_str(r.body, "kid", &ks, &kn) || kn >= sizeof peer) {
+        sr_resp_free(&r);
+        return CKR_DEVICE_ERROR;
+    }
+    memcpy(peer, ks, kn);
+    peer[kn] = 0;
+    sr_resp_free(&r);
+    sr_body_init(&b);
+    sr_map(&b, 5 + common_fields(&a, NULL, type));
+    put_desc(&b, "private_key", base.kid, base.transient);
+    put_desc(&b, "public_key", peer, 1);
+    sr_kv_str(&b, "mechanism", "diffie_hellman");
+    sr_kv_str(&b, "key_type", TYPE_NAMES[type]);
+    sr_kv_int(&b, "key_size", (int64_t)bytes * 8);
+    put_common(&b, &a, NULL, type);
+    rv = call("POST", "/crypto/v1/agree", &b, &r);
+    sr_body_free(&b);
+    delete_key(peer);
+    if (rv != CKR_OK)
+        return rv == CKR_ARGUMENTS_BAD ? CKR_TEMPLATE_INCONSISTENT : rv;
+    *ph = take_new(&r, CKO_SECRET_KEY);
+    sr_resp_free(&r);
+    return *ph ? CKR_OK : CKR_DEVICE_ERROR;
 }
 
 EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n) {

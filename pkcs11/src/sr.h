@@ -93,4 +93,26 @@ int sr_ecdsa_der_to_raw(const unsigned char *der, size_t len, unsigned char *out
 /* r||s -> DER; returns DER length, out must hold 2*half+8 */
 size_t sr_ecdsa_raw_to_der(const unsigned char *raw, size_t len, unsigned char *out);
 
+/* DER writing: a growing buffer; err set on allocation failure */
+struct sr_der {
+    unsigned char *p;
+    size_t n, cap;
+    int err;
+};
+void sr_der_init(struct sr_der *d);
+void sr_der_free(struct sr_der *d); /* wipes */
+void sr_der_raw(struct sr_der *d, const void *v, size_t n);
+void sr_der_tlv(struct sr_der *d, unsigned tag, const void *v, size_t n);
+void sr_der_uint(struct sr_der *d, const unsigned char *v, size_t n);
+void sr_der_wrap(struct sr_der *d, unsigned tag);
+/* Key encodings for import (0 on success; out initialised by them). */
+int sr_spki_ec(const unsigned char *params, size_t params_len, const unsigned char *point,
+               size_t point_len, struct sr_der *out);
+int sr_spki_rsa(const unsigned char *n, size_t n_len, const unsigned char *e, size_t e_len,
+                struct sr_der *out);
+/* v: n, e, d, p, q, d mod (p-1), d mod (q-1), q^-1 mod p */
+int sr_pkcs8_rsa(const unsigned char *const v[8], const size_t len[8], struct sr_der *out);
+int sr_pkcs8_ec(const unsigned char *params, size_t params_len, const unsigned char *d,
+                size_t d_len, size_t size, struct sr_der *out);
+
 #endif

@@ -4,15 +4,21 @@ with C_CreateObject, ECDH with C_DeriveKey; checked with cryptography and pkcs11
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import pkcs11
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
-from pkcs11 import Attribute, CertificateType, ObjectClass
+from pkcs11 import KDF, Attribute, CertificateType, KeyType, Mechanism, ObjectClass
+from pkcs11.mechanisms import GCMParams
 
 from tests.conftest import unique
 from tests.pkcs11.conftest import World, tool_env
@@ -145,3 +151,198 @@ def test_create_certificate_object(session: Any, world: World) -> None:
         (so,) = [k for k in c.request("GET", "/crypto/v1/keys") if k["name"] == name]
         assert so["obj_type"] == "CERTIFICATE"
         assert c.request("POST", "/crypto/v1/keys/export", {"kid": so["kid"]})["value"] == der
+
+
+# ---------------------------------------------------------------- C_CreateObject: key import
+
+
+def sobject_named(world: World, name: str) -> dict[str, Any]:
+    with world.client() as c:
+        (so,) = [k for k in c.request("GET", "/crypto/v1/keys") if k["name"] == name]
+        return so
+
+
+def test_import_rsa_private_key(session: Any, world: World) -> None:
+    from pkcs11.util.rsa import decode_rsa_private_key
+
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = priv.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    name = unique("p11-imp-rsa")
+    attrs = decode_rsa_private_key(der)
+    attrs.update({Attribute.LABEL: name, Attribute.SIGN: True, Attribute.DECRYPT: True})
+    k = session.create_object(attrs)
+    assert k[Attribute.CLASS] == ObjectClass.PRIVATE_KEY
+    assert k[Attribute.SENSITIVE] is True  # no CKA_EXTRACTABLE: no EXPORT
+    sig = k.sign(b"imported rsa", mechanism=Mechanism.SHA256_RSA_PKCS)
+    priv.public_key().verify(sig, b"imported rsa", padding.PKCS1v15(), hashes.SHA256())
+    so = sobject_named(world, name)
+    assert so["obj_type"] == "RSA" and so["key_size"] == 2048
+    assert set(so["key_ops"]) >= {"SIGN", "VERIFY", "DECRYPT", "ENCRYPT"}
+    assert "EXPORT" not in so["key_ops"]
+    assert so["pub_key"] == priv.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # the public half verifies
+    pub = session.get_key(object_class=ObjectClass.PUBLIC_KEY, label=name)
+    assert pub.verify(b"imported rsa", sig, mechanism=Mechanism.SHA256_RSA_PKCS)
+
+
+def test_import_rsa_public_key(session: Any, world: World) -> None:
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    nums = priv.public_key().public_numbers()
+    name = unique("p11-imp-rsapub")
+    k = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.LABEL: name,
+            Attribute.MODULUS: nums.n.to_bytes(256, "big"),
+            Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+            Attribute.VERIFY: True,
+            Attribute.ENCRYPT: True,
+        }
+    )
+    assert k[Attribute.MODULUS_BITS] == 2048
+    sig = priv.sign(b"checked in strongroom", padding.PKCS1v15(), hashes.SHA256())
+    assert k.verify(b"checked in strongroom", sig, mechanism=Mechanism.SHA256_RSA_PKCS)
+    ct = k.encrypt(b"to the key owner", mechanism=Mechanism.RSA_PKCS)
+    assert priv.decrypt(ct, padding.PKCS1v15()) == b"to the key owner"
+    assert sobject_named(world, name)["public_only"] is True
+
+
+@pytest.mark.parametrize("curve", [ec.SECP256R1(), ec.SECP384R1()])
+def test_import_ec_private_and_public(session: Any, world: World, curve: Any) -> None:
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    priv = ec.generate_private_key(curve)
+    params = encode_named_curve_parameters(curve.name)
+    size = (curve.key_size + 7) // 8
+    name = unique("p11-imp-ec")
+    k = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.LABEL: name,
+            Attribute.EC_PARAMS: params,
+            Attribute.VALUE: priv.private_numbers().private_value.to_bytes(size, "big"),
+            Attribute.SIGN: True,
+            Attribute.EXTRACTABLE: True,
+        }
+    )
+    sig = k.sign(b"imported ec", mechanism=Mechanism.ECDSA_SHA256)
+    half = len(sig) // 2
+    priv.public_key().verify(
+        encode_dss_signature(int.from_bytes(sig[:half], "big"), int.from_bytes(sig[half:], "big")),
+        b"imported ec",
+        ec.ECDSA(hashes.SHA256()),
+    )
+    so = sobject_named(world, name)
+    assert "EXPORT" in so["key_ops"]
+    assert so["pub_key"] == priv.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # the public key alone, CKA_EC_POINT as DER OCTET STRING
+    point = priv.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    pub = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.LABEL: unique("p11-imp-ecpub"),
+            Attribute.EC_PARAMS: params,
+            Attribute.EC_POINT: b"\x04" + bytes([len(point)]) + point,
+            Attribute.VERIFY: True,
+        }
+    )
+    assert pub.verify(b"imported ec", sig, mechanism=Mechanism.ECDSA_SHA256)
+
+
+def test_import_incomplete_template(session: Any) -> None:
+    with pytest.raises(pkcs11.exceptions.TemplateIncomplete):
+        session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+                Attribute.KEY_TYPE: KeyType.RSA,
+                Attribute.MODULUS: b"\xc0" * 256,
+                Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
+            }
+        )
+
+
+# ---------------------------------------------------------------- C_DeriveKey: ECDH
+
+
+def agree_key(
+    world: World, curve: str, ops: tuple[str, ...] = ("SIGN", "VERIFY", "AGREEKEY")
+) -> tuple[Any, dict[str, Any]]:
+    with world.client() as c:
+        so = c.request(
+            "POST",
+            "/crypto/v1/keys",
+            {
+                "name": unique("p11-ecdh"),
+                "obj_type": "EC",
+                "elliptic_curve": curve,
+                "key_ops": [*ops, "APPMANAGEABLE"],
+            },
+        )
+    return serialization.load_der_public_key(so["pub_key"]), so
+
+
+@pytest.mark.parametrize(
+    ("curve", "pycurve"), [("NistP256", ec.SECP256R1()), ("NistP384", ec.SECP384R1())]
+)
+def test_ecdh_derive_matches_cryptography(
+    session: Any, world: World, curve: str, pycurve: Any
+) -> None:
+    pub, so = agree_key(world, curve)
+    base = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=so["name"])
+    peer = ec.generate_private_key(pycurve)
+    shared = peer.exchange(ec.ECDH(), pub)
+    point = peer.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    name = unique("p11-derived")
+    derived = base.derive_key(
+        KeyType.GENERIC_SECRET,
+        len(shared) * 8,
+        label=name,
+        mechanism_param=(KDF.NULL, None, point),
+        template={Attribute.EXTRACTABLE: True, Attribute.TOKEN: True},
+    )
+    assert derived[Attribute.VALUE] == shared
+    assert derived[Attribute.LABEL] == name
+    # an AES key of the leading 16 bytes, peer point given as a DER OCTET STRING
+    aes = base.derive_key(
+        KeyType.AES,
+        128,
+        mechanism_param=(KDF.NULL, None, b"\x04" + bytes([len(point)]) + point),
+        template={Attribute.EXTRACTABLE: True, Attribute.TOKEN: False},
+    )
+    assert aes[Attribute.VALUE] == shared[:16]
+    assert aes[Attribute.TOKEN] is False
+    nonce = os.urandom(12)
+    ct = aes.encrypt(b"agreed", mechanism=Mechanism.AES_GCM, mechanism_param=GCMParams(nonce))
+    assert AESGCM(shared[:16]).decrypt(nonce, ct, None) == b"agreed"
+    # the peer's transient public key is gone again
+    with world.client() as c:
+        names = [k["name"] for k in c.request("GET", "/crypto/v1/keys")]
+    assert "pkcs11-ecdh-peer" not in names
+
+
+def test_ecdh_needs_agreekey(session: Any, world: World) -> None:
+    _pub, so = agree_key(world, "NistP256", ("SIGN", "DERIVEKEY"))  # CKA_DERIVE, no AGREEKEY
+    base = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=so["name"])
+    assert base[Attribute.DERIVE] is True
+    peer = ec.generate_private_key(ec.SECP256R1()).public_key()
+    point = peer.public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    with pytest.raises(pkcs11.exceptions.PKCS11Error) as e:
+        base.derive_key(KeyType.GENERIC_SECRET, 256, mechanism_param=(KDF.NULL, None, point))
+    assert "0x68" in str(e.value)  # CKR_KEY_FUNCTION_NOT_PERMITTED (python-pkcs11 has no class)
