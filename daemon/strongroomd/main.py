@@ -4,9 +4,12 @@ strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH] [--http-po
 strongroomd --version
 strongroomd check-config [--config FILE]
 strongroomd audit verify [--state-dir DIR | --db FILE]
-strongroomd backup --out FILE
-strongroomd restore --in FILE --state-dir DIR [--force]
+strongroomd backup --out FILE [--passphrase-file FILE]
+strongroomd restore --in FILE --state-dir DIR [--force] [--passphrase-file FILE]
 strongroomd admin rotate
+
+A backup's passphrase comes from --passphrase-file, else
+$STRONGROOM_BACKUP_PASSPHRASE, else a prompt on a terminal; never from argv.
 
 Exit status: 0 ok, 1 a check failed (audit chain broken), 2 configuration or
 usage error, 3 the daemon (or an offline command) could not start.
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
+import os
 import sqlite3
 import sys
 import time
@@ -30,6 +35,8 @@ EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_STARTUP_FAILURE = 3
+#: Where a backup's passphrase may come from, besides --passphrase-file.
+PASSPHRASE_ENV = "STRONGROOM_BACKUP_PASSPHRASE"  # noqa: S105 - a variable's name
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,15 +74,21 @@ def _parser() -> argparse.ArgumentParser:
         "verify", parents=[common], help="check the audit hash chain of a database file, offline"
     )
     verify.add_argument("--db", help="database file (default <state-dir>/strongroom.db)")
-    backup = sub.add_parser(
-        "backup", parents=[common], help="write a consistent snapshot (tar, 0600)"
+    file_help = (
+        "file holding the backup's passphrase (else $STRONGROOM_BACKUP_PASSPHRASE, "
+        "else asked on a terminal)"
     )
-    backup.add_argument("--out", required=True, help="the tar file to write")
+    backup = sub.add_parser(
+        "backup", parents=[common], help="write a consistent snapshot (encrypted, 0600)"
+    )
+    backup.add_argument("--out", required=True, help="the backup file to write")
+    backup.add_argument("--passphrase-file", metavar="FILE", help=file_help)
     restore = sub.add_parser(
         "restore", parents=[common], help="bring a snapshot back into a state directory"
     )
-    restore.add_argument("--in", dest="in_", required=True, help="the tar file to read")
+    restore.add_argument("--in", dest="in_", required=True, help="the backup file to read")
     restore.add_argument("--force", action="store_true", help="replace a non-empty state dir")
+    restore.add_argument("--passphrase-file", metavar="FILE", help=file_help)
     admin = sub.add_parser("admin", parents=[common], help="administrator credential")
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
     admin_sub.add_parser(
@@ -161,6 +174,29 @@ def _audit_verify(cfg: config_mod.Config, db: str | None) -> int:
     return EXIT_CHECK_FAILED
 
 
+def _passphrase(file: str | None, *, confirm: bool) -> str:
+    """The backup passphrase: a file, the environment, or a terminal prompt; never argv."""
+    if file is not None:
+        try:
+            text = Path(file).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read passphrase file {file}: {exc.strerror}") from None
+    elif os.environ.get(PASSPHRASE_ENV):
+        text = os.environ[PASSPHRASE_ENV]
+    elif sys.stdin.isatty():
+        text = getpass.getpass("backup passphrase: ")
+        if confirm and getpass.getpass("again: ") != text:
+            raise ConfigError("the passphrases differ")
+    else:
+        raise ConfigError(
+            f"a backup is encrypted: give its passphrase with --passphrase-file FILE or "
+            f"${PASSPHRASE_ENV} (never on the command line)"
+        )
+    if not text:
+        raise ConfigError("the backup passphrase is empty")
+    return text
+
+
 def _serve(cfg: config_mod.Config) -> int:
     from strongroomd.server import Server, StartupError
 
@@ -196,13 +232,19 @@ def main(argv: list[str] | None = None) -> int:
         if command == "backup":
             from strongroomd import backup
 
-            backup.backup(cfg, Path(args.out))
-            print(f"strongroomd: backup written to {args.out}")
+            secret = _passphrase(args.passphrase_file, confirm=True)
+            backup.backup(cfg, Path(args.out), secret)
+            print(f"strongroomd: encrypted backup written to {args.out}")
             return EXIT_OK
         if command == "restore":
             from strongroomd import backup
 
-            backup.restore(cfg, Path(args.in_), force=args.force)
+            backup.restore(
+                cfg,
+                Path(args.in_),
+                force=args.force,
+                passphrase=lambda: _passphrase(args.passphrase_file, confirm=False),
+            )
             print(f"strongroomd: restored into {cfg.state_dir}")
             return EXIT_OK
         if command == "admin":

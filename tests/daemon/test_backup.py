@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import os
 import shutil
 import subprocess
@@ -12,14 +13,21 @@ import threading
 import time
 from pathlib import Path
 
+from strongroomd import _backupcrypt
+
 from tests.conftest import Daemon, Raw, start_daemon
 from tests.daemon.api.helpers import ok
 
 AES_VALUE = bytes(range(32))
+PASSPHRASE = "correct horse battery staple"
 
 
 def strongroomd(d: Daemon, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "STRONGROOM_STATE_DIR": str(d.state_dir)}
+    env = {
+        **os.environ,
+        "STRONGROOM_STATE_DIR": str(d.state_dir),
+        "STRONGROOM_BACKUP_PASSPHRASE": PASSPHRASE,
+    }
     return subprocess.run(
         [sys.executable, "-m", "strongroomd", *args],
         env=env,
@@ -111,7 +119,12 @@ def test_backup_destroy_restore_keeps_every_key(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert not churn_errors, churn_errors
     assert out.stat().st_mode & 0o777 == 0o600
-    with tarfile.open(out) as tar:
+    raw = out.read_bytes()
+    assert raw.startswith(_backupcrypt.MAGIC) and d.pin.encode() not in raw  # encrypted
+    plain = io.BytesIO()
+    _backupcrypt.decrypt(io.BytesIO(raw), plain, PASSPHRASE)
+    plain.seek(0)
+    with tarfile.open(fileobj=plain) as tar:
         names = set(tar.getnames())
     assert {"strongroom.db", "backup.json", "softhsm/user.pin", "admin.key"} <= names
     assert any(n.startswith("softhsm/tokens/") for n in names)
@@ -239,7 +252,11 @@ def test_backup_freezes_token_writes(tmp_path) -> None:
 
 
 def test_backup_of_missing_state_fails_clearly(tmp_path) -> None:
-    env = {**os.environ, "STRONGROOM_STATE_DIR": str(tmp_path / "none")}
+    env = {
+        **os.environ,
+        "STRONGROOM_STATE_DIR": str(tmp_path / "none"),
+        "STRONGROOM_BACKUP_PASSPHRASE": PASSPHRASE,
+    }
     out = subprocess.run(
         [sys.executable, "-m", "strongroomd", "backup", "--out", str(tmp_path / "b.tar")],
         env=env,
@@ -249,3 +266,101 @@ def test_backup_of_missing_state_fails_clearly(tmp_path) -> None:
     )
     assert out.returncode == 3 and "nothing to back up" in out.stderr
     assert not Path(tmp_path / "b.tar").exists()
+
+
+# -- encryption and failed restores ------------------------------------------------------
+
+
+def _run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "STRONGROOM_BACKUP_PASSPHRASE"}
+    return subprocess.run(
+        [sys.executable, "-m", "strongroomd", *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _no_internals(out: subprocess.CompletedProcess[str]) -> None:
+    text = out.stdout + out.stderr
+    assert "Traceback" not in text and "tarfile" not in text and "ReadError" not in text, text
+
+
+def test_backup_needs_a_passphrase_from_a_file_or_the_environment(daemon, tmp_path) -> None:
+    state = str(daemon.state_dir)
+    out = tmp_path / "b.backup"
+    refused = _run("backup", "--out", str(out), STRONGROOM_STATE_DIR=state)
+    assert refused.returncode == 3 and not out.exists()
+    assert "--passphrase-file" in refused.stderr
+    assert "STRONGROOM_BACKUP_PASSPHRASE" in refused.stderr
+    secret = tmp_path / "pass"
+    secret.write_text("from a file\n")
+    args = ("backup", "--out", str(out), "--passphrase-file", str(secret))
+    made = _run(*args, STRONGROOM_STATE_DIR=state)
+    assert made.returncode == 0, made.stderr
+    plain = io.BytesIO()
+    with open(out, "rb") as fh:
+        _backupcrypt.decrypt(fh, plain, "from a file")  # the trailing newline is not part of it
+    plain.seek(0)
+    with tarfile.open(fileobj=plain) as tar:
+        assert "strongroom.db" in tar.getnames()
+
+
+def test_failed_restores_leave_nothing_behind(daemon, tmp_path) -> None:
+    good = tmp_path / "good.backup"
+    made = _run(
+        "backup", "--out", str(good),
+        STRONGROOM_STATE_DIR=str(daemon.state_dir), STRONGROOM_BACKUP_PASSPHRASE=PASSPHRASE,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    target = tmp_path / "restored"
+
+    wrong = _run("restore", "--in", str(good), "--state-dir", str(target),
+                 STRONGROOM_BACKUP_PASSPHRASE="not it")  # fmt: skip
+    assert wrong.returncode == 3 and "wrong passphrase" in wrong.stderr, wrong.stderr
+    assert not target.exists()
+    _no_internals(wrong)
+
+    asked = _run("restore", "--in", str(good), "--state-dir", str(target))
+    assert asked.returncode == 3 and "--passphrase-file" in asked.stderr and not target.exists()
+
+    cut = tmp_path / "cut.backup"
+    cut.write_bytes(good.read_bytes()[:-100])
+    short = _run("restore", "--in", str(cut), "--state-dir", str(target),
+                 STRONGROOM_BACKUP_PASSPHRASE=PASSPHRASE)  # fmt: skip
+    assert short.returncode == 3 and "truncated" in short.stderr and not target.exists()
+    _no_internals(short)
+
+    for name, data in {
+        "notes.txt": b"hello, this is not a backup\n" * 20,
+        "empty": b"",
+        "random.bin": os.urandom(4096),
+    }.items():
+        junk = tmp_path / name
+        junk.write_bytes(data)
+        out = _run("restore", "--in", str(junk), "--state-dir", str(target))
+        assert out.returncode == 3 and "not a Strongroom backup" in out.stderr, out.stderr
+        assert not target.exists()
+        _no_internals(out)
+    # A tar that is not a backup: the same words.
+    other = tmp_path / "other.tar"
+    with tarfile.open(other, "w") as tar:
+        tar.add(tmp_path / "notes.txt", arcname="notes.txt")
+    out = _run("restore", "--in", str(other), "--state-dir", str(target))
+    assert out.returncode == 3 and "not a Strongroom backup" in out.stderr and not target.exists()
+    missing = _run("restore", "--in", str(tmp_path / "nope"), "--state-dir", str(target))
+    assert missing.returncode == 3 and "cannot read backup" in missing.stderr
+    assert not target.exists()
+
+    # An existing empty directory stays, as it was.
+    target.mkdir()
+    again = _run("restore", "--in", str(good), "--state-dir", str(target),
+                 STRONGROOM_BACKUP_PASSPHRASE="not it")  # fmt: skip
+    assert again.returncode == 3 and target.is_dir() and not list(target.iterdir())
+
+    ok_ = _run("restore", "--in", str(good), "--state-dir", str(target),
+               STRONGROOM_BACKUP_PASSPHRASE=PASSPHRASE)  # fmt: skip
+    assert ok_.returncode == 0, ok_.stderr
+    assert (target / "strongroom.db").is_file() and not (target / ".restore.tar").exists()
