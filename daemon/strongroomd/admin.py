@@ -1,10 +1,17 @@
-"""Offline administration: rotate the admin API key.
+"""Rotate the admin API key, with the daemon running or stopped.
 
-``strongroomd admin rotate`` runs with the daemon stopped (it takes the state
-directory's lock, so it cannot race a running daemon): a fresh secret, its
-salted hash in the database, the key in ``<state_dir>/admin.key`` (0600) and
-an ``admin.rotate`` record appended to the audit chain. The old key stops
-working at once; sessions do not survive a restart anyway.
+``strongroomd admin rotate`` first tries the state directory's lock. When a
+daemon holds it, the rotation goes through that daemon: the command logs in
+over its socket with the current ``admin.key`` and calls
+``POST /sys/v1/admin/rotate`` (:mod:`strongroomd.api.admin`); the daemon, which
+alone writes the database while it runs, changes the hash, writes the new
+``admin.key`` (0600) and audits the request. (A lost or broken ``admin.key``
+cannot log in: then stop the daemon and rotate offline.)
+
+Offline, with the lock held so no daemon can start meanwhile: a fresh secret,
+its salted hash in the database, the key in ``<state_dir>/admin.key`` (0600)
+and an ``admin.rotate`` record appended to the audit chain. Either way the old
+key stops working at once.
 """
 
 from __future__ import annotations
@@ -30,10 +37,7 @@ def rotate(cfg: Config) -> Path:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(
-                f"a daemon is running on {cfg.state_dir}; stop it first "
-                "(systemctl stop strongroomd)"
-            ) from None
+            return _rotate_online(cfg)
         db = sqlite3.connect(cfg.db_path, isolation_level=None)
         try:
             return _rotate(cfg, db)
@@ -41,6 +45,32 @@ def rotate(cfg: Config) -> Path:
             db.close()
     finally:
         os.close(lock)
+
+
+def _rotate_online(cfg: Config) -> Path:
+    from strongroom import Client, ConnectError, StrongroomError, Unauthenticated
+
+    offline = "stop the daemon and run `strongroomd admin rotate` again to rotate offline"
+    try:
+        key = state.read_secret(cfg.admin_key_path)
+    except (OSError, ConfigError):
+        raise ConfigError(
+            f"a daemon is running on {cfg.state_dir}, and {cfg.admin_key_path} cannot be read "
+            f"to ask it; {offline}"
+        ) from None
+    try:
+        with Client(cfg.socket_path, api_key=key) as client:
+            answer = client.request("POST", "/sys/v1/admin/rotate")
+    except Unauthenticated:
+        raise ConfigError(f"{cfg.admin_key_path} is not a working admin key; {offline}") from None
+    except ConnectError as exc:
+        raise ConfigError(
+            f"a daemon holds {cfg.state_dir} but its socket {cfg.socket_path} does not answer "
+            f"({exc}); give --socket, or {offline}"
+        ) from None
+    except StrongroomError as exc:
+        raise ConfigError(f"the daemon refused the rotation: {exc}") from None
+    return Path(answer["key_file"])
 
 
 def _rotate(cfg: Config, db: sqlite3.Connection) -> Path:

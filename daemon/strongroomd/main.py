@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     admin_sub.add_parser(
         "rotate",
         parents=[common],
-        help="new admin API key in <state-dir>/admin.key (the daemon must be stopped)",
+        help="new admin API key in <state-dir>/admin.key (through the daemon when it runs)",
     )
     return p
 

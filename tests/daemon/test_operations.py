@@ -103,12 +103,38 @@ def test_admin_rotate(tmp_path) -> None:
     d = start_daemon(tmp_path)
     old = d.admin_key
     env = {"STRONGROOM_STATE_DIR": str(d.state_dir)}
-    busy = strongroomd("admin", "rotate", env=env)
-    assert busy.returncode == 3 and "running" in busy.stderr
+    # Online: through the running daemon, which writes admin.key itself.
+    before = Raw(d.socket)
+    before.login(old)
+    body = {"name": "rotator", "groups": [new_group(before)]}
+    app = ok(before.call("POST", "/sys/v1/apps", body))
+    live = strongroomd("admin", "rotate", env=env)
+    assert live.returncode == 0, live.stderr
+    online = d.admin_key
+    assert online != old and (d.state_dir / "admin.key").stat().st_mode & 0o777 == 0o600
+    r = Raw(d.socket)
+    err(r.call("POST", "/sys/v1/session/auth", {"api_key": old}), "bad_credentials")
+    r.login(online)
+    records = ok(r.call("GET", "/sys/v1/logs", {"limit": 20}))
+    assert any(x["action"] == "POST /sys/v1/admin/rotate" for x in records)
+    assert online.split(".")[-1] not in str(records)
+    a = Raw(d.socket)
+    a.login(app["credential"]["api_key"])
+    err(a.call("POST", "/sys/v1/admin/rotate"), "forbidden")
+    a.close()
+    r.close()
+    before.close()
+    assert d.admin_key == online
+    # A broken key file cannot ask the daemon: the message says to rotate offline.
+    (d.state_dir / "admin.key").write_text(old + "\n")
+    refused = strongroomd("admin", "rotate", env=env)
+    assert refused.returncode == 3 and "stop the daemon" in refused.stderr
     assert d.stop() == 0
+    # Offline.
     out = strongroomd("admin", "rotate", env=env)
     assert out.returncode == 0, out.stderr
     new = d.admin_key
+    old = online
     assert new != old and (d.state_dir / "admin.key").stat().st_mode & 0o777 == 0o600
     d.start()
     try:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from strongroomd.api import apps, crypto, groups, keys, logs, plugins, session, sys
+from strongroomd.api import admin, apps, crypto, groups, keys, logs, plugins, session, sys
 from strongroomd.router import Route
 
 ROUTES: list[Route] = [
     *session.ROUTES,
     *sys.ROUTES,
+    *admin.ROUTES,
     *groups.ROUTES,
     *apps.ROUTES,
     *keys.ROUTES,
