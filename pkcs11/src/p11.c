@@ -1566,10 +1566,12 @@ static void reset_state(void) {
 
 static void atfork_prepare(void) { pthread_mutex_lock(&g_lock); }
 static void atfork_parent(void) { pthread_mutex_unlock(&g_lock); }
+static int g_forked; /* initialised in the parent when this child was forked */
 static void atfork_child(void) {
     pthread_mutex_init(&g_lock, NULL);
     sr_conn_after_fork_child();
     /* The child must call C_Initialize again (PKCS#11 2.40, 6.7.7). */
+    g_forked = g_init;
     reset_state();
 }
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -1603,6 +1605,7 @@ EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs) {
     sr_conn_init();
     g_pid = getpid();
     g_init = 1;
+    g_forked = 0;
     pthread_mutex_unlock(&g_lock);
     return CKR_OK;
 }
@@ -1611,6 +1614,12 @@ EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved) {
     if (pReserved)
         return CKR_ARGUMENTS_BAD;
     CK_RV rv = check_init();
+    if (rv != CKR_OK && g_forked && !g_init) {
+        /* A forked child finalising what its parent initialised (python-pkcs11's
+         * reinitialize): the fork already dropped everything; nothing to do. */
+        g_forked = 0;
+        return CKR_OK;
+    }
     if (rv != CKR_OK)
         return rv;
     sr_conn_close();
@@ -2546,7 +2555,7 @@ EXPORT CK_RV C_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_ATTRIBUT
     }
     struct tmpl a;
     tmpl_init(&a);
-    rv = read_tmpl(t, n, &a, type == T_HMAC);
+    rv = read_tmpl(t, n, &a, type == T_HMAC || type == T_AES); /* AES signs by CMAC */
     if (rv != CKR_OK)
         return rv;
     if (a.cls_set && a.cls != CKO_SECRET_KEY)
@@ -2743,7 +2752,7 @@ EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
             a.key_type = *(CK_KEY_TYPE *)t[i].pValue;
     int type;
     CK_OBJECT_CLASS want;
-    rv = read_tmpl(t, n, &a, is_mac_type(a.key_type));
+    rv = read_tmpl(t, n, &a, is_mac_type(a.key_type) || a.key_type == CKK_AES);
     if (rv != CKR_OK)
         return rv;
     if (!a.cls_set)
@@ -3055,7 +3064,7 @@ EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HAN
     for (CK_ULONG i = 0; i < n && t; i++)
         if (t[i].type == CKA_KEY_TYPE && t[i].pValue && t[i].ulValueLen == sizeof(CK_KEY_TYPE))
             a.key_type = *(CK_KEY_TYPE *)t[i].pValue;
-    if ((rv = read_tmpl(t, n, &a, is_mac_type(a.key_type))) != CKR_OK)
+    if ((rv = read_tmpl(t, n, &a, is_mac_type(a.key_type) || a.key_type == CKK_AES)) != CKR_OK)
         return rv;
     if (!a.key_type_set || (a.cls_set && a.cls != CKO_SECRET_KEY))
         return CKR_TEMPLATE_INCONSISTENT; /* secret keys only */
@@ -3132,8 +3141,9 @@ EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HAN
     for (CK_ULONG i = 0; i < n && t; i++)
         if (t[i].type == CKA_KEY_TYPE && t[i].pValue && t[i].ulValueLen == sizeof(CK_KEY_TYPE))
             a.key_type = *(CK_KEY_TYPE *)t[i].pValue;
-    if ((rv = read_tmpl(t, n, &a, is_mac_type(a.key_type) && a.key_type != CKK_GENERIC_SECRET)) !=
-        CKR_OK)
+    if ((rv = read_tmpl(t, n, &a,
+                        a.key_type == CKK_AES ||
+                            (is_mac_type(a.key_type) && a.key_type != CKK_GENERIC_SECRET))) != CKR_OK)
         return rv;
     if (a.cls_set && a.cls != CKO_SECRET_KEY)
         return CKR_TEMPLATE_INCONSISTENT;

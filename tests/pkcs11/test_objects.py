@@ -346,3 +346,26 @@ def test_ecdh_needs_agreekey(session: Any, world: World) -> None:
     with pytest.raises(pkcs11.exceptions.PKCS11Error) as e:
         base.derive_key(KeyType.GENERIC_SECRET, 256, mechanism_param=(KDF.NULL, None, point))
     assert "0x68" in str(e.value)  # CKR_KEY_FUNCTION_NOT_PERMITTED (python-pkcs11 has no class)
+
+
+def test_import_ed25519_private_key(session: Any, world: World) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    priv = ed25519.Ed25519PrivateKey.generate()
+    seed = priv.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    name = unique("p11-imp-ed")
+    k = session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+            Attribute.LABEL: name,
+            Attribute.EC_PARAMS: bytes.fromhex("06032b6570"),
+            Attribute.VALUE: seed,
+            Attribute.SIGN: True,
+        }
+    )
+    sig = k.sign(b"imported ed25519", mechanism=Mechanism.EDDSA)
+    priv.public_key().verify(sig, b"imported ed25519")
+    assert sobject_named(world, name)["elliptic_curve"] == "Ed25519"
