@@ -25,7 +25,7 @@ local s_pack, s_unpack, s_rep, s_gsub, s_match = string.pack, string.unpack, str
 -- Never call a string method with `s:name()` in this file: that looks the name up
 -- in the `string` table, which is the plugin's `string` too (it can replace any
 -- entry), and the main thread below runs without the instruction hook.
-local s_gmatch = string.gmatch
+local s_gmatch, s_upper = string.gmatch, string.upper
 local t_concat, t_pack, t_unpack = table.concat, table.pack, table.unpack
 local t_insert, t_remove, t_move = table.insert, table.remove, table.move
 local m_type, m_floor, m_huge, m_toint = math.type, math.floor, math.huge, math.tointeger
@@ -134,6 +134,18 @@ end
 function Blob.from_base64(s)
   if type(s) ~= "string" then error("Blob.from_base64: expected a string", 2) end
   return new_blob(pycall_or_raise(2, "b64d", s))
+end
+-- Base58 (Bitcoin's alphabet, no check bytes): quadratic in the length, so capped.
+local MAX_B58 = 8192
+function Blob.from_base58(s)
+  if type(s) ~= "string" then error("Blob.from_base58: expected a string", 2) end
+  if #s > MAX_B58 then error(s_format("Blob.from_base58: at most %d characters", MAX_B58), 2) end
+  return new_blob(pycall_or_raise(2, "b58d", s))
+end
+function blob_methods.base58(b)
+  local s = self_bytes(b, "base58")
+  if #s > MAX_B58 then error(s_format("Blob:base58: at most %d bytes", MAX_B58), 2) end
+  return pycall_or_raise(2, "b58e", s)
 end
 function Blob.random(n)
   if type(n) == "table" then
@@ -415,7 +427,9 @@ end
 local json = {}
 function json.encode(v) return codec_encode("json_e", v, 2) end
 function json.decode(s)
-  if type(s) ~= "string" then error("json.decode: expected a string", 2) end
+  -- DSM's request{} answers with a Blob body that plugins hand straight to json.decode.
+  if BYTES[s] ~= nil then s = BYTES[s] end
+  if type(s) ~= "string" then error("json.decode: expected a string or a Blob", 2) end
   return codec_decode("json_d", s, 2)
 end
 local cbor = {}
@@ -470,6 +484,196 @@ Time_mt.__eq = function(a, b) return TIMES[a] ~= nil and TIMES[a] == TIMES[b] en
 Time_mt.__lt = function(a, b) return ns_of(a, "<") < ns_of(b, "<") end
 Time_mt.__le = function(a, b) return ns_of(a, "<=") <= ns_of(b, "<=") end
 Time_mt.__tostring = function(t) return time_methods.to_iso8601(t) end
+-- strftime in UTC (Python's), e.g. t:fmt("%Y-%m-%dT%H:%M:%SZ").
+function time_methods.fmt(t, f)
+  if type(f) ~= "string" or #f > 256 then error("Time:fmt: expected a format string (at most 256 bytes)", 2) end
+  return pycall_or_raise(2, "time_f", ns_of(t, "fmt"), f)
+end
+-- Time + seconds, seconds + Time, Time - seconds; Time - Time is seconds (a float when not whole).
+Time_mt.__add = function(a, b)
+  if TIMES[a] == nil then a, b = b, a end
+  if TIMES[a] == nil or type(b) ~= "number" then error("Time +: expected a Time and a number", 2) end
+  return time_methods.add_seconds(a, b)
+end
+Time_mt.__sub = function(a, b)
+  if TIMES[a] ~= nil and TIMES[b] ~= nil then
+    local d = TIMES[a] - TIMES[b]
+    if d % 1000000000 == 0 then return d // 1000000000 end
+    return d / 1e9
+  end
+  if TIMES[a] == nil or type(b) ~= "number" then error("Time -: expected a Time and a number", 2) end
+  return time_methods.add_seconds(a, -b)
+end
+
+------------------------------------------------------------------------------
+-- BigNum: arbitrary-precision integers, computed with Python integers in the
+-- worker. Held privately as a signed hex string. Operands and results are
+-- limited to MAX_BN_BITS, so a huge number is refused, not computed.
+local BIGNUMS = setmetatable({}, { __mode = "k" })
+local MAX_BN_BITS = 16384
+local MAX_BN_BYTES = MAX_BN_BITS // 8
+local BigNum = {}
+local bn_methods = {}
+local BigNum_mt = { __metatable = "BigNum", __index = bn_methods }
+
+local function new_bn(h)
+  local b = setmetatable({}, BigNum_mt)
+  BIGNUMS[b] = h
+  return b
+end
+
+-- The hex of a BigNum operand (a BigNum, or a Lua integer).
+local function bn_hex(v, what, level)
+  local h = BIGNUMS[v]
+  if h ~= nil then return h end
+  if m_type(v) == "integer" then
+    if v < 0 then return s_format("-%x", -v) end
+    return s_format("%x", v)
+  end
+  error(what .. ": expected a BigNum or an integer, got " .. type(v), level + 1)
+end
+
+local function bn_op(level, op, a, b, c)
+  charge(#a + (type(b) == "string" and #b or 0))
+  return pycall_or_raise(level + 1, "bn", op, a, b and (c and (b .. ":" .. c) or b) or nil)
+end
+
+function BigNum.from_bytes_be(b)
+  local s = bytes_of(b, "BigNum.from_bytes_be", 2)
+  if #s > MAX_BN_BYTES then
+    error(s_format("BigNum.from_bytes_be: at most %d bytes (%d bits)", MAX_BN_BYTES, MAX_BN_BITS), 2)
+  end
+  return new_bn(bn_op(2, "frombytes", s))
+end
+function BigNum.from_int(n)
+  if m_type(n) ~= "integer" then
+    n = m_toint(n)
+    if n == nil then error("BigNum.from_int: expected an integer", 2) end
+  end
+  return new_bn(bn_hex(n, "BigNum.from_int", 2))
+end
+function bn_methods.to_bytes_be(b)
+  return new_blob(bn_op(2, "tobytes", bn_hex(b, "BigNum:to_bytes_be", 2)))
+end
+function bn_methods.to_bytes_be_zero_pad(b, n)
+  if m_type(n) ~= "integer" or n < 0 or n > MAX_BN_BYTES then
+    error(s_format("BigNum:to_bytes_be_zero_pad: give a length from 0 to %d", MAX_BN_BYTES), 2)
+  end
+  return new_blob(bn_op(2, "tobytes", bn_hex(b, "BigNum:to_bytes_be_zero_pad", 2), tostring(n)))
+end
+function bn_methods.copy(b) return new_bn(bn_hex(b, "BigNum:copy", 2)) end
+function bn_methods.bits(b) return bn_op(2, "bits", bn_hex(b, "BigNum:bits", 2)) end
+function bn_methods.to_int(b) return bn_op(2, "toint", bn_hex(b, "BigNum:to_int", 2)) end
+function bn_methods.to_dec(b) return bn_op(2, "dec", bn_hex(b, "BigNum:to_dec", 2)) end
+function bn_methods.mod_exp(b, e, m)
+  return new_bn(bn_op(2, "modexp", bn_hex(b, "BigNum:mod_exp", 2), bn_hex(e, "BigNum:mod_exp", 2),
+    bn_hex(m, "BigNum:mod_exp", 2)))
+end
+function bn_methods.mod_inverse(b, m)
+  return new_bn(bn_op(2, "modinv", bn_hex(b, "BigNum:mod_inverse", 2), bn_hex(m, "BigNum:mod_inverse", 2)))
+end
+
+-- In place, as DSM's: a:add(b) changes a (and returns it).
+for _, name in ipairs({ "add", "sub", "mul", "div", "mod" }) do
+  local what = "BigNum:" .. name
+  bn_methods[name] = function(a, b)
+    if BIGNUMS[a] == nil then error(what .. ": not a BigNum", 2) end
+    BIGNUMS[a] = bn_op(2, name, BIGNUMS[a], bn_hex(b, what, 2))
+    return a
+  end
+end
+-- Operators give new BigNums.
+for mm, name in next, { __add = "add", __sub = "sub", __mul = "mul", __div = "div",
+  __idiv = "div", __mod = "mod" } do
+  BigNum_mt[mm] = function(a, b)
+    return new_bn(bn_op(2, name, bn_hex(a, "BigNum " .. name, 2), bn_hex(b, "BigNum " .. name, 2)))
+  end
+end
+BigNum_mt.__unm = function(a) return new_bn(bn_op(2, "sub", "0", bn_hex(a, "BigNum -", 2))) end
+local function bn_cmp(a, b, what)
+  return bn_op(3, "cmp", bn_hex(a, what, 3), bn_hex(b, what, 3))
+end
+BigNum_mt.__eq = function(a, b)
+  return BIGNUMS[a] ~= nil and BIGNUMS[b] ~= nil and BIGNUMS[a] == BIGNUMS[b]
+end
+BigNum_mt.__lt = function(a, b) return bn_cmp(a, b, "BigNum <") < 0 end
+BigNum_mt.__le = function(a, b) return bn_cmp(a, b, "BigNum <=") <= 0 end
+BigNum_mt.__tostring = function(a) return bn_op(2, "dec", bn_hex(a, "tostring", 2)) end
+bn_methods.cmp = function(a, b) return bn_cmp(a, b, "BigNum:cmp") end
+
+------------------------------------------------------------------------------
+-- EcGroup / EcPoint: named curves; points as SEC1 bytes. Multiplication is
+-- of the group's generator only (cryptography's key derivation does it).
+local EC_GROUPS = setmetatable({}, { __mode = "k" })
+local EC_POINTS = setmetatable({}, { __mode = "k" })
+local EcGroup = {}
+local ecg_methods = {}
+local EcGroup_mt = { __metatable = "EcGroup", __index = ecg_methods }
+local EcPoint = {}
+local ecp_methods = {}
+local EcPoint_mt = { __metatable = "EcPoint", __index = ecp_methods }
+
+local function new_point(curve, sec1, gen)
+  local p = setmetatable({}, EcPoint_mt)
+  EC_POINTS[p] = { curve = curve, sec1 = sec1, gen = gen }
+  return p
+end
+function EcGroup.from_name(name)
+  if type(name) ~= "string" then error("EcGroup.from_name: expected a curve name", 2) end
+  local canon = pycall_or_raise(2, "ec_name", name)
+  local g = setmetatable({}, EcGroup_mt)
+  EC_GROUPS[g] = canon
+  return g
+end
+local function group_of(g, what)
+  local c = EC_GROUPS[g]
+  if c == nil then error(what .. ": not an EcGroup", 3) end
+  return c
+end
+function ecg_methods.name(g) return group_of(g, "EcGroup:name") end
+function ecg_methods.generator(g)
+  local c = group_of(g, "EcGroup:generator")
+  return new_point(c, pycall_or_raise(2, "ec_gen", c), true)
+end
+function ecg_methods.order(g)
+  return new_bn(pycall_or_raise(2, "ec_order", group_of(g, "EcGroup:order")))
+end
+function EcPoint.from_binary(g, b)
+  local c = group_of(g, "EcPoint.from_binary")
+  local s = bytes_of(b, "EcPoint.from_binary", 2)
+  return new_point(c, pycall_or_raise(2, "ec_point", c, s), false)
+end
+local function point_of(p, what)
+  local v = EC_POINTS[p]
+  if v == nil then error(what .. ": not an EcPoint", 3) end
+  return v
+end
+function ecp_methods.mul(p, k)
+  local v = point_of(p, "EcPoint:mul")
+  if not v.gen then
+    error("EcPoint:mul: only the group's generator can be multiplied (generator():mul(k))", 2)
+  end
+  return new_point(v.curve, pycall_or_raise(2, "ec_mul", v.curve, bn_hex(k, "EcPoint:mul", 2)),
+    false)
+end
+-- Compressed SEC1 (0x02/0x03 || x), as BIP32 serializes points; to_binary(false): 0x04 || x || y.
+function ecp_methods.to_binary(p, compressed)
+  local v = point_of(p, "EcPoint:to_binary")
+  if compressed == false then return new_blob(v.sec1) end
+  return new_blob(pycall_or_raise(2, "ec_compress", v.curve, v.sec1))
+end
+function ecp_methods.x(p)
+  local s = point_of(p, "EcPoint:x").sec1
+  return BigNum.from_bytes_be(s_sub(s, 2, (#s - 1) // 2 + 1))
+end
+function ecp_methods.y(p)
+  local s = point_of(p, "EcPoint:y").sec1
+  return BigNum.from_bytes_be(s_sub(s, (#s - 1) // 2 + 2))
+end
+EcPoint_mt.__eq = function(a, b)
+  local x, y = EC_POINTS[a], EC_POINTS[b]
+  return x ~= nil and y ~= nil and x.curve == y.curve and x.sec1 == y.sec1
+end
 
 ------------------------------------------------------------------------------
 -- The REST API, as the plugin's principal, over the worker's channel.
@@ -590,6 +794,21 @@ function sobject_methods.persist(self, t)
   return call("POST", "/crypto/v1/keys/persist", t, { key = descriptor(self) }, true)
 end
 
+-- {public_modulus=BigNum, public_exponent=BigNum} from the key's public key.
+function sobject_methods.rsa_public_info(self)
+  local pub = type(self) == "table" and rawget(self, "pub_key") or nil
+  if BYTES[pub] == nil then
+    local info, e = call("POST", "/crypto/v1/keys/info", nil, descriptor(self))
+    if info == nil then return nil, e end
+    pub = info.pub_key
+  end
+  if BYTES[pub] == nil then return nil, new_error(400, "the key has no public key", "invalid_field") end
+  local r, err = pycall("rsa_pub", BYTES[pub])
+  if r == nil then return nil, new_error(400, err, "invalid_field") end
+  local colon = s_find(r, ":", 1, true)
+  return { public_modulus = new_bn(s_sub(r, 1, colon - 1)), public_exponent = new_bn(s_sub(r, colon + 1)) }
+end
+
 local Sobject = {}
 function Sobject.create(t) return call("POST", "/crypto/v1/keys", t, nil, true) end
 function Sobject.import(t) return call("PUT", "/crypto/v1/keys", t, nil, true) end
@@ -614,6 +833,15 @@ setmetatable(Sobject, {
 
 local function digest(t)
   if type(t) ~= "table" then return nil, new_error(400, "digest: expected {alg=, data=}") end
+  -- RIPEMD160 (Bitcoin's HASH160) is keyless and not in the daemon's digest route:
+  -- computed here, in the worker.
+  if type(t.alg) == "string" and s_upper(t.alg) == "RIPEMD160" then
+    local data = BYTES[t.data] or t.data
+    if type(data) ~= "string" then return nil, new_error(400, "digest: data must be a Blob") end
+    if #data > MAX_CALL then return nil, new_error(413, "digest: data too large", "too_large") end
+    charge(#data // 64)
+    return { digest = new_blob(pycall_or_raise(2, "ripemd", data)) }
+  end
   return call("POST", "/crypto/v1/digest", { alg = t.alg, data = t.data })
 end
 
@@ -861,6 +1089,9 @@ env.json = json
 env.cbor = cbor
 env.Sobject = Sobject
 env.digest = digest
+env.BigNum = BigNum
+env.EcGroup = EcGroup
+env.EcPoint = EcPoint
 env.AuditLog = AuditLog
 env.principal = principal
 env.this_plugin = this_plugin

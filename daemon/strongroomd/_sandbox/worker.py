@@ -304,6 +304,214 @@ def _cbor_decode(s: bytes, _b: Any, _c: Any) -> bytes:
     return _pack(v)
 
 
+# -- BigNum, base58, RIPEMD160, EC points, RSA public numbers -----------------------
+# Python integers behind a size limit: an operand or result over MAX_BN_BITS is
+# refused (the Lua side refuses oversized inputs before they get here too).
+MAX_BN_BITS = 16384
+B58 = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _bn_int(h: bytes) -> int:
+    if len(h) > MAX_BN_BITS // 4 + 1:
+        raise ValueError(f"BigNum: more than {MAX_BN_BITS} bits")
+    return int(h, 16)
+
+
+def _bn_out(v: int) -> bytes:
+    if v.bit_length() > MAX_BN_BITS:
+        raise ValueError(f"BigNum: the result has more than {MAX_BN_BITS} bits")
+    return (b"-%x" % -v) if v < 0 else (b"%x" % v)
+
+
+def _bn(op: bytes, a: bytes, b: Any) -> Any:
+    name = op.decode()
+    if name == "frombytes":
+        if len(a) > MAX_BN_BITS // 8:
+            raise ValueError(f"BigNum: more than {MAX_BN_BITS} bits")
+        return _bn_out(int.from_bytes(a, "big"))
+    x = _bn_int(a)
+    if name == "tobytes":
+        if x < 0:
+            raise ValueError("BigNum:to_bytes_be: the number is negative")
+        size = (x.bit_length() + 7) // 8 or 1
+        if b is not None:
+            pad = int(b)
+            if pad < size and not (x == 0 and pad == 0):
+                raise ValueError(f"BigNum:to_bytes_be_zero_pad: the number needs {size} bytes")
+            size = pad
+        return x.to_bytes(size, "big")
+    if name == "bits":
+        return abs(x).bit_length()
+    if name == "dec":
+        return str(x).encode()
+    if name == "toint":
+        if not -(2**63) <= x < 2**63:
+            raise ValueError("BigNum:to_int: the number does not fit in 64 bits")
+        return x
+    if name == "modexp":
+        e, m = (_bn_int(v) for v in b.split(b":"))
+        if m <= 0:
+            raise ValueError("BigNum:mod_exp: the modulus must be positive")
+        if e < 0:
+            raise ValueError("BigNum:mod_exp: the exponent must not be negative")
+        return _bn_out(pow(x, e, m))
+    y = _bn_int(b)
+    if name == "add":
+        return _bn_out(x + y)
+    if name == "sub":
+        return _bn_out(x - y)
+    if name == "mul":
+        if x.bit_length() + y.bit_length() > MAX_BN_BITS + 1:
+            raise ValueError(f"BigNum: the result has more than {MAX_BN_BITS} bits")
+        return _bn_out(x * y)
+    if name == "cmp":
+        return (x > y) - (x < y)
+    if y == 0:
+        raise ValueError("BigNum: division by zero")
+    if name == "div":  # truncated toward zero, as C's (and OpenSSL's BN_div)
+        q = abs(x) // abs(y)
+        return _bn_out(q if (x < 0) == (y < 0) else -q)
+    if name == "mod":  # never negative, as OpenSSL's BN_nnmod
+        return _bn_out(x % abs(y))
+    if name == "modinv":
+        return _bn_out(pow(x, -1, abs(y)))
+    raise ValueError(f"BigNum: unknown operation {name}")
+
+
+def _b58encode(data: bytes, _b: Any, _c: Any) -> bytes:
+    n = int.from_bytes(data, "big")
+    out = bytearray()
+    while n:
+        n, r = divmod(n, 58)
+        out.append(B58[r])
+    zeros = len(data) - len(data.lstrip(b"\0"))
+    return b"1" * zeros + bytes(reversed(out))
+
+
+def _b58decode(text: bytes, _b: Any, _c: Any) -> bytes:
+    n = 0
+    for ch in text:
+        i = B58.find(bytes([ch]))
+        if i < 0:
+            raise ValueError("Blob.from_base58: not a base58 character: " + chr(ch))
+        n = n * 58 + i
+    zeros = len(text) - len(text.lstrip(b"1"))
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
+    return b"\0" * zeros + body
+
+
+def _ripemd160(data: bytes, _b: Any, _c: Any) -> bytes:
+    try:
+        return hashlib.new("ripemd160", data).digest()
+    except ValueError:
+        raise ValueError("RIPEMD160 is not available in this Python's OpenSSL") from None
+
+
+def _time_fmt(ns: int, fmt: bytes, _c: Any) -> bytes:
+    dt = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC) + datetime.timedelta(
+        microseconds=ns // 1000
+    )
+    out = dt.strftime(fmt.decode("utf-8"))
+    return out.encode()[:4096]
+
+
+_CURVES = {
+    "secp256k1": "SECP256K1",
+    "nistp256": "SECP256R1",
+    "secp256r1": "SECP256R1",
+    "nistp384": "SECP384R1",
+    "secp384r1": "SECP384R1",
+    "nistp521": "SECP521R1",
+    "secp521r1": "SECP521R1",
+}
+_CANON = {
+    "SECP256K1": "SecP256K1",
+    "SECP256R1": "NistP256",
+    "SECP384R1": "NistP384",
+    "SECP521R1": "NistP521",
+}
+# Group orders (SEC 2), for EcGroup:order() and reducing scalars.
+_ORDERS = {
+    "SecP256K1": 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
+    "NistP256": 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551,
+    "NistP384": int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+    "NistP521": int(
+        "01FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFA"
+        "51868783BF2F966B7FCC0148F709A5D03BB5C9B8899C47AEBB6FB71E91386409",
+        16,
+    ),
+}
+
+
+def _curve(name: bytes) -> Any:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = name.decode("ascii", "replace").lower().replace("_", "").replace("-", "")
+    cls = _CURVES.get(key)
+    if cls is None:
+        raise ValueError(f"EcGroup: unknown curve {name.decode('ascii', 'replace')}")
+    return getattr(ec, cls)()
+
+
+def _ec_name(name: bytes, _b: Any, _c: Any) -> bytes:
+    return _CANON[_curve(name).name.upper()].encode()
+
+
+def _ec_mul(name: bytes, k: bytes, _c: Any) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    curve = _curve(name)
+    scalar = _bn_int(k) % _ORDERS[name.decode()]
+    if scalar == 0:
+        raise ValueError("EcPoint:mul: the result is the point at infinity")
+    pub = ec.derive_private_key(scalar, curve).public_key()
+    return pub.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def _ec_gen(name: bytes, _b: Any, _c: Any) -> bytes:
+    return _ec_mul(name, b"1", None)
+
+
+def _ec_order(name: bytes, _b: Any, _c: Any) -> bytes:
+    return _bn_out(_ORDERS[name.decode()])
+
+
+def _ec_point(name: bytes, sec1: bytes, _c: Any) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    if len(sec1) > 200:
+        raise ValueError("EcPoint.from_binary: not a point on the curve")
+    pub = ec.EllipticCurvePublicKey.from_encoded_point(_curve(name), sec1)
+    return pub.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def _ec_compress(name: bytes, sec1: bytes, _c: Any) -> bytes:
+    half = (len(sec1) - 1) // 2
+    x, y = sec1[1 : 1 + half], sec1[1 + half :]
+    return bytes([2 + (y[-1] & 1)]) + x
+
+
+def _rsa_pub(der: bytes, _b: Any, _c: Any) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    if len(der) > 8192:
+        raise ValueError("rsa_public_info: the public key is too large")
+    try:
+        key = load_der_public_key(der)
+    except ValueError:
+        raise ValueError("rsa_public_info: the key's public key is not readable") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("rsa_public_info: not an RSA key")
+    n = key.public_numbers()
+    return _bn_out(n.n) + b":" + _bn_out(n.e)
+
+
 class _Runner:
     def __init__(self, channel: _Channel) -> None:
         self.channel = channel
@@ -327,6 +535,18 @@ class _Runner:
             b"json_d": _json_decode,
             b"cbor_e": _cbor_encode,
             b"cbor_d": _cbor_decode,
+            b"bn": _bn,
+            b"b58e": _b58encode,
+            b"b58d": _b58decode,
+            b"ripemd": _ripemd160,
+            b"time_f": _time_fmt,
+            b"ec_name": _ec_name,
+            b"ec_gen": _ec_gen,
+            b"ec_mul": _ec_mul,
+            b"ec_order": _ec_order,
+            b"ec_point": _ec_point,
+            b"ec_compress": _ec_compress,
+            b"rsa_pub": _rsa_pub,
             b"call": self._call,
             b"log": self._log,
         }
@@ -497,13 +717,17 @@ def _read_prelude() -> bytes:
 
 def main() -> None:
     _confine()
-    global base64, datetime, json, lupa, msgpack
+    global base64, datetime, hashlib, json, lupa, msgpack
     import base64
     import datetime
+    import hashlib
     import json
 
     import lupa.lua53 as lupa
     import msgpack
+
+    # A 16,384-bit BigNum has 4,933 decimal digits (Python's default cap is 4,300).
+    sys.set_int_max_str_digits(5000)
 
     # fd 1 is the channel; anything printed by mistake goes to stderr instead.
     wfd = os.dup(1)
