@@ -27,7 +27,7 @@ local s_pack, s_unpack, s_rep, s_gsub, s_match = string.pack, string.unpack, str
 -- entry), and the main thread below runs without the instruction hook.
 local s_gmatch, s_upper = string.gmatch, string.upper
 local t_concat, t_pack, t_unpack = table.concat, table.pack, table.unpack
-local t_insert, t_remove, t_move = table.insert, table.remove, table.move
+local t_insert, t_remove, t_move, t_sort = table.insert, table.remove, table.move, table.sort
 local m_type, m_floor, m_huge, m_toint = math.type, math.floor, math.huge, math.tointeger
 local utf8_len = utf8.len
 local co_create, co_resume, co_status, co_wrap = coroutine.create, coroutine.resume, coroutine.status, coroutine.wrap
@@ -845,6 +845,238 @@ local function digest(t)
   return call("POST", "/crypto/v1/digest", { alg = t.alg, data = t.data })
 end
 
+------------------------------------------------------------------------------
+-- X.509 pieces: Oid, X509Name, DerEncoder, IpAddr, Pkcs10Csr. DER is built in
+-- the worker (bounded: entries, depth, size); signatures are made by the daemon
+-- with Sobject:sign, so no key ever reaches the worker.
+local OIDS = setmetatable({}, { __mode = "k" })
+local Oid = {}
+local oid_methods = {}
+local Oid_mt = { __metatable = "Oid", __index = oid_methods }
+function Oid.from_str(name)
+  if type(name) ~= "string" or #name > 256 then error("Oid.from_str: expected a name or dotted OID", 2) end
+  local o = setmetatable({}, Oid_mt)
+  OIDS[o] = pycall_or_raise(2, "oid", name)
+  return o
+end
+function oid_methods.to_str(o) return OIDS[o] end
+Oid_mt.__tostring = function(o) return OIDS[o] end
+Oid_mt.__eq = function(a, b) return OIDS[a] ~= nil and OIDS[a] == OIDS[b] end
+local function oid_of(v, what, level)
+  if OIDS[v] then return OIDS[v] end
+  if type(v) == "string" then return pycall_or_raise(level + 1, "oid", v) end
+  error(what .. ": expected an Oid", level + 1)
+end
+
+local NAMES = setmetatable({}, { __mode = "k" })
+local X509Name = {}
+local name_methods = {}
+local X509Name_mt = { __metatable = "X509Name", __index = name_methods }
+function X509Name.new()
+  local n = setmetatable({}, X509Name_mt)
+  NAMES[n] = {}
+  return n
+end
+function name_methods.set(n, oid, value, kind)
+  local e = NAMES[n]
+  if e == nil then error("X509Name:set: not an X509Name", 2) end
+  if type(value) ~= "string" or #value > 1024 then error("X509Name:set: expected a string value", 2) end
+  if #e >= 64 then error("X509Name:set: at most 64 entries", 2) end
+  e[#e + 1] = { oid_of(oid, "X509Name:set", 2), value, kind or "utf8" }
+  return n
+end
+function name_methods.to_der(n)
+  local ok, packed = pcall(mp_encode, NAMES[n], MAX_CALL, "name too large")
+  if not ok then error(packed, 2) end
+  return pycall_or_raise(2, "x509_name", packed)
+end
+
+local IPS = setmetatable({}, { __mode = "k" })
+local IpAddr = {}
+local IpAddr_mt = { __metatable = "IpAddr", __index = {
+  octets = function(a) return IPS[a] end,
+} }
+function IpAddr.new(text)
+  if type(text) ~= "string" or #text > 64 then error("IpAddr.new: expected an address", 2) end
+  local a = setmetatable({}, IpAddr_mt)
+  IPS[a] = pycall_or_raise(2, "ip", text)
+  return a
+end
+
+-- DerEncoder: a builder of DER, in trusted Lua. implicit_context(n) retags the
+-- next primitive item as [n]; start_seq/start_set ... end_seq/end_set nest.
+local DER_MAX_DEPTH, DER_MAX_BYTES = 64, 1048576
+local ENCODERS = setmetatable({}, { __mode = "k" })
+local DerEncoder = {}
+local der_methods = {}
+local DerEncoder_mt = { __metatable = "DerEncoder", __index = der_methods }
+local function der_len(n)
+  if n < 0x80 then return s_char(n) end
+  local b = s_pack(">I4", n)
+  local i = 1
+  while s_byte(b, i) == 0 do i = i + 1 end
+  return s_char(0x80 + 5 - i) .. s_sub(b, i)
+end
+local function der_tlv(tag, content) return s_char(tag) .. der_len(#content) .. content end
+function DerEncoder.new()
+  local d = setmetatable({}, DerEncoder_mt)
+  ENCODERS[d] = { stack = { { parts = {}, size = 0 } }, implicit = nil }
+  return d
+end
+local function enc_of(d, what)
+  local st = ENCODERS[d]
+  if st == nil then error("DerEncoder:" .. what .. ": not a DerEncoder", 3) end
+  return st
+end
+local function der_add(d, what, tag, content)
+  local st = enc_of(d, what)
+  if st.implicit then
+    tag = 0x80 | st.implicit | (tag & 0x20)
+    st.implicit = nil
+  end
+  local top = st.stack[#st.stack]
+  local item = der_tlv(tag, content)
+  top.size = top.size + #item
+  if top.size > DER_MAX_BYTES then error("DerEncoder: more than " .. DER_MAX_BYTES .. " bytes", 3) end
+  top.parts[#top.parts + 1] = item
+  return d
+end
+function der_methods.implicit_context(d, n)
+  if m_type(n) ~= "integer" or n < 0 or n > 30 then error("DerEncoder:implicit_context: 0 to 30", 2) end
+  enc_of(d, "implicit_context").implicit = n
+  return d
+end
+local function der_start(d, what, tag)
+  local st = enc_of(d, what)
+  if #st.stack > DER_MAX_DEPTH then error("DerEncoder: nested more than " .. DER_MAX_DEPTH .. " deep", 3) end
+  st.stack[#st.stack + 1] = { parts = {}, size = 0, tag = tag, implicit = st.implicit }
+  st.implicit = nil
+  return d
+end
+local function der_end(d, what, tag)
+  local st = enc_of(d, what)
+  local top = st.stack[#st.stack]
+  if #st.stack < 2 or top.tag ~= tag then error("DerEncoder:" .. what .. ": nothing to close", 3) end
+  st.stack[#st.stack] = nil
+  st.implicit = top.implicit
+  local parts = top.parts
+  if tag == 0x31 then t_sort(parts) end
+  return der_add(d, what, tag, t_concat(parts))
+end
+function der_methods.start_seq(d) return der_start(d, "start_seq", 0x30) end
+function der_methods.end_seq(d) return der_end(d, "end_seq", 0x30) end
+function der_methods.start_set(d) return der_start(d, "start_set", 0x31) end
+function der_methods.end_set(d) return der_end(d, "end_set", 0x31) end
+local STRING_TAGS = { utf8 = 0x0C, printable = 0x13, ia5 = 0x16, numeric = 0x12, t61 = 0x14 }
+function der_methods.add_string(d, s, kind)
+  local tag = STRING_TAGS[kind or "utf8"]
+  if tag == nil or type(s) ~= "string" then error("DerEncoder:add_string: (string, 'utf8'|'printable'|'ia5'|...)", 2) end
+  return der_add(d, "add_string", tag, s)
+end
+function der_methods.add_octets(d, b) return der_add(d, "add_octets", 0x04, bytes_of(b, "DerEncoder:add_octets", 2)) end
+function der_methods.add_oid(d, o)
+  local der = pycall_or_raise(2, "oid_der", oid_of(o, "DerEncoder:add_oid", 2))
+  return der_add(d, "add_oid", 0x06, s_sub(der, 3))
+end
+function der_methods.add_bool(d, v) return der_add(d, "add_bool", 0x01, v and "\255" or "\0") end
+function der_methods.add_null(d) return der_add(d, "add_null", 0x05, "") end
+function der_methods.add_integer(d, v)
+  local h = bn_hex(v, "DerEncoder:add_integer", 2)
+  local raw = bn_op(2, "tobytes", (s_sub(h, 1, 1) == "-") and error("DerEncoder:add_integer: negative", 2) or h)
+  if s_byte(raw, 1) >= 0x80 then raw = "\0" .. raw end
+  return der_add(d, "add_integer", 0x02, raw)
+end
+function der_methods.add_der(d, b)
+  local st = enc_of(d, "add_der")
+  local s = bytes_of(b, "DerEncoder:add_der", 2)
+  local top = st.stack[#st.stack]
+  top.size = top.size + #s
+  if top.size > DER_MAX_BYTES then error("DerEncoder: more than " .. DER_MAX_BYTES .. " bytes", 2) end
+  top.parts[#top.parts + 1] = s
+  return d
+end
+function der_methods.value(d)
+  local st = enc_of(d, "value")
+  if #st.stack ~= 1 then error("DerEncoder:value: a sequence or set is still open", 2) end
+  return t_concat(st.stack[1].parts)
+end
+
+-- Pkcs10Csr.builder(): with_subject, with_signer_sobject, with_hash_alg,
+-- add_extension, append_attribute, build() -> csr with :to_der().
+local CSRS = setmetatable({}, { __mode = "k" })
+local Pkcs10Csr = {}
+local csrb_methods = {}
+local CsrBuilder_mt = { __metatable = "Pkcs10CsrBuilder", __index = csrb_methods }
+local Csr_mt = { __metatable = "Pkcs10Csr", __index = {
+  to_der = function(c) return CSRS[c] end,
+} }
+function Pkcs10Csr.builder()
+  local b = setmetatable({}, CsrBuilder_mt)
+  CSRS[b] = { exts = {}, attrs = {}, hash = "SHA256" }
+  return b
+end
+local function builder_of(b, what)
+  local st = CSRS[b]
+  if st == nil or getmetatable(b) ~= "Pkcs10CsrBuilder" then error("Pkcs10Csr:" .. what .. ": not a builder", 3) end
+  return st
+end
+function csrb_methods.with_subject(b, n)
+  if NAMES[n] == nil then error("Pkcs10Csr:with_subject: expected an X509Name", 2) end
+  builder_of(b, "with_subject").name = NAMES[n]
+  return b
+end
+function csrb_methods.with_signer_sobject(b, so)
+  builder_of(b, "with_signer_sobject").signer = so
+  return b
+end
+function csrb_methods.with_hash_alg(b, h)
+  if type(h) ~= "string" then error("Pkcs10Csr:with_hash_alg: expected a name", 2) end
+  builder_of(b, "with_hash_alg").hash = h
+  return b
+end
+function csrb_methods.add_extension(b, oid, critical, der)
+  local st = builder_of(b, "add_extension")
+  if #st.exts >= 64 then error("Pkcs10Csr:add_extension: at most 64", 2) end
+  st.exts[#st.exts + 1] = { oid_of(oid, "Pkcs10Csr:add_extension", 2), critical and true or false,
+    new_blob(bytes_of(der, "Pkcs10Csr:add_extension", 2)) }
+  return b
+end
+function csrb_methods.append_attribute(b, oid, der)
+  local st = builder_of(b, "append_attribute")
+  local o = oid_of(oid, "Pkcs10Csr:append_attribute", 2)
+  for _, a in ipairs(st.attrs) do
+    if a[1] == o then
+      if #a[2] >= 64 then error("Pkcs10Csr:append_attribute: at most 64 values", 2) end
+      a[2][#a[2] + 1] = new_blob(bytes_of(der, "Pkcs10Csr:append_attribute", 2))
+      return b
+    end
+  end
+  if #st.attrs >= 64 then error("Pkcs10Csr:append_attribute: at most 64", 2) end
+  st.attrs[#st.attrs + 1] = { o, { new_blob(bytes_of(der, "Pkcs10Csr:append_attribute", 2)) } }
+  return b
+end
+function csrb_methods.build(b)
+  local st = builder_of(b, "build")
+  if st.name == nil then error("Pkcs10Csr:build: no subject (with_subject)", 2) end
+  local so = st.signer
+  if type(so) == "string" then so = { name = so } end
+  if type(so) ~= "table" then error("Pkcs10Csr:build: no signer (with_signer_sobject)", 2) end
+  local key, e = call("POST", "/crypto/v1/keys/info", nil, SOBJECTS[so] and descriptor(so) or so, true)
+  if key == nil then error(e, 2) end
+  if BYTES[key.pub_key] == nil then error("Pkcs10Csr:build: the signer has no public key", 2) end
+  local ok, packed = pcall(mp_encode, { name = st.name, spki = key.pub_key, exts = st.exts,
+    attrs = st.attrs }, MAX_CALL, "request too large")
+  if not ok then error(packed, 2) end
+  local info = pycall_or_raise(2, "csr_info", packed)
+  local sig, e2 = sobject_methods.sign(key, { data = new_blob(info), hash_alg = st.hash })
+  if sig == nil then error(e2, 2) end
+  local der = pycall_or_raise(2, "csr_final", info, tostring(key.obj_type) .. ":" .. st.hash,
+    BYTES[sig.signature])
+  local c = setmetatable({}, Csr_mt)
+  CSRS[c] = der
+  return c
+end
+
 local AuditLog = {}
 -- Each entry becomes an audit record in the daemon: without a cap one invocation
 -- wrote tens of thousands of 4 KiB records (hundreds of MB) before its deadline.
@@ -1092,6 +1324,11 @@ env.digest = digest
 env.BigNum = BigNum
 env.EcGroup = EcGroup
 env.EcPoint = EcPoint
+env.Oid = Oid
+env.X509Name = X509Name
+env.DerEncoder = DerEncoder
+env.IpAddr = IpAddr
+env.Pkcs10Csr = Pkcs10Csr
 env.AuditLog = AuditLog
 env.principal = principal
 env.this_plugin = this_plugin

@@ -512,6 +512,165 @@ def _rsa_pub(der: bytes, _b: Any, _c: Any) -> bytes:
     return _bn_out(n.n) + b":" + _bn_out(n.e)
 
 
+# -- X.509 pieces: OIDs, names, CSRs (DER built here; signatures come from the daemon) --
+MAX_DER = 1 << 20
+_OID_NAMES = {
+    "CN": "2.5.4.3",
+    "C": "2.5.4.6",
+    "L": "2.5.4.7",
+    "ST": "2.5.4.8",
+    "O": "2.5.4.10",
+    "OU": "2.5.4.11",
+    "DC": "0.9.2342.19200300.100.1.25",
+    "UID": "0.9.2342.19200300.100.1.1",
+    "emailAddress": "1.2.840.113549.1.9.1",
+    "commonName": "2.5.4.3",
+    "countryName": "2.5.4.6",
+    "localityName": "2.5.4.7",
+    "stateOrProvinceName": "2.5.4.8",
+    "organizationName": "2.5.4.10",
+    "organizationalUnitName": "2.5.4.11",
+    "serialNumber": "2.5.4.5",
+    "subjectAlternativeName": "2.5.29.17",
+    "keyUsage": "2.5.29.15",
+    "extendedKeyUsage": "2.5.29.37",
+    "basicConstraints": "2.5.29.19",
+    "subjectKeyIdentifier": "2.5.29.14",
+    "authorityKeyIdentifier": "2.5.29.35",
+    "extensionRequest": "1.2.840.113549.1.9.14",
+    "challengePassword": "1.2.840.113549.1.9.7",
+}
+_SIG_ALGS = {  # (key type, hash) -> AlgorithmIdentifier OID, with NULL parameters (RSA)
+    ("EC", "SHA1"): ("1.2.840.10045.4.1", False),
+    ("EC", "SHA224"): ("1.2.840.10045.4.3.1", False),
+    ("EC", "SHA256"): ("1.2.840.10045.4.3.2", False),
+    ("EC", "SHA384"): ("1.2.840.10045.4.3.3", False),
+    ("EC", "SHA512"): ("1.2.840.10045.4.3.4", False),
+    ("RSA", "SHA1"): ("1.2.840.113549.1.1.5", True),
+    ("RSA", "SHA224"): ("1.2.840.113549.1.1.14", True),
+    ("RSA", "SHA256"): ("1.2.840.113549.1.1.11", True),
+    ("RSA", "SHA384"): ("1.2.840.113549.1.1.12", True),
+    ("RSA", "SHA512"): ("1.2.840.113549.1.1.13", True),
+}
+
+
+def _tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        head = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        head = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + head + content
+
+
+def _oid_dotted(name: str) -> str:
+    from asn1crypto import core, x509
+
+    dotted = _OID_NAMES.get(name)
+    if dotted is None:
+        for m in (x509.NameType._map, x509.ExtensionId._map):
+            dotted = next((k for k, v in m.items() if v == name), None)
+            if dotted:
+                break
+    if dotted is None:
+        dotted = name
+    try:
+        core.ObjectIdentifier(dotted).dump()
+    except ValueError:
+        raise ValueError(f"Oid.from_str: unknown OID name {name!r}") from None
+    return dotted
+
+
+def _oid(name: bytes, _b: Any, _c: Any) -> bytes:
+    return _oid_dotted(name.decode("utf-8", "replace")).encode()
+
+
+def _oid_der(dotted: bytes, _b: Any, _c: Any) -> bytes:
+    from asn1crypto import core
+
+    return core.ObjectIdentifier(dotted.decode()).dump()
+
+
+_STRING_TAGS = {b"utf8": 0x0C, b"printable": 0x13, b"ia5": 0x16, b"numeric": 0x12, b"t61": 0x14}
+
+
+def _set_of(items: list[bytes]) -> bytes:
+    return _tlv(0x31, b"".join(sorted(items)))
+
+
+def _name_der(packed: bytes) -> bytes:
+    """[[oid, value, kind], ...] -> Name (each entry its own RDN, in order)."""
+    entries = _unpack(packed)
+    if not isinstance(entries, list) or len(entries) > 64:
+        raise ValueError("X509Name: at most 64 entries")
+    rdns = []
+    for oid, value, kind in entries:
+        tag = _STRING_TAGS.get(kind.encode() if isinstance(kind, str) else kind)
+        if tag is None:
+            raise ValueError(f"X509Name: unknown string kind {kind!r}")
+        text = value.encode() if isinstance(value, str) else bytes(value)
+        atv = _tlv(0x30, _oid_der(oid.encode(), None, None) + _tlv(tag, text))
+        rdns.append(_set_of([atv]))
+    return _tlv(0x30, b"".join(rdns))
+
+
+def _x509_name(packed: bytes, _b: Any, _c: Any) -> bytes:
+    return _name_der(packed)
+
+
+def _ip_octets(text: bytes, _b: Any, _c: Any) -> bytes:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(text.decode("ascii")).packed
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("IpAddr.new: not an IP address") from None
+
+
+def _csr_info(packed: bytes, _b: Any, _c: Any) -> bytes:
+    """CertificationRequestInfo from {name=[...], spki=, exts=[[oid, crit, der]], attrs=[...]}."""
+    spec = _unpack(packed)
+    exts = spec.get("exts") or []
+    attrs = spec.get("attrs") or []
+    if len(exts) > 64 or len(attrs) > 64:
+        raise ValueError("Pkcs10Csr: at most 64 extensions and 64 attributes")
+    spki = bytes(spec["spki"])
+    from asn1crypto import keys
+
+    keys.PublicKeyInfo.load(spki).native  # noqa: B018 (parses: refuses junk)
+    attributes = []
+    if exts:
+        ext_ders = []
+        for oid, critical, der in exts:
+            body = _oid_der(oid.encode(), None, None)
+            if critical:
+                body += b"\x01\x01\xff"
+            ext_ders.append(_tlv(0x30, body + _tlv(0x04, bytes(der))))
+        value = _tlv(0x30, b"".join(ext_ders))
+        ext_req = _oid_der(_OID_NAMES["extensionRequest"].encode(), None, None)
+        attributes.append(_tlv(0x30, ext_req + _set_of([value])))
+    for oid, values in attrs:
+        attributes.append(
+            _tlv(0x30, _oid_der(oid.encode(), None, None) + _set_of([bytes(v) for v in values]))
+        )
+    name = _name_der(msgpack.packb(spec["name"], use_bin_type=True))
+    out = _tlv(0x30, b"\x02\x01\x00" + name + spki + _tlv(0xA0, b"".join(sorted(attributes))))
+    if len(out) > MAX_DER:
+        raise ValueError("Pkcs10Csr: the request is too large")
+    return out
+
+
+def _csr_final(info: bytes, alg: bytes, sig: bytes) -> bytes:
+    key_type, _, hash_alg = alg.decode().partition(":")
+    entry = _SIG_ALGS.get((key_type, hash_alg.upper().replace("-", "")))
+    if entry is None:
+        raise ValueError(f"Pkcs10Csr: no signature algorithm for {key_type} with {hash_alg}")
+    oid, null = entry
+    alg_id = _tlv(0x30, _oid_der(oid.encode(), None, None) + (b"\x05\x00" if null else b""))
+    return _tlv(0x30, info + alg_id + _tlv(0x03, b"\x00" + sig))
+
+
 class _Runner:
     def __init__(self, channel: _Channel) -> None:
         self.channel = channel
@@ -547,6 +706,12 @@ class _Runner:
             b"ec_point": _ec_point,
             b"ec_compress": _ec_compress,
             b"rsa_pub": _rsa_pub,
+            b"oid": _oid,
+            b"oid_der": _oid_der,
+            b"x509_name": _x509_name,
+            b"ip": _ip_octets,
+            b"csr_info": _csr_info,
+            b"csr_final": _csr_final,
             b"call": self._call,
             b"log": self._log,
         }

@@ -582,6 +582,11 @@ def test_environment_is_a_whitelist(worker: Worker) -> None:
             "BigNum",
             "EcGroup",
             "EcPoint",
+            "Oid",
+            "X509Name",
+            "DerEncoder",
+            "IpAddr",
+            "Pkcs10Csr",
             "run",
         ]
     )
