@@ -102,10 +102,26 @@ class Kind(enum.Enum):
 
 #: POST routes that only read.
 _READ_POSTS = frozenset(
-    {"/crypto/v1/keys/info", "/sys/v1/session/auth", "/sys/v1/session/terminate"}
+    {
+        "/crypto/v1/keys/info",
+        "/crypto/v1/keys/kcv/verify",  # a key given by value: no stored key is used
+        "/sys/v1/session/auth",
+        "/sys/v1/session/terminate",
+    }
 )
-#: Key-use routes outside /crypto/v1/ (plugins use keys through the same API).
-_USES = frozenset({("POST", "/sys/v1/plugins/{plugin_id}"), ("POST", "/sys/v1/plugins/test")})
+#: Key-use routes outside /crypto/v1/ (plugins use keys through the same API), and
+#: under /crypto/v1/keys: a key check value.
+_USES = frozenset(
+    {
+        ("POST", "/sys/v1/plugins/{plugin_id}"),
+        ("POST", "/sys/v1/plugins/test"),
+        ("POST", "/crypto/v1/keys/kcv"),
+    }
+)
+#: The per-key forms of the crypto operations (/crypto/v1/keys/{kid}/<op>) are uses.
+_KEY_OPS = frozenset(
+    {"encrypt", "decrypt", "sign", "verify", "mac", "macverify", "wrapkey", "unwrapkey"}
+)
 
 
 def kind_of(method: str, route: str, body: Any = None) -> Kind:
@@ -116,10 +132,15 @@ def kind_of(method: str, route: str, body: Any = None) -> Kind:
     Making a transient key is a use: it dies with the process, so a kill -9
     that loses its record loses the key too.
     """
+    if route.endswith("/export"):
+        return Kind.CHANGE  # a key's value leaves: recorded first, whatever the method
     if method == "GET" or (method == "POST" and route in _READ_POSTS):
         return Kind.READ
-    if (method, route) in _USES or (
-        route.startswith("/crypto/v1/") and not route.startswith("/crypto/v1/keys")
+    if (
+        (method, route) in _USES
+        or (route.startswith("/crypto/v1/") and not route.startswith("/crypto/v1/keys"))
+        or route.startswith("/crypto/v1/keys/batch/")
+        or (route.startswith("/crypto/v1/keys/{kid}/") and route.rsplit("/", 1)[1] in _KEY_OPS)
     ):
         return Kind.USE
     if route == "/crypto/v1/keys" and isinstance(body, dict) and body.get("transient") is True:
