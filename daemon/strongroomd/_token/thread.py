@@ -169,12 +169,17 @@ class Worker:
         stop: tuple | None = None
         credit = 0.0  # short-lane time owed since the last slow job ended
 
+        queued = 0  # short jobs waiting in the rings
+        round_left = 0  # short jobs of the current round not run yet
+
         def sort(job: tuple) -> None:
-            nonlocal stop
+            nonlocal stop, queued
             lane, who = job[0], job[1]
             if lane is _STOP:
                 stop = job
                 return
+            if lane == SHORT:
+                queued += 1
             queues = lanes[lane]
             q = queues.get(who)
             if q is None:
@@ -222,7 +227,11 @@ class Worker:
                 self._post(done)
                 done = []
                 continue
+            if round_left <= 0:  # a round: the short jobs queued now, in turn order
+                round_left = min(queued, _BATCH)
             job = take(SHORT)
+            queued -= 1
+            round_left -= 1
             if slow_ring:
                 t0 = perf_counter()
                 done.append(_execute(job))
@@ -230,7 +239,10 @@ class Worker:
             else:
                 credit = 0.0
                 done.append(_execute(job))
-            if len(done) >= _BATCH:
+            # Results go back once per round, as the loop's requests came in: the
+            # event loop turns them into replies while the thread runs the next
+            # round (holding them for a full batch left the two taking turns).
+            if round_left <= 0 or len(done) >= _BATCH:
                 self._post(done)
                 done = []
 
