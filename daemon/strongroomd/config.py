@@ -86,6 +86,16 @@ class Config:
     #: Eight RSA-4096 (~2-3 s each in SoftHSM) drain in ~20 s, inside the
     #: clients' default 30 s timeout.
     token_slow_total: int = 8
+    #: Multi-part encryption/decryption (``/crypto/v1/encrypt/init`` ...): streams
+    #: one principal may have open at once; beyond, ``429 busy``. Each holds one
+    #: or two PKCS#11 sessions (a few KiB in SoftHSM); 16 lets a client stream
+    #: several files in parallel while one principal cannot take them all.
+    stream_max_per_principal: int = 16
+    #: Streams open at once over all principals; beyond, ``429 busy``.
+    stream_max_total: int = 256
+    #: Seconds a stream may sit idle before it is ended and its sessions closed:
+    #: four times the clients' default 30 s request timeout.
+    stream_idle_timeout: float = 120.0
     #: Plugin sandbox: Lua memory cap per invocation (bytes).
     plugin_memory_bytes: int = 64 * 1024 * 1024
     #: Plugin sandbox: Lua VM instructions per invocation.
@@ -208,6 +218,9 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "lifecycle_interval",
         "token_slow_per_principal",
         "token_slow_total",
+        "stream_max_per_principal",
+        "stream_max_total",
+        "stream_idle_timeout",
         "plugin_memory_bytes",
         "plugin_instructions",
         "plugin_wall_seconds",

@@ -30,7 +30,7 @@ from pkcs11 import Mechanism
 from pkcs11 import exceptions as p11e
 
 from strongroomd import mechanisms as mech
-from strongroomd._token import ops
+from strongroomd._token import ops, streams
 from strongroomd._token.core import Core, token_error
 from strongroomd._token.thread import MISSED, Worker
 from strongroomd.errors import ApiError, BadRequest, BadTag, Unsupported
@@ -145,8 +145,12 @@ class Token:
         if self._core is None:
             return
         core, self._core = self._core, None
+        def close() -> None:
+            streams.abort_all(core)
+            core.close()
+
         try:
-            await self._worker.stop(core.close)
+            await self._worker.stop(close)
         finally:
             if self._write_lock is not None:
                 os.close(self._write_lock)
@@ -413,6 +417,25 @@ class Token:
             return await self._run("unwrap", ops.unwrap_rsa_oaep, key.kid, new, data, mode.hash, k)
         m, p = Mechanism.RSA_PKCS_OAEP, ops.OAEP_SHA1
         return await self._run("unwrap", ops.unwrap, key.kid, new, m, p, data)
+
+    # -- streams (multi-part encryption and decryption; see ``streams``) ------
+
+    async def stream_start(
+        self, key: KeyRef, op: streams.Op, iv: bytes, ad: bytes | None
+    ) -> streams.Op:
+        """Open a stream's session(s) and start it (``op.kind`` is one of ``streams.KINDS``)."""
+        return await self._run("stream", streams.start, op, key.kid, iv, ad)
+
+    async def stream_update(self, op: streams.Op, data: bytes) -> bytes:
+        return await self._run("stream", streams.update, op, data)
+
+    async def stream_final(
+        self, op: streams.Op, tag: bytes | None = None
+    ) -> tuple[bytes, bytes | None]:
+        return await self._run("stream", streams.final, op, tag)
+
+    async def stream_abort(self, ops: list[streams.Op]) -> None:
+        await self._run("stream", streams.abort_many, ops)
 
     async def agree(self, private: KeyRef, public: KeyRef, new: NewKey) -> KeyMaterial:
         if private.obj_type != "EC" or private.curve == "Ed25519" or private.public_only:

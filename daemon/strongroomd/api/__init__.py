@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from strongroomd.api import admin, apps, crypto, groups, keys, logs, plugins, session, sys
+from strongroomd.api import (
+    admin,
+    apps,
+    crypto,
+    groups,
+    keys,
+    logs,
+    plugins,
+    session,
+    streams,
+    sys,
+)
 from strongroomd.router import Route
 
 ROUTES: list[Route] = [
@@ -13,6 +24,7 @@ ROUTES: list[Route] = [
     *apps.ROUTES,
     *keys.ROUTES,
     *crypto.ROUTES,
+    *streams.ROUTES,
     *logs.ROUTES,
     *plugins.ROUTES,
 ]
