@@ -145,6 +145,7 @@ class Token:
         if self._core is None:
             return
         core, self._core = self._core, None
+
         def close() -> None:
             streams.abort_all(core)
             core.close()
