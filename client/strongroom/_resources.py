@@ -364,6 +364,48 @@ class Crypto(_Namespace):
             **extra,
         )
 
+    # -- multi-part (DSM's encrypt|decrypt/init|update|final) ------------------
+
+    def _stream(self, path: str, body: dict[str, Any]) -> Any:
+        return self._c._call("POST", path, body, Record)
+
+    def encrypt_init(
+        self, key=None, *, kid=None, name=None, alg=None, mode=None, iv=None, ad=None
+    ) -> Any:
+        """Start a multi-part encryption: -> Record(kid, iv, state). Then
+        :meth:`encrypt_update` per piece and :meth:`encrypt_final` (GCM's tag)."""
+        body = _fields(
+            key=key_descriptor(key, kid=kid, name=name), alg=alg, mode=mode, iv=iv, ad=ad
+        )
+        return self._stream("/crypto/v1/encrypt/init", body)
+
+    def encrypt_update(self, state: bytes, plain: bytes) -> Any:
+        """-> Record(state, cipher): send the returned state with the next call."""
+        return self._stream("/crypto/v1/encrypt/update", {"state": state, "plain": plain})
+
+    def encrypt_final(self, state: bytes, tag_len: int | None = None) -> Any:
+        """-> Record(cipher, tag?)."""
+        return self._stream("/crypto/v1/encrypt/final", _fields(state=state, tag_len=tag_len))
+
+    def decrypt_init(
+        self, key=None, *, kid=None, name=None, alg=None, mode=None, iv=None, ad=None
+    ) -> Any:
+        """Start a multi-part decryption: -> Record(kid, state). For GCM the
+        plaintext of each update is unauthenticated until :meth:`decrypt_final`
+        (given the tag) succeeds: do not act on it before."""
+        body = _fields(
+            key=key_descriptor(key, kid=kid, name=name), alg=alg, mode=mode, iv=iv, ad=ad
+        )
+        return self._stream("/crypto/v1/decrypt/init", body)
+
+    def decrypt_update(self, state: bytes, cipher: bytes) -> Any:
+        """-> Record(state, plain)."""
+        return self._stream("/crypto/v1/decrypt/update", {"state": state, "cipher": cipher})
+
+    def decrypt_final(self, state: bytes, tag: bytes | None = None) -> Any:
+        """-> Record(plain); a wrong tag (or CBC padding) raises :class:`BadTag`."""
+        return self._stream("/crypto/v1/decrypt/final", _fields(state=state, tag=tag))
+
     def sign(
         self,
         key=None,
