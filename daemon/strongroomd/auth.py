@@ -142,6 +142,12 @@ class Authenticator:
     def terminate(self, token: str) -> None:
         self._sessions.pop(token, None)
 
+    def refresh(self, token: str) -> None:
+        """Give a live session ``ttl`` seconds from now (POST /sys/v1/session/refresh)."""
+        session = self._sessions.get(token)
+        if session is not None:
+            session.expires = time.monotonic() + self.ttl
+
     def drop_principal(self, principal_id: str) -> None:
         """End every session of a principal (deleted, or its secret was reset)."""
         for tok in [t for t, s in self._sessions.items() if s.principal_id == principal_id]:

@@ -138,6 +138,21 @@ async def reset_secret(req: Request) -> dict[str, Any]:
     return {**view(row), "credential": {"api_key": api_key(row.id, secret)}}
 
 
+async def credential(req: Request) -> dict[str, Any]:
+    """DSM answers the app's credential here. Strongroom keeps an app's secret only
+    as a slow salted hash, so it cannot: and every variant of DSM's
+    ``AppCredentialResponse.credential`` needs the secret itself (or a certificate
+    or other mechanism Strongroom has not). So the answer is ``409 conflict``
+    naming what to do instead: reset_secret issues a new API key."""
+    require_admin(req.caller)
+    row = _get(req)
+    raise Conflict(
+        f"app {row.id}'s secret is kept only as a salted hash and cannot be returned; "
+        f"POST /sys/v1/apps/{row.id}/reset_secret issues a new API key (the old one "
+        "stops working at once)"
+    )
+
+
 _FIELDS = {
     "name": F(str),
     "description": F(str),
@@ -164,5 +179,12 @@ ROUTES = [
         reset_secret,
         {},
         synopsis="Issue a new API key; the old one stops working at once.",
+    ),
+    Route(
+        "GET",
+        "/sys/v1/apps/{app_id}/credential",
+        credential,
+        {},
+        synopsis="DSM's credential read: 409, as only a hash of the secret is kept.",
     ),
 ]

@@ -59,6 +59,15 @@ async def terminate(req: Request) -> None:
     owner.principal = None
 
 
+async def refresh(req: Request) -> None:
+    """Keep this connection's session (or the HTTP bearer token) from expiring: a
+    fresh ``session_ttl`` from now, as DSM's no-op refresh does. A request
+    authenticated some other way (per-request ``auth``, a plugin) has nothing to
+    extend here and is answered the same."""
+    if req.owner.token is not None:
+        req.services.auth.refresh(req.owner.token)
+
+
 ROUTES = [
     Route(
         "POST",
@@ -78,5 +87,12 @@ ROUTES = [
         terminate,
         {},
         synopsis="End this connection's session.",
+    ),
+    Route(
+        "POST",
+        "/sys/v1/session/refresh",
+        refresh,
+        {},
+        synopsis="Keep this session from expiring (session_ttl from now).",
     ),
 ]
