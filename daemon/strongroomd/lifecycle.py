@@ -88,10 +88,13 @@ class Lifecycle:
             if state == "Destroyed":
                 raise Conflict("a destroyed key cannot be revoked", code="conflict")
             now = now_stamp(self.clock())
+            ended = cur.deactivation_date
+            if ended is None or stamp_time(ended) > self.clock():
+                ended = now  # revoked now, not at a date still ahead
             return replace(
                 cur,
                 state="Compromised" if compromised else "Deactivated",
-                deactivation_date=cur.deactivation_date or now,
+                deactivation_date=ended,
                 compromise_date=(when or now) if compromised else cur.compromise_date,
                 revocation_reason=dict(reason),
                 rotation_policy=None,
