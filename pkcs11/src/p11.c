@@ -132,6 +132,11 @@ struct op {
     unsigned char *res; /* result kept after a length query */
     size_t res_len;
     int have_res;
+    int res_final; /* the kept result is a Final's (or single-part), not an Update's */
+    int stream;    /* multi-part through the daemon's streaming paths */
+    int started;   /* the stream's init was sent */
+    unsigned char state[64];
+    size_t state_len;
 };
 
 struct session {
@@ -1318,6 +1323,9 @@ static CK_RV op_init(CK_SESSION_HANDLE hs, int slot, CK_MECHANISM_PTR pm, CK_OBJ
     o->active = 1;
     o->m = m;
     o->key = hk;
+    o->stream = (slot == OPS_ENCRYPT || slot == OPS_DECRYPT) && m.mode &&
+                (!strcmp(m.mode, "GCM") || !strcmp(m.mode, "CBC") || !strcmp(m.mode, "CBCNOPAD") ||
+                 !strcmp(m.mode, "CTR"));
 out:
     pthread_mutex_unlock(&g_lock);
     return rv;
@@ -1357,7 +1365,7 @@ static void op_end(CK_SESSION_HANDLE hs, int slot) {
 
 /* Keep a result after a length query / short buffer (the op stays active). */
 static void op_keep(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, size_t in_len,
-                    unsigned char *res, size_t res_len) {
+                    unsigned char *res, size_t res_len, int final) {
     pthread_mutex_lock(&g_lock);
     struct session *s = get_session(hs);
     if (s && s->ops[slot].active) {
@@ -1372,6 +1380,7 @@ static void op_keep(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, siz
             o->res = res;
             o->res_len = res_len;
             o->have_res = 1;
+            o->res_final = final;
             res = NULL;
         }
     }
@@ -1384,12 +1393,12 @@ static CK_RV deliver(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, si
                      unsigned char *res, size_t res_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
     if (!out) {
         *out_len = res_len;
-        op_keep(hs, slot, in, in_len, res, res_len);
+        op_keep(hs, slot, in, in_len, res, res_len, 1);
         return CKR_OK;
     }
     if (*out_len < res_len) {
         *out_len = res_len;
-        op_keep(hs, slot, in, in_len, res, res_len);
+        op_keep(hs, slot, in, in_len, res, res_len, 1);
         return CKR_BUFFER_TOO_SMALL;
     }
     memcpy(out, res, res_len);
@@ -1479,6 +1488,371 @@ out:
     pthread_mutex_unlock(&g_lock);
     return rv;
 }
+
+/* ------------------------------------------------------------- streaming */
+
+/* Multi-part AES GCM/CBC/CBC_PAD/CTR and DES3 CBC/CBC_PAD go through the
+ * daemon's streaming paths: /crypto/v1/{encrypt,decrypt}/init at the first
+ * Update that has data, one update request per Update (split into pieces of
+ * at most a field), final at Final. The daemon's state changes at every step;
+ * the op keeps the newest. A GCM decryption keeps back the last tag_bits/8
+ * bytes of its input (in the op's buffer): they are the tag, given at final.
+ * A stream that never started (no data) ends as a single-part call. */
+
+#define STREAM_PIECE (1024u * 1024) /* the daemon's max_field */
+
+static CK_RV stream_state(const sr_resp *r, unsigned char *state, size_t *state_len) {
+    const unsigned char *st;
+    size_t n;
+    if (sr_get_bin(r->body, "state", &st, &n) || n == 0 || n > 64)
+        return CKR_DEVICE_ERROR;
+    memcpy(state, st, n);
+    *state_len = n;
+    return CKR_OK;
+}
+
+static CK_RV stream_init(const struct mspec *m, const struct keyref *kr, int decrypt,
+                         unsigned char *state, size_t *state_len) {
+    sr_body b;
+    sr_resp r;
+    sr_body_init(&b);
+    sr_map(&b, 3 + (m->iv_len > 0) + (m->aad_len > 0));
+    put_desc(&b, "key", kr->kid, kr->transient);
+    sr_kv_str(&b, "alg", TYPE_NAMES[kr->type]);
+    sr_kv_str(&b, "mode", m->mode);
+    if (m->iv_len)
+        sr_kv_bin(&b, "iv", m->iv, m->iv_len);
+    if (m->aad_len)
+        sr_kv_bin(&b, "ad", m->aad, m->aad_len);
+    CK_RV rv = call("POST", decrypt ? "/crypto/v1/decrypt/init" : "/crypto/v1/encrypt/init", &b, &r);
+    sr_body_free(&b);
+    if (rv != CKR_OK)
+        return rv;
+    rv = stream_state(&r, state, state_len);
+    sr_resp_free(&r);
+    return rv;
+}
+
+/* Append n bytes to a growing malloc'd buffer. */
+static CK_RV grow_append(unsigned char **p, size_t *len, size_t *cap, const unsigned char *v,
+                         size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t c = (*len + n) * 2 + 64;
+        unsigned char *nb = realloc(*p, c);
+        if (!nb)
+            return CKR_HOST_MEMORY;
+        *p = nb;
+        *cap = c;
+    }
+    if (n)
+        memcpy(*p + *len, v, n);
+    *len += n;
+    return CKR_OK;
+}
+
+/* One update request per piece; the output appended to *out. */
+static CK_RV stream_send(const struct keyref *kr, int decrypt, unsigned char *state,
+                         size_t *state_len, const unsigned char *in, size_t len,
+                         unsigned char **out, size_t *out_len, size_t *out_cap) {
+    const char *path = decrypt ? "/crypto/v1/decrypt/update" : "/crypto/v1/encrypt/update";
+    for (size_t off = 0; off < len;) {
+        size_t n = len - off < STREAM_PIECE ? len - off : STREAM_PIECE;
+        sr_body b;
+        sr_resp r;
+        sr_body_init(&b);
+        sr_map(&b, 3);
+        put_desc(&b, "key", kr->kid, kr->transient);
+        sr_kv_bin(&b, "state", state, *state_len);
+        sr_kv_bin(&b, decrypt ? "cipher" : "plain", in + off, n);
+        CK_RV rv = call("POST", path, &b, &r);
+        sr_body_free(&b);
+        if (rv != CKR_OK)
+            return rv;
+        const unsigned char *c;
+        size_t cn;
+        rv = stream_state(&r, state, state_len);
+        if (rv == CKR_OK && sr_get_bin(r.body, decrypt ? "plain" : "cipher", &c, &cn))
+            rv = CKR_DEVICE_ERROR;
+        if (rv == CKR_OK)
+            rv = grow_append(out, out_len, out_cap, c, cn);
+        sr_resp_free(&r);
+        if (rv != CKR_OK)
+            return rv;
+        off += n;
+    }
+    return CKR_OK;
+}
+
+/* Write an Update's outcome back into the session's op. hold: the new
+ * GCM-decryption tail (taken), or NULL to leave the buffer as it is. */
+static void stream_commit(CK_SESSION_HANDLE hs, int slot, const struct op *c, unsigned char *hold,
+                          size_t hold_len, int set_hold) {
+    pthread_mutex_lock(&g_lock);
+    struct session *s = get_session(hs);
+    if (s && s->ops[slot].active) {
+        struct op *o = &s->ops[slot];
+        o->multipart = 1;
+        o->started = c->started;
+        memcpy(o->state, c->state, c->state_len);
+        o->state_len = c->state_len;
+        if (set_hold) {
+            free(o->buf);
+            o->buf = hold;
+            o->len = hold_len;
+            o->cap = hold_len;
+            hold = NULL;
+        }
+    }
+    pthread_mutex_unlock(&g_lock);
+    free(hold);
+}
+
+/* Hand an Update's output over; keep it after a length query or a short buffer. */
+static CK_RV deliver_update(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, size_t in_len,
+                            unsigned char *res, size_t res_len, CK_BYTE_PTR out,
+                            CK_ULONG_PTR out_len) {
+    if (!out || *out_len < res_len) {
+        CK_RV rv = out ? CKR_BUFFER_TOO_SMALL : CKR_OK;
+        *out_len = res_len;
+        op_keep(hs, slot, in, in_len, res, res_len, 0);
+        return rv;
+    }
+    if (res_len)
+        memcpy(out, res, res_len);
+    *out_len = res_len;
+    free(res);
+    pthread_mutex_lock(&g_lock);
+    struct session *s = get_session(hs);
+    if (s && s->ops[slot].active) {
+        struct op *o = &s->ops[slot];
+        free(o->res);
+        free(o->in);
+        o->res = o->in = NULL;
+        o->res_len = o->in_len = 0;
+        o->have_res = o->res_final = 0;
+    }
+    pthread_mutex_unlock(&g_lock);
+    return CKR_OK;
+}
+
+static CK_RV crypt_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULONG n,
+                          CK_BYTE_PTR out, CK_ULONG_PTR on) {
+    struct op o;
+    struct keyref kr;
+    if (!on || (!in && n))
+        return CKR_ARGUMENTS_BAD;
+    CK_RV rv = op_begin(hs, slot, &o, &kr);
+    if (rv != CKR_OK)
+        return rv;
+    if (!o.stream) { /* buffered: everything comes out at Final */
+        if (!out) { /* a length query consumes nothing */
+            *on = 0;
+            return CKR_OK;
+        }
+        rv = op_update(hs, slot, in, n);
+        if (rv == CKR_OK)
+            *on = 0;
+        return rv;
+    }
+    const unsigned char *data = in ? in : (const unsigned char *)"";
+    if (o.have_res) {
+        /* The output of an earlier call with this input, not yet taken. */
+        if (o.res_final || o.in_len != n || (n && memcmp(o.in, data, n))) {
+            op_end(hs, slot);
+            return CKR_FUNCTION_FAILED;
+        }
+        unsigned char *res = malloc(o.res_len ? o.res_len : 1);
+        if (!res)
+            return CKR_HOST_MEMORY;
+        memcpy(res, o.res, o.res_len);
+        return deliver_update(hs, slot, data, n, res, o.res_len, out, on);
+    }
+    int decrypt = slot == OPS_DECRYPT;
+    int gcm_dec = decrypt && !strcmp(o.m.mode, "GCM");
+    size_t tag_len = o.m.tag_bits / 8;
+    unsigned char *joined = NULL, *hold = NULL;
+    const unsigned char *send = data;
+    size_t send_len = n, hold_len = 0;
+    if (gcm_dec) {
+        size_t total = o.len + n;
+        joined = malloc(total + 1);
+        if (!joined)
+            return CKR_HOST_MEMORY;
+        if (o.len)
+            memcpy(joined, o.buf, o.len);
+        if (n)
+            memcpy(joined + o.len, data, n);
+        hold_len = total < tag_len ? total : tag_len;
+        send = joined;
+        send_len = total - hold_len;
+        hold = malloc(hold_len + 1);
+        if (!hold) {
+            free(joined);
+            return CKR_HOST_MEMORY;
+        }
+        memcpy(hold, joined + send_len, hold_len);
+    }
+    unsigned char *res = NULL;
+    size_t res_len = 0, res_cap = 0;
+    if (send_len && !o.started) {
+        rv = stream_init(&o.m, &kr, decrypt, o.state, &o.state_len);
+        if (rv == CKR_OK)
+            o.started = 1;
+    }
+    if (rv == CKR_OK && send_len)
+        rv = stream_send(&kr, decrypt, o.state, &o.state_len, send, send_len, &res, &res_len,
+                         &res_cap);
+    if (rv == CKR_OK && !res)
+        rv = grow_append(&res, &res_len, &res_cap, NULL, 0);
+    free(joined);
+    if (rv != CKR_OK) {
+        free(hold);
+        free(res);
+        op_end(hs, slot);
+        return rv;
+    }
+    stream_commit(hs, slot, &o, hold, hold_len, gcm_dec);
+    return deliver_update(hs, slot, data, n, res, res_len, out, on);
+}
+
+static CK_RV crypt_final(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR out, CK_ULONG_PTR on) {
+    struct op o;
+    struct keyref kr;
+    if (!on)
+        return CKR_ARGUMENTS_BAD;
+    CK_RV rv = op_begin(hs, slot, &o, &kr);
+    if (rv != CKR_OK)
+        return rv;
+    if (o.have_res && !o.res_final) { /* an Update's output was never taken */
+        op_end(hs, slot);
+        return CKR_FUNCTION_FAILED;
+    }
+    if (!o.stream || !o.started)
+        return run_op(hs, slot, NULL, 0, out, on, 1);
+    if (o.have_res) {
+        unsigned char *res = malloc(o.res_len ? o.res_len : 1);
+        if (!res)
+            return CKR_HOST_MEMORY;
+        memcpy(res, o.res, o.res_len);
+        return deliver(hs, slot, (const unsigned char *)"", 0, res, o.res_len, out, on);
+    }
+    int decrypt = slot == OPS_DECRYPT;
+    int gcm = !strcmp(o.m.mode, "GCM");
+    size_t tag_len = o.m.tag_bits / 8;
+    if (decrypt && gcm && o.len != tag_len) {
+        op_end(hs, slot);
+        return CKR_ENCRYPTED_DATA_LEN_RANGE;
+    }
+    sr_body b;
+    sr_resp r;
+    sr_body_init(&b);
+    sr_map(&b, 2 + (gcm ? 1 : 0));
+    put_desc(&b, "key", kr.kid, kr.transient);
+    sr_kv_bin(&b, "state", o.state, o.state_len);
+    if (gcm && decrypt)
+        sr_kv_bin(&b, "tag", o.buf, o.len);
+    else if (gcm)
+        sr_kv_int(&b, "tag_len", (int64_t)o.m.tag_bits);
+    rv = call("POST", decrypt ? "/crypto/v1/decrypt/final" : "/crypto/v1/encrypt/final", &b, &r);
+    sr_body_free(&b);
+    if (rv != CKR_OK) {
+        op_end(hs, slot);
+        return rv;
+    }
+    const unsigned char *c, *t = NULL;
+    size_t cn, tn = 0;
+    unsigned char *res = NULL;
+    size_t res_len = 0, res_cap = 0;
+    if (sr_get_bin(r.body, decrypt ? "plain" : "cipher", &c, &cn))
+        rv = CKR_DEVICE_ERROR;
+    if (rv == CKR_OK && !decrypt && gcm && (sr_get_bin(r.body, "tag", &t, &tn) || tn != tag_len))
+        rv = CKR_DEVICE_ERROR;
+    if (rv == CKR_OK)
+        rv = grow_append(&res, &res_len, &res_cap, c, cn);
+    if (rv == CKR_OK && tn)
+        rv = grow_append(&res, &res_len, &res_cap, t, tn);
+    sr_resp_free(&r);
+    if (rv != CKR_OK) {
+        free(res);
+        op_end(hs, slot);
+        return rv;
+    }
+    /* The daemon ended the stream: a length query keeps the result. */
+    return deliver(hs, slot, (const unsigned char *)"", 0, res, res_len, out, on);
+}
+
+/* A started stream a closing session leaves behind. */
+struct stream_left {
+    char kid[64];
+    int transient, decrypt, gcm;
+    unsigned char state[64];
+    size_t state_len;
+};
+
+/* Under the lock: take the session's started streams out (at most 2). */
+static size_t streams_take(struct session *s, struct stream_left *left) {
+    size_t n = 0;
+    for (int slot = OPS_ENCRYPT; slot <= OPS_DECRYPT; slot++) {
+        struct op *o = &s->ops[slot];
+        struct key *k = o->active && o->stream && o->started ? obj_key(o->key, NULL) : NULL;
+        if (!k)
+            continue;
+        struct stream_left *l = &left[n++];
+        strcpy(l->kid, k->kid);
+        l->transient = k->transient;
+        l->decrypt = slot == OPS_DECRYPT;
+        l->gcm = !strcmp(o->m.mode, "GCM");
+        memcpy(l->state, o->state, o->state_len);
+        l->state_len = o->state_len;
+        op_clear(o); /* the operation ends with its stream */
+    }
+    return n;
+}
+
+/* End the started streams of every session (before a logout). */
+static void streams_end(const struct stream_left *left, size_t n);
+static void end_all_streams(void) {
+    pthread_mutex_lock(&g_lock);
+    size_t n = 0;
+    for (size_t i = 0; i < MAX_SESSIONS; i++)
+        for (int slot = OPS_ENCRYPT; slot <= OPS_DECRYPT; slot++)
+            n += sessions[i].used && sessions[i].ops[slot].active && sessions[i].ops[slot].started;
+    struct stream_left *left = n ? malloc(n * sizeof *left) : NULL;
+    size_t got = 0;
+    for (size_t i = 0; left && i < MAX_SESSIONS && got < n; i++)
+        if (sessions[i].used) {
+            struct stream_left two[2];
+            size_t k = streams_take(&sessions[i], two);
+            for (size_t j = 0; j < k && got < n; j++)
+                left[got++] = two[j];
+        }
+    pthread_mutex_unlock(&g_lock);
+    streams_end(left, got);
+    free(left);
+}
+
+/* Without the lock: end them in the daemon (final ends a stream whatever it
+ * answers), so they do not count against the caller's open streams until
+ * the daemon's idle timeout. Best effort. */
+static void streams_end(const struct stream_left *left, size_t n) {
+    static const unsigned char no_tag[16];
+    for (size_t i = 0; i < n; i++) {
+        const struct stream_left *l = &left[i];
+        sr_body b;
+        sr_resp r;
+        sr_body_init(&b);
+        sr_map(&b, 2 + (l->gcm && l->decrypt));
+        put_desc(&b, "key", l->kid, l->transient);
+        sr_kv_bin(&b, "state", l->state, l->state_len);
+        if (l->gcm && l->decrypt)
+            sr_kv_bin(&b, "tag", no_tag, sizeof no_tag);
+        if (sr_call("POST", l->decrypt ? "/crypto/v1/decrypt/final" : "/crypto/v1/encrypt/final",
+                    &b, &r) == CKR_OK)
+            sr_resp_free(&r);
+        sr_body_free(&b);
+    }
+}
+
 
 /* ====================================================================== */
 /*                          the PKCS#11 functions                          */
@@ -1802,8 +2176,14 @@ EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h) {
     CK_RV rv = check_init();
     if (rv != CKR_OK)
         return rv;
+    struct stream_left left[2];
     pthread_mutex_lock(&g_lock);
     struct session *s = get_session(h);
+    size_t n_left = s ? streams_take(s, left) : 0;
+    pthread_mutex_unlock(&g_lock);
+    streams_end(left, n_left);
+    pthread_mutex_lock(&g_lock);
+    s = get_session(h);
     if (!s) {
         pthread_mutex_unlock(&g_lock);
         return CKR_SESSION_HANDLE_INVALID;
@@ -1823,6 +2203,7 @@ EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot) {
         return rv;
     if (slot != SLOT_ID)
         return CKR_SLOT_ID_INVALID;
+    end_all_streams();
     pthread_mutex_lock(&g_lock);
     for (size_t i = 0; i < MAX_SESSIONS; i++)
         if (sessions[i].used)
@@ -1900,6 +2281,7 @@ EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h) {
         return CKR_SESSION_HANDLE_INVALID;
     if (!logged_in())
         return CKR_USER_NOT_LOGGED_IN;
+    end_all_streams();
     sr_conn_logout();
     return CKR_OK;
 }
@@ -2857,21 +3239,10 @@ EXPORT CK_RV C_Encrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_
 }
 EXPORT CK_RV C_EncryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                              CK_ULONG_PTR on) {
-    if (!on)
-        return CKR_ARGUMENTS_BAD;
-    if (!out) { /* a length query consumes nothing; all output comes at Final */
-        CK_RV rv = check_init();
-        if (rv == CKR_OK)
-            *on = 0;
-        return rv;
-    }
-    CK_RV rv = op_update(h, OPS_ENCRYPT, in, n);
-    if (rv == CKR_OK)
-        *on = 0; /* everything comes out at Final */
-    return rv;
+    return crypt_update(h, OPS_ENCRYPT, in, n, out, on);
 }
 EXPORT CK_RV C_EncryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR on) {
-    return run_op(h, OPS_ENCRYPT, NULL, 0, out, on, 1);
+    return crypt_final(h, OPS_ENCRYPT, out, on);
 }
 EXPORT CK_RV C_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
     return op_init(h, OPS_DECRYPT, m, k, OP_DECRYPT);
@@ -2882,21 +3253,10 @@ EXPORT CK_RV C_Decrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_
 }
 EXPORT CK_RV C_DecryptUpdate(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                              CK_ULONG_PTR on) {
-    if (!on)
-        return CKR_ARGUMENTS_BAD;
-    if (!out) { /* a length query consumes nothing; all output comes at Final */
-        CK_RV rv = check_init();
-        if (rv == CKR_OK)
-            *on = 0;
-        return rv;
-    }
-    CK_RV rv = op_update(h, OPS_DECRYPT, in, n);
-    if (rv == CKR_OK)
-        *on = 0;
-    return rv;
+    return crypt_update(h, OPS_DECRYPT, in, n, out, on);
 }
 EXPORT CK_RV C_DecryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR on) {
-    return run_op(h, OPS_DECRYPT, NULL, 0, out, on, 1);
+    return crypt_final(h, OPS_DECRYPT, out, on);
 }
 EXPORT CK_RV C_DigestInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m) {
     return op_init(h, OPS_DIGEST, m, 0, 0);
