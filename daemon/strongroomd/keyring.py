@@ -51,10 +51,10 @@ from strongroomd.keyspec import (
     KeySpec,
     check_name,
     choose_ops,
-    key_alg,
     next_rotation,
     patched,
     ref_of,
+    with_alg,
 )
 from strongroomd.lifecycle import Lifecycle
 from strongroomd.store import KeyRow, Store, now_stamp
@@ -152,10 +152,8 @@ class Keyring(Lifecycle):
         As in DSM, ``alg`` may be left out where the key's type fixes it, and a
         MAC comes back under ``digest`` as well as ``mac``.
         """
-        if "alg" not in req and method in ALG_FROM_KEY:
-            alg = key_alg(row)
-            if alg is not None:
-                req = {**req, "alg": alg}
+        if method in ALG_FROM_KEY:
+            req = with_alg(row, req)
         out = await getattr(self.token, method)(ref_of(row), req)
         if method == "mac":
             out["digest"] = out["mac"]
@@ -167,8 +165,7 @@ class Keyring(Lifecycle):
         """Many encrypts or decrypts with one AES/DES3 key from :meth:`use`, in token
         jobs of CHUNK items (a batch's fast path; other principals' work interleaves
         between the jobs); per item a result or its own error."""
-        alg = key_alg(row)
-        reqs = [r if "alg" in r or alg is None else {**r, "alg": alg} for r in reqs]
+        reqs = [with_alg(row, r) for r in reqs]
         decrypting = method == "decrypt"
         parts = await asyncio.gather(
             *(
@@ -180,9 +177,7 @@ class Keyring(Lifecycle):
 
     async def wrap(self, row: KeyRow, subject: KeyRow, req: dict) -> dict[str, Any]:
         """Wrap ``subject`` (found with :meth:`use` for EXPORT) under ``row`` (WRAPKEY)."""
-        if "alg" not in req and key_alg(row) is not None:
-            req = {**req, "alg": key_alg(row)}
-        return await self.token.wrap(ref_of(row), ref_of(subject), req)
+        return await self.token.wrap(ref_of(row), ref_of(subject), with_alg(row, req))
 
     async def kcv(self, row: KeyRow, method: str) -> str:
         """The key check value of a key the caller can see (it reveals 24 or 40
@@ -223,8 +218,7 @@ class Keyring(Lifecycle):
     ) -> KeyRow:
         """Unwrap a key into the token under a key the caller may UNWRAPKEY with."""
         row = self.use(owner, principal, key, "UNWRAPKEY")
-        if "alg" not in req and key_alg(row) is not None:
-            req = {**req, "alg": key_alg(row)}
+        req = with_alg(row, req)
         ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
         return await self._make(
             owner,

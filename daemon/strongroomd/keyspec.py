@@ -318,6 +318,15 @@ def key_alg(row: KeyRow) -> str | None:
     return None
 
 
+def with_alg(row: KeyRow, req: dict[str, Any]) -> dict[str, Any]:
+    """``req`` with ``alg`` taken from the key when it was left out and the key's
+    type fixes it (DSM's rule); otherwise ``req`` as it is."""
+    if "alg" in req:
+        return req
+    alg = key_alg(row)
+    return req if alg is None else {**req, "alg": alg}
+
+
 def patched(cur: KeyRow, patch: KeyPatch, name: str | None, now: float) -> KeyRow:
     new = replace(cur, key_ops=list(cur.key_ops), custom_metadata=dict(cur.custom_metadata))
     if name is not None:
