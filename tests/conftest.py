@@ -68,6 +68,31 @@ class Daemon:
     def softhsm_conf(self) -> Path:
         return self.state_dir / "softhsm" / "softhsm2.conf"
 
+    def read_secret(self, kid: str) -> subprocess.CompletedProcess[bytes]:
+        """A secret key's CKA_VALUE read straight from the token with the user PIN
+        (pkcs11-tool, bypassing the daemon): how a test checks what the token allows."""
+        return subprocess.run(
+            [
+                "pkcs11-tool",
+                "--module",
+                "/usr/lib/softhsm/libsofthsm2.so",
+                "--token-label",
+                "strongroom",
+                "--login",
+                "--pin",
+                "env:SR_PIN",
+                "--read-object",
+                "--type",
+                "secrkey",
+                "--id",
+                kid.encode().hex(),
+            ],
+            env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf), "SR_PIN": self.pin},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:

@@ -6,28 +6,9 @@ import hashlib
 import json
 import uuid
 
-import pytest
-from click.testing import CliRunner
-from strongroom._cli import cli
-
 
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def sr(daemon, tmp_path):
-    keyfile = tmp_path / "admin.key"
-    keyfile.write_text(daemon.admin_key)
-    env = {"STRONGROOM_SOCKET": str(daemon.socket), "STRONGROOM_API_KEY": None,
-           "STRONGROOM_API_KEY_FILE": str(keyfile)}  # fmt: skip
-
-    def run(*args: str, input: bytes | None = None, code: int = 0):
-        result = CliRunner().invoke(cli, list(args), env=env, input=input)
-        assert result.exit_code == code, (result.output, result.exception)
-        return result
-
-    return run
 
 
 def test_login_prints_entity(sr) -> None:

@@ -7,30 +7,11 @@ import json
 import os
 
 import click
-import pytest
-from click.testing import CliRunner
 from strongroom import __version__
 from strongroom._cli import cli
 from strongroom._cli import crypto as cli_crypto
 
 from tests.conftest import unique
-
-
-@pytest.fixture
-def sr(daemon, tmp_path):
-    keyfile = tmp_path / "admin.key"
-    keyfile.write_text(daemon.admin_key)
-    env = {"STRONGROOM_SOCKET": str(daemon.socket), "STRONGROOM_API_KEY": None,
-           "STRONGROOM_API_KEY_FILE": str(keyfile), "STRONGROOM_STATE_DIR": None}  # fmt: skip
-
-    def run(*args: str, input: bytes | None = None, code: int = 0, env_: dict | None = None):
-        result = CliRunner().invoke(
-            cli, list(args), env={**env, **(env_ or {})}, input=input, prog_name="strongroom"
-        )
-        assert result.exit_code == code, (result.output, result.exception)
-        return result
-
-    return run
 
 
 def test_decrypt_reads_what_json_encrypt_wrote(sr, tmp_path) -> None:

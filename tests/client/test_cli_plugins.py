@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 
-from tests.client.test_cli import sr, unique  # noqa: F401 - the fixture
+from tests.client.test_cli import unique
 
 CODE = 'function run(input)\n  print("doubling", input.x)\n  return {double = input.x * 2}\nend\n'
 BROKEN = "function run(input)\n  local t = nil\n  return t.field\nend\n"
 
 
-def test_push_invoke_update_delete(sr, tmp_path) -> None:  # noqa: F811
+def test_push_invoke_update_delete(sr, tmp_path) -> None:
     g = unique("g")
     sr("groups", "create", g)
     name = unique("double")
@@ -28,7 +28,7 @@ def test_push_invoke_update_delete(sr, tmp_path) -> None:  # noqa: F811
     assert name not in sr("plugin", "list").stdout
 
 
-def test_test_prints_result_output_and_traceback(sr, tmp_path) -> None:  # noqa: F811
+def test_test_prints_result_output_and_traceback(sr, tmp_path) -> None:
     good = tmp_path / "good.lua"
     good.write_text(CODE)
     out = sr("plugin", "test", str(good), "--input", '{"x": 5}').stdout

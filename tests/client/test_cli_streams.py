@@ -5,28 +5,10 @@ from __future__ import annotations
 import os
 import uuid
 
-import pytest
-from click.testing import CliRunner
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from strongroom._cli import cli
 
 from tests.conftest import Raw
-
-
-@pytest.fixture
-def sr(daemon, tmp_path):
-    keyfile = tmp_path / "admin.key"
-    keyfile.write_text(daemon.admin_key)
-    env = {"STRONGROOM_SOCKET": str(daemon.socket), "STRONGROOM_API_KEY": None,
-           "STRONGROOM_API_KEY_FILE": str(keyfile)}  # fmt: skip
-
-    def run(*args: str, input: bytes | None = None, code: int = 0):
-        result = CliRunner().invoke(cli, list(args), env=env, input=input)
-        assert result.exit_code == code, (result.output, result.exception)
-        return result
-
-    return run
 
 
 def _import(admin: Raw) -> tuple[str, bytes]:

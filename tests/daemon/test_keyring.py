@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,27 +132,7 @@ def test_a_rename_waiting_on_the_token_cannot_undo_an_admin(daemon: Daemon, admi
     assert final["key_ops"] == ["ENCRYPT"]
     err(app.call("POST", "/crypto/v1/keys/export", {"kid": kid}), "key_op_not_permitted")
     # The token agrees: the object is no longer extractable, even with the PIN.
-    read = subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            "--read-object",
-            "--type",
-            "secrkey",
-            "--id",
-            kid.encode().hex(),
-        ],
-        env={**os.environ, "SOFTHSM2_CONF": str(daemon.softhsm_conf), "SR_PIN": daemon.pin},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    read = daemon.read_secret(kid)
     assert read.returncode != 0 and not read.stdout, read
 
 

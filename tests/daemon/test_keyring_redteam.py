@@ -12,9 +12,7 @@ so every hold here is shorter than that unless the test says otherwise).
 from __future__ import annotations
 
 import contextlib
-import os
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,31 +35,6 @@ def db_held(d: Daemon) -> Iterator[None]:
     finally:
         db.execute("ROLLBACK")
         db.close()
-
-
-def _readable_in_token(d: Daemon, kid: str) -> subprocess.CompletedProcess[bytes]:
-    """Read a secret key's CKA_VALUE straight from the token with the user PIN."""
-    return subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            "--read-object",
-            "--type",
-            "secrkey",
-            "--id",
-            kid.encode().hex(),
-        ],
-        env={**os.environ, "SOFTHSM2_CONF": str(d.softhsm_conf), "SR_PIN": d.pin},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
 
 
 # -- 1. group deletion races a key creation into that group -------------------------
@@ -236,7 +209,7 @@ def test_persist_without_export_leaves_the_token_object_extractable(
         )
         assert "EXPORT" not in kept["key_ops"]
         assert app.call("POST", "/crypto/v1/keys/export", {"kid": kept["kid"]})["status"] == 403
-        read = _readable_in_token(daemon, kept["kid"])
+        read = daemon.read_secret(kept["kid"])
         assert read.returncode != 0 and not read.stdout, (
             "the token gives out the value of a key persisted without EXPORT",
             read.stdout.hex(),

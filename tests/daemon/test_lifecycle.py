@@ -185,27 +185,7 @@ def test_pkcs11_tool_sees_keys_and_cannot_read_secret_ones(daemon: Daemon, admin
         "value"
     ]
     assert len(value) == 32
-    read = subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            MODULE,
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            "--read-object",
-            "--type",
-            "secrkey",
-            "--id",
-            exportable["kid"].encode().hex(),
-        ],
-        env={**os.environ, "SOFTHSM2_CONF": str(daemon.softhsm_conf), "SR_PIN": daemon.pin},
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
+    read = daemon.read_secret(exportable["kid"])
     assert read.returncode == 0 and read.stdout == value
 
 

@@ -17,3 +17,13 @@ def world(daemon, admin_raw: Raw):
     yield admin_raw, g1, g2, a1, a2
     a1.conn.close()
     a2.conn.close()
+
+
+@pytest.fixture(scope="module")
+def env(daemon):
+    """The admin and a group of its own, for Lua test runs: (admin, group_id)."""
+    admin = Raw(daemon.socket)
+    admin.login(daemon.admin_key)
+    g = new_group(admin)
+    yield admin, g
+    admin.close()

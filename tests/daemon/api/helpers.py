@@ -43,3 +43,17 @@ def new_app(daemon: Daemon, admin: Raw, groups: list[str]) -> App:
 def new_key(conn: Raw, group: str, **fields: Any) -> dict[str, Any]:
     body = {"name": unique("k"), "obj_type": "AES", "key_size": 256, "group_id": group, **fields}
     return ok(conn.call("POST", "/crypto/v1/keys", body))
+
+
+def lua_test_run(env: tuple[Raw, str], code: str, input_: Any = None) -> dict[str, Any]:
+    """A test run of unsaved Lua as the admin, in the ``env`` group: the whole answer."""
+    admin, g = env
+    body = {"code": code, "input": input_ or {}, "groups": [g]}
+    return ok(admin.call("POST", "/sys/v1/plugins/test", body))
+
+
+def run_lua(env: tuple[Raw, str], code: str, input_: Any = None) -> Any:
+    """A test run that must succeed: its result."""
+    out = lua_test_run(env, code, input_)
+    assert out["status"] in (200, 204), (out.get("error"), out.get("traceback"))
+    return out.get("result")

@@ -18,33 +18,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import new_group, ok
-
-
-@pytest.fixture(scope="module")
-def env(daemon):
-    admin = Raw(daemon.socket)
-    admin.login(daemon.admin_key)
-    g = new_group(admin)
-    yield admin, g
-    admin.close()
-
-
-def lua_test_run(env, code: str, input_=None) -> dict:
-    admin, g = env
-    return ok(
-        admin.call(
-            "POST", "/sys/v1/plugins/test", {"code": code, "input": input_ or {}, "groups": [g]}
-        )
-    )
-
-
-def run_lua(env, code: str, input_=None):
-    out = lua_test_run(env, code, input_)
-    assert out["status"] in (200, 204), (out.get("error"), out.get("traceback"))
-    return out.get("result")
-
+from tests.conftest import unique
+from tests.daemon.api.helpers import ok, run_lua
 
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 

@@ -13,29 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import new_group, ok
-
-
-@pytest.fixture(scope="module")
-def env(daemon):
-    admin = Raw(daemon.socket)
-    admin.login(daemon.admin_key)
-    g = new_group(admin)
-    yield admin, g
-    admin.close()
-
-
-def run_lua(env, code: str, input_=None):
-    admin, g = env
-    out = ok(
-        admin.call(
-            "POST", "/sys/v1/plugins/test", {"code": code, "input": input_ or {}, "groups": [g]}
-        )
-    )
-    assert out["status"] in (200, 204), (out.get("error"), out.get("traceback"))
-    return out.get("result")
-
+from tests.conftest import unique
+from tests.daemon.api.helpers import ok, run_lua
 
 CSR_LUA = r"""
 local function pem(der, kind)

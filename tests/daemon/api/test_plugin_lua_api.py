@@ -12,34 +12,13 @@ import hashlib
 import hmac
 import os
 
-import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
-from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import new_group, ok
-
-
-@pytest.fixture(scope="module")
-def env(daemon):
-    admin = Raw(daemon.socket)
-    admin.login(daemon.admin_key)
-    g = new_group(admin)
-    yield admin, g
-    admin.close()
-
-
-def run_lua(env, code: str, input_=None) -> object:
-    admin, g = env
-    out = ok(
-        admin.call(
-            "POST", "/sys/v1/plugins/test", {"code": code, "input": input_ or {}, "groups": [g]}
-        )
-    )
-    assert out["status"] in (200, 204), out
-    return out.get("result")
+from tests.conftest import unique
+from tests.daemon.api.helpers import ok, run_lua
 
 
 def put(env, obj_type: str, value: bytes, **extra) -> dict:
