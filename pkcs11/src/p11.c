@@ -2270,17 +2270,12 @@ EXPORT CK_RV C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin
     return rv;
 }
 
+static CK_RV need_login(CK_SESSION_HANDLE h);
+
 EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h) {
-    CK_RV rv = check_init();
+    CK_RV rv = need_login(h);
     if (rv != CKR_OK)
         return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    pthread_mutex_unlock(&g_lock);
-    if (!s)
-        return CKR_SESSION_HANDLE_INVALID;
-    if (!logged_in())
-        return CKR_USER_NOT_LOGGED_IN;
     end_all_streams();
     sr_conn_logout();
     return CKR_OK;
