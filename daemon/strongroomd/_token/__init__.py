@@ -55,7 +55,7 @@ _PKCS11Error = p11e.PKCS11Error
 _open_lock = threading.Lock()
 # Operations that may write token objects (files, for SoftHSM).
 _WRITES = frozenset(
-    ("delete", "generate", "import", "rename", "restrict", "persist", "unwrap", "agree")
+    ("delete", "generate", "import", "rename", "restrict", "persist", "unwrap", "agree", "derive")
 )
 
 
@@ -437,6 +437,13 @@ class Token:
 
     async def stream_abort(self, ops: list[streams.Op]) -> None:
         await self._run("stream", streams.abort_many, ops)
+
+    async def derive(self, key: KeyRef, new: NewKey, spec: mech.DeriveSpec) -> KeyMaterial:
+        """A new key from ``key`` by the token's encrypt-data derivation (AES, DES, DES3)."""
+        if key.obj_type not in _SYMMETRIC:
+            raise Unsupported(f"a {key.obj_type} key cannot derive by encrypt_data")
+        cipher = "DES3" if key.obj_type == "DES" else key.obj_type
+        return await self._run("derive", ops.derive_encrypt_data, key.kid, cipher, new, spec)
 
     async def agree(self, private: KeyRef, public: KeyRef, new: NewKey) -> KeyMaterial:
         if private.obj_type != "EC" or private.curve == "Ed25519" or private.public_only:

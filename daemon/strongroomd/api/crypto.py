@@ -75,6 +75,17 @@ async def agree(req: Request) -> dict[str, Any]:
     return sobject(row)
 
 
+async def derive(req: Request) -> dict[str, Any]:
+    """DSM's DeriveKeyRequest: ``key_type``, ``key_size``, ``mechanism`` and the new
+    key's fields; the answer is the new key (an Sobject)."""
+    b = req.body
+    obj_type = b["key_type"].upper()
+    spec = key_spec(b, obj_type, key_size=b.get("key_size"))
+    row = await req.services.keyring.derive(req.owner, req.caller, b["key"], spec, b["mechanism"])
+    req.object_id = row.kid
+    return sobject(row)
+
+
 _NEW = (
     "obj_type",
     "name",
@@ -260,6 +271,25 @@ def _batch(name: str, op: str, method: str) -> Route:
         synopsis=f"Batch {name}: a list of {{kid, request}}; one result per item, in order.",
     )
 
+
+_BY_NAME["derive"] = Route(
+    "POST",
+    "/crypto/v1/derive",
+    derive,
+    {
+        "key": KEY,
+        "key_type": F(str, True),
+        "key_size": F(int),
+        "mechanism": F(
+            dict, True, "{encrypt_data: {alg, mode, plain, iv}} | {hkdf: {hash_alg, salt, info}}"
+        ),
+        "activation_date": F(str),
+        "deactivation_date": F(str),
+        **_NEW_FIELDS,
+    },
+    synopsis="Derive a new key from a key (encrypt_data in the token; hkdf from an "
+    "exportable key).",
+)
 
 ROUTES = [
     *_BY_NAME.values(),
