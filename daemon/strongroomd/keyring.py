@@ -143,6 +143,12 @@ class Keyring(Lifecycle):
             raise Internal("the key's material is missing from the token")
         return row
 
+    def manageable(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        """A key the caller can see and manage (for paths that check, then refuse)."""
+        row = self.find(owner, principal, {"kid": kid})
+        check_key_manage(principal, row)
+        return row
+
     def visible(self, owner: Owner, principal: Principal) -> list[KeyRow]:
         rows = [r for r in self.store.keys.values() if can_see_key(principal, r)]
         rows += [r for r in owner.transient.values() if can_see_key(principal, r)]

@@ -548,6 +548,18 @@ def mac_alg(obj_type: str, alg: Any) -> str:
     raise Unsupported(f"a {obj_type} key cannot compute a MAC")
 
 
+def check_key_format(subject_type: str, public_only: bool, key_format: Any) -> None:
+    """DSM's ``key_format`` on wrap: ``Default`` or ``Pkcs8``. A private key is
+    wrapped as its PKCS#8 PrivateKeyInfo in both cases (the form export gives);
+    ``Pkcs8`` names that form and is refused for anything else."""
+    if key_format is None or key_format == "Default":
+        return
+    if key_format != "Pkcs8":
+        raise BadRequest("key_format is Default or Pkcs8", code="invalid_value")
+    if subject_type not in ("RSA", "EC") or public_only:
+        raise BadRequest("key_format Pkcs8 is for RSA and EC private keys", code="invalid_value")
+
+
 def wrap_mode(obj_type: str, req: dict) -> str | RsaMode:
     """The wrap mode of a wrapping key: "KW", "KWP", or an RSA OAEP mode."""
     alg = req.get("alg")

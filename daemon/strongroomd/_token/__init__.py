@@ -394,6 +394,7 @@ class Token:
         return {"result": hmac.compare_digest(mac, req["mac"])}
 
     async def wrap(self, key: KeyRef, subject: KeyRef, req: dict) -> dict:
+        mech.check_key_format(subject.obj_type, subject.public_only, req.get("key_format"))
         mode = mech.wrap_mode(_asym_type(key) if key.obj_type != "AES" else "AES", req)
         if mode in ("KW", "KWP"):
             wrapped = await self._run("wrap", ops.wrap_aes, key.kid, subject, mode == "KWP")

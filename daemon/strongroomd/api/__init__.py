@@ -11,6 +11,7 @@ from strongroomd.api import (
     logs,
     plugins,
     session,
+    stats,
     streams,
     sys,
 )
@@ -26,5 +27,6 @@ ROUTES: list[Route] = [
     *crypto.ROUTES,
     *streams.ROUTES,
     *logs.ROUTES,
+    *stats.ROUTES,
     *plugins.ROUTES,
 ]

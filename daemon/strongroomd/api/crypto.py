@@ -126,7 +126,14 @@ _SIGN = {
     "deterministic_signature": F(bool),
 }
 _MAC = {"key": KEY, "alg": F(str), "data": F(bytes, True)}
-_WRAP = {"key": KEY, "subject": F(dict, True), "alg": F(str), "mode": F(_MODE), "iv": F(bytes)}
+_WRAP = {
+    "key": KEY,
+    "subject": F(dict, True),
+    "alg": F(str),
+    "mode": F(_MODE),
+    "iv": F(bytes),
+    "key_format": F(str, doc="Default | Pkcs8 (RSA and EC private keys)"),
+}
 _UNWRAP = {
     "key": KEY,
     "alg": F(str),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -43,6 +44,12 @@ class Dual:
         if self.kind == "http":
             return self.conn.call(method, path, _json(body))
         return self.conn.call(method, path, body)
+
+    def get(self, path: str, params: dict[str, Any]) -> dict[str, Any]:
+        """GET with parameters: a query string over HTTP, the body over the socket."""
+        if self.kind == "http":
+            return self.conn.call("GET", f"{path}?{urlencode(params)}")
+        return self.conn.call("GET", path, params)
 
     def close(self) -> None:
         self.conn.close()
