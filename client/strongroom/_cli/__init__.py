@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from strongroom import __version__
-from strongroom._cli import admin, call, crypto, keys, plugins
+from strongroom._cli import admin, call, crypto, envelope, keys, plugins
 from strongroom._cli._common import EXIT_API, EXIT_TRANSPORT, EXIT_USAGE, Failure, State
 from strongroom._exceptions import ApiError, TransportError
 
@@ -144,6 +144,8 @@ for _command in (
     crypto.verify,
     crypto.mac,
     crypto.digest,
+    envelope.datakey,
+    envelope.envelope,
     admin.logs,
     admin.audit,
     plugins.plugin,
