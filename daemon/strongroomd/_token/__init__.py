@@ -262,6 +262,8 @@ class Token:
             return {"cipher": out}
         if _asym_type(key) != "RSA" or req.get("alg") != "RSA":
             raise Unsupported(f"alg {req.get('alg')} cannot encrypt with a {t} key")
+        if req.get("label"):
+            raise Unsupported("an RSA OAEP label is not supported")
         mode = mech.rsa_encrypt_mode(req.get("mode"))
         if mode.kind == "PKCS1_V15":
             m, p, data = Mechanism.RSA_PKCS, None, plain
@@ -339,6 +341,8 @@ class Token:
             raise Unsupported(f"alg {req.get('alg')} cannot decrypt with a {t} key")
         if key.public_only:
             raise Unsupported("a public key cannot decrypt")
+        if req.get("label"):
+            raise Unsupported("an RSA OAEP label is not supported")
         mode = mech.rsa_encrypt_mode(req.get("mode"))
         k = key.key_size // 8
         if mode.kind == "PKCS1_V15":

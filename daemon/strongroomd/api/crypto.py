@@ -8,6 +8,8 @@ meaning of algorithms and modes.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from typing import Any
 
 from strongroomd import mechanisms
@@ -116,6 +118,8 @@ _ENC = {
     "iv": F(bytes),
     "ad": F(bytes),
     "tag_len": F(int),
+    # DSM's OAEP label: declared so that it is refused rather than ignored.
+    "label": F(bytes),
 }
 _SIGN = {
     "key": KEY,
@@ -195,6 +199,19 @@ def _per_key(route: Route) -> Route:
     )
 
 
+def _binary(single: Route, request: dict[str, Any]) -> dict[str, Any]:
+    """A batch item's binary fields given as base64 text (how JSON carries them,
+    over HTTP or from a DSM client) as bytes; bytes stay bytes."""
+    out = dict(request)
+    for name, f in (single.fields or {}).items():
+        if f.types is bytes and isinstance(out.get(name), str):
+            try:
+                out[name] = base64.b64decode(out[name], validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"{name} must be binary or base64", code="invalid_field") from None
+    return out
+
+
 def _batch(name: str, op: str, method: str) -> Route:
     """``/crypto/v1/keys/batch/<op>``: DSM's items ``{kid, request}`` in, one
     ``{status, body}`` or ``{status, error}`` out per item, in order. One
@@ -233,13 +250,13 @@ def _batch(name: str, op: str, method: str) -> Route:
                 if (
                     not isinstance(kid, str)
                     or not isinstance(item.get("request"), dict)
-                    or set(item) - {"kid", "request"}
                     or "key" in item["request"]
                 ):
                     raise BadRequest(
                         "an item is {kid, request} (the key goes in kid)", code="invalid_field"
                     )
-                body = check_body(single, {**item["request"], "key": {"kid": kid}})
+                request = _binary(single, item["request"])
+                body = check_body(single, {**request, "key": {"kid": kid}})
                 row = kr.use(req.owner, req.caller, body["key"], op)
             except ApiError as exc:
                 answer(i, kid, exc)

@@ -201,7 +201,7 @@ def test_derivekey_is_required_and_apps_see_only_their_groups(admin: Dual, http_
             "unsupported_algorithm",
         ),
         ({"mechanism": {"encrypt_data": {"mode": "ECB"}}}, "missing_field"),
-        ({"mechanism": {"bip32_master_key": {"network": "mainnet"}}}, "unsupported_algorithm"),
+        ({"mechanism": {"slip10_master_key": {}}}, "unsupported_algorithm"),
         ({"mechanism": {"pbkdf2": {}}}, "unsupported_algorithm"),
         ({"mechanism": {}}, "invalid_field"),
         ({"key_type": "RSA"}, "unsupported_algorithm"),
