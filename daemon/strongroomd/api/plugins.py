@@ -25,7 +25,6 @@ from strongroomd.errors import (
     NotFound,
     PluginError,
     TooLarge,
-    Unsupported,
     from_code,
 )
 from strongroomd.keyspec import check_name
@@ -33,6 +32,12 @@ from strongroomd.router import F, Route
 from strongroomd.store import PluginRow, now_stamp
 
 LIMIT_FIELDS = {"memory_bytes": int, "instructions": int, "wall_seconds": (int, float)}
+#: DSM's PluginType values. Strongroom runs STANDARD plugins: the plugin acts with
+#: its own groups (IMPERSONATING would act as the invoker; CUSTOMALGORITHM plugs
+#: into crypto calls); the others are refused rather than run as something else.
+PLUGIN_TYPES = ("STANDARD", "IMPERSONATING", "CUSTOMALGORITHM")
+#: DSM's Language values.
+LANGUAGES = ("LUA",)
 MAX_CODE = 512 * 1024
 #: What a running plugin may ask of the daemon (the Lua API's paths).
 PLUGIN_PATHS = ("/crypto/v1/",)
@@ -50,10 +55,13 @@ def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) ->
         "groups": groups,
         "default_group": row.default_group,
         "enabled": row.enabled,
+        "plugin_type": "STANDARD",
         "version": row.version,
         "limits": dict(row.limits),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
+        "lastupdated_at": row.updated_at,  # DSM's name for it
+        "legacy_access": False,  # DSM: acting on a plugin needs rights in all its groups
     }
     if with_code:
         out["source"] = {"language": "LUA", "code": row.code}
@@ -93,11 +101,32 @@ def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[s
     return membership(s.store, groups, default, "a plugin")
 
 
+def _plugin_type(body: dict[str, Any]) -> None:
+    """DSM's ``plugin_type``: STANDARD is the one Strongroom runs."""
+    kind = body.get("plugin_type", "STANDARD")
+    if kind not in PLUGIN_TYPES:
+        raise BadRequest(
+            f"plugin_type must be one of {', '.join(PLUGIN_TYPES)}", code="invalid_value"
+        )
+    if kind != "STANDARD":
+        raise BadRequest(
+            f"plugin_type {kind} is not supported: Strongroom runs STANDARD plugins only",
+            code="invalid_value",
+        )
+
+
 def _code(body: dict[str, Any]) -> str:
     src = body["source"]
+    if "repo_url" in src:
+        raise BadRequest(
+            "plugins from a repository are not supported: give source {language, code}",
+            code="invalid_value",
+        )
     lang, code = src.get("language", "LUA"), src.get("code")
-    if not isinstance(lang, str) or lang.upper() != "LUA":
-        raise Unsupported("source.language must be LUA")
+    if not isinstance(lang, str) or lang.upper() not in LANGUAGES:
+        raise BadRequest(
+            f"source.language must be one of {', '.join(LANGUAGES)}", code="invalid_value"
+        )
     if not isinstance(code, str):
         raise BadRequest("source.code must be a string", code="invalid_field")
     if len(code.encode()) > MAX_CODE:
@@ -124,14 +153,20 @@ async def create(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
     name = check_name(b["name"])
+    _plugin_type(b)
+    if "del_groups" in b or "mod_groups" in b:
+        raise BadRequest(
+            "a new plugin takes groups and add_groups; del_groups and mod_groups change "
+            "an existing plugin's groups (PATCH)",
+            code="invalid_field",
+        )
     code = _code(b)
     await _pool(s).check_syntax(code, name)
     now = now_stamp()
     async with s.store.catalog:
         _unique(s, name)
-        groups, default = _groups(
-            s, b.get("groups") or b.get("add_groups") or [], b.get("default_group")
-        )
+        asked = [*b.get("groups", []), *b.get("add_groups", [])]
+        groups, default = _groups(s, asked, b.get("default_group"))
         row = PluginRow(
             str(uuid.uuid4()),
             name,
@@ -168,6 +203,12 @@ async def update(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
     pid = _get(req).id
+    _plugin_type(b)
+    both = (set(b.get("add_groups", [])) | set(b.get("groups", []))) & set(b.get("del_groups", []))
+    if both:
+        raise BadRequest(
+            f"group(s) both given and deleted: {', '.join(sorted(both))}", code="invalid_value"
+        )
     name = check_name(b["name"]) if "name" in b else None
     code = _code(b) if "source" in b else None
     if code is not None:
@@ -186,6 +227,13 @@ async def update(req: Request) -> dict[str, Any]:
         groups = list(b["groups"]) if "groups" in b else list(row.groups)
         groups += [g for g in b.get("add_groups", []) if g not in groups]
         groups = [g for g in groups if g not in b.get("del_groups", [])]
+        # DSM's mod_groups (a plugin has no per-group permissions): groups it must be in.
+        outside = [g for g in b.get("mod_groups", []) if g not in groups]
+        if outside:
+            raise BadRequest(
+                f"mod_groups: the plugin is not in group(s) {', '.join(outside)}",
+                code="invalid_value",
+            )
         default = b.get("default_group", row.default_group)
         row.groups, row.default_group = _groups(s, groups, default if default in groups else None)
         if "enabled" in b:
@@ -384,6 +432,8 @@ _MANAGE = {
     "default_group": F(str),
     "enabled": F(bool),
     "limits": F(dict),
+    "plugin_type": F(str),
+    "mod_groups": F((list, dict)),  # DSM: a list of group ids; a map's keys count
 }
 
 ROUTES = [
