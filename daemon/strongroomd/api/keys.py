@@ -8,6 +8,7 @@ import hmac
 from typing import Any
 
 from strongroomd import mechanisms
+from strongroomd.auth import check_key_read
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest, Conflict
 from strongroomd.keyspec import (
@@ -180,6 +181,7 @@ async def kcv(req: Request) -> dict[str, Any]:
     """DSM's key check value of a key (AES, DES, DES3)."""
     b = req.body
     row = _find(req, _descriptor(b))
+    check_key_read(req.caller, row)  # an app needs CALCULATE_DIGEST in the key's group
     return {
         "kid": row.kid,
         "kcv": await req.services.keyring.kcv(row, b.get("kcv_method", "Encrypt")),
