@@ -257,6 +257,20 @@ class AsyncCrypto:
         transient: bool | None = None,
         **extra: Any,
     ) -> Sobject: ...
+    async def derive(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        key_type: str,
+        mechanism: Mapping[str, Any],
+        key_size: int | None = None,
+        name: str | None = None,
+        key_ops: Sequence[str] | None = None,
+        group_id: IdLike | None = None,
+        transient: bool | None = None,
+        **extra: Any,
+    ) -> Sobject: ...
 
 class AsyncLogs:
     "``/sys/v1/logs``: audit records, as a list of :class:`AuditRecord`."

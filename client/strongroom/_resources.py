@@ -625,6 +625,37 @@ class Crypto(_Namespace):
         )
         return self._c._call("POST", "/crypto/v1/agree", body, Sobject)
 
+    def derive(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        key_type: str,
+        mechanism: Mapping[str, Any],
+        key_size: int | None = None,
+        name: str | None = None,
+        key_ops: Sequence[str] | None = None,
+        group_id: IdLike | None = None,
+        transient: bool | None = None,
+        **extra: Any,
+    ) -> Sobject:
+        """Derive a new key from the key (it needs DERIVEKEY) -> Sobject. Here ``name``
+        names the NEW key. ``mechanism`` is DSM's: ``{"encrypt_data": {"alg", "mode",
+        "plain", "iv"}}`` (in the token) or ``{"hkdf": {"hash_alg", "salt", "info"}}``
+        (from a key with EXPORT)."""
+        body = _fields(
+            key=key_descriptor(key, kid=kid),
+            key_type=key_type,
+            key_size=key_size,
+            mechanism=dict(mechanism),
+            name=name,
+            key_ops=None if key_ops is None else list(key_ops),
+            group_id=None if group_id is None else _ident(group_id, "group_id"),
+            transient=transient,
+            **extra,
+        )
+        return self._c._call("POST", "/crypto/v1/derive", body, Sobject)
+
 
 class Logs(_Namespace):
     """``/sys/v1/logs``: audit records, as a list of :class:`AuditRecord`."""

@@ -102,6 +102,10 @@ MIGRATIONS: list[str] = [
         FROM json_each(principals.groups) AS g)
     WHERE kind = 'app';
     """,
+    # plugins: the origins each one's request{} may reach (issue 11); none by default.
+    """
+    ALTER TABLE plugins ADD COLUMN request_allowlist TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -192,6 +196,8 @@ class PluginRow:
     limits: dict[str, Any]
     created_at: str
     updated_at: str
+    #: Origins its request{} may reach (strongroomd.outbound); empty: none.
+    request_allowlist: list[str] = field(default_factory=list)
 
 
 _JSON = {
@@ -201,6 +207,7 @@ _JSON = {
     "custom_metadata",
     "creator",
     "limits",
+    "request_allowlist",
     "links",
     "revocation_reason",
     "rotation_policy",

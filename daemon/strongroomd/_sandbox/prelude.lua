@@ -1334,6 +1334,73 @@ env.principal = principal
 env.this_plugin = this_plugin
 
 ------------------------------------------------------------------------------
+-- request{method=, url=, headers=, body=}: DSM's outbound HTTP call. The daemon
+-- makes it (strongroomd/outbound.py), only to the origins an admin put in this
+-- plugin's request_allowlist; the worker itself has no network (seccomp). The
+-- answer is {status=, headers=, body=} (lower-case header names, body a Blob),
+-- or nil and an Error: 400 bad arguments, 403 not allowed, 413 body too large,
+-- 429 too many requests, 502 the remote end failed, 503 audit log failing,
+-- 504 no answer in time.
+;(function()
+local MAX_BODY = 2 * 1024 * 1024
+local MAX_HEADERS = 64
+
+local function request(t)
+  if type(t) ~= "table" then error("request: expected a table {method=, url=, headers=, body=}", 2) end
+  local method, url, headers, body = t.method, t.url, t.headers, t.body
+  if method == nil then method = "GET" end
+  if type(method) ~= "string" then error("request: method must be a string", 2) end
+  if type(url) ~= "string" then error("request: url must be a string", 2) end
+  local h = {}
+  if headers ~= nil then
+    if type(headers) ~= "table" then error("request: headers must be a table", 2) end
+    local n = 0
+    for k, v in pairs(headers) do
+      n = n + 1
+      if n > MAX_HEADERS then error(s_format("request: at most %d headers", MAX_HEADERS), 2) end
+      if type(k) ~= "string" then error("request: a header name must be a string", 2) end
+      if type(v) ~= "string" and type(v) ~= "number" then
+        error(s_format("request: header %s must be a string", k), 2)
+      end
+      h[k] = v
+    end
+  end
+  if BYTES[body] ~= nil then body = BYTES[body] end
+  if body ~= nil and type(body) ~= "string" then
+    error("request: body must be a string or a Blob", 2)
+  end
+  if body ~= nil and #body > MAX_BODY then
+    return nil, new_error(413, s_format("request: the body is over %d bytes", MAX_BODY), "too_large")
+  end
+  local ok, frame = pcall(mp_encode, { t = "http", method = method, url = url, headers = h,
+    body = body }, MAX_CALL, "request too large")
+  if not ok then return nil, new_error(413, tostring(frame), "too_large") end
+  local reply, err = pycall("call", frame)
+  if reply == nil then return nil, new_error(500, err, "internal") end
+  local ok2, r = pcall(mp_decode, reply)
+  if not ok2 or type(r) ~= "table" then return nil, new_error(500, "bad reply", "internal") end
+  local status, rbody = r.status, r.body
+  if status ~= 200 or type(rbody) ~= "table" then
+    local msg, code = "request failed", "internal"
+    if type(rbody) == "table" then
+      if type(rbody.message) == "string" then msg = rbody.message end
+      if type(rbody.error) == "string" then code = rbody.error end
+    end
+    return nil, new_error(m_type(status) == "integer" and status or 500, msg, code)
+  end
+  local rh = {}
+  if type(rbody.headers) == "table" then
+    for k, v in next, rbody.headers do rh[k] = v end
+  end
+  local data = rbody.body  -- bin: decoded as a Blob already
+  if BYTES[data] == nil then data = new_blob(type(data) == "string" and data or "") end
+  return { status = rbody.status, headers = rh, body = data }
+end
+
+env.request = request
+end)()
+
+------------------------------------------------------------------------------
 -- One invocation.
 
 local function error_of(v)

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from strongroomd import _sandbox
+from strongroomd import _sandbox, outbound
 from strongroomd.api.groups import membership
 from strongroomd.auth import Principal, require_admin
 from strongroomd.context import Owner, Request, Services
@@ -58,6 +58,7 @@ def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) ->
         "plugin_type": "STANDARD",
         "version": row.version,
         "limits": dict(row.limits),
+        "request_allowlist": list(row.request_allowlist),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
         "lastupdated_at": row.updated_at,  # DSM's name for it
@@ -95,6 +96,11 @@ def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, want) or v <= 0:
             raise BadRequest(f"limit {k!r} must be a positive number", code="invalid_value")
     return dict(limits)
+
+
+def _allowlist(s: Services, value: Any) -> list[str]:
+    """request_allowlist: the origins the plugin's request{} may reach (outbound.py)."""
+    return outbound.check_allowlist(value, loopback_http=s.config.plugin_request_loopback_http)
 
 
 def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[str], str]:
@@ -179,6 +185,7 @@ async def create(req: Request) -> dict[str, Any]:
             _check_limits(b.get("limits", {})),
             now,
             now,
+            request_allowlist=_allowlist(s, b.get("request_allowlist", [])),
         )
         req.object_id = row.id
         await s.store.insert(row)
@@ -214,6 +221,7 @@ async def update(req: Request) -> dict[str, Any]:
     if code is not None:
         await _pool(s).check_syntax(code, name or s.store.plugins[pid].name)
     limits = _check_limits(b["limits"]) if "limits" in b else None
+    allowlist = _allowlist(s, b["request_allowlist"]) if "request_allowlist" in b else None
 
     def apply(cur: PluginRow) -> PluginRow:
         row = replace(cur)  # the row as it is now; the store bumps its version
@@ -240,6 +248,8 @@ async def update(req: Request) -> dict[str, Any]:
             row.enabled = b["enabled"]
         if limits is not None:
             row.limits = limits
+        if allowlist is not None:
+            row.request_allowlist = allowlist
         row.updated_at = now_stamp()
         return row
 
@@ -276,6 +286,12 @@ class _Host:
         self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
         self.calls = 0
         self.max_calls = req.services.config.plugin_max_api_calls
+        self.requests = outbound.Requests(
+            req.services.audit,
+            loopback_http=req.services.config.plugin_request_loopback_http,
+            plugin_id=row.id,
+            invocation_id=inv,
+        )
 
     async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         # The Lua API needs keys and crypto only. A worker that escaped Lua must not
@@ -298,6 +314,23 @@ class _Host:
                 self.row, self.principal = row, plugin_principal(row)
                 self.owner.principal = self.principal
         return await self.dispatcher.handle(self.owner, method, path, body)
+
+    async def http(self, msg: dict[str, Any], timeout: float) -> tuple[int, Any]:
+        """request{}: made here, to the origins in the plugin's request_allowlist only."""
+        if self.stored:  # the allowlist as it is now: an admin's change holds at once
+            row = self.store.plugins.get(self.row.id)
+            if row is None or not row.enabled:
+                err = Forbidden("the plugin was disabled or deleted during this invocation")
+                return err.status, err.body()
+            if row is not self.row:
+                self.row, self.principal = row, plugin_principal(row)
+                self.owner.principal = self.principal
+        return await self.requests.handle(
+            msg,
+            allowlist=list(self.row.request_allowlist),
+            principal=self.principal,
+            timeout=timeout,
+        )
 
     def log(self, message: str, severity: str) -> None:
         self.audit.record(
@@ -335,6 +368,7 @@ async def _run(
             discard=test,  # a test run's worker is never reused
         )
     finally:
+        await host.requests.close()
         await s.keyring.drop_owner(host.owner)
     return inv, outcome
 
@@ -397,6 +431,7 @@ async def test(req: Request) -> dict[str, Any]:
         _check_limits(b.get("limits", {})),
         now,
         now,
+        request_allowlist=_allowlist(s, b.get("request_allowlist", [])),
     )
     invoker = req.caller.describe()
     if "invoker" in b:
@@ -432,6 +467,7 @@ _MANAGE = {
     "default_group": F(str),
     "enabled": F(bool),
     "limits": F(dict),
+    "request_allowlist": F(list, items=str),
     "plugin_type": F(str),
     "mod_groups": F((list, dict)),  # DSM: a list of group ids; a map's keys count
 }
@@ -447,6 +483,7 @@ ROUTES = [
             "groups": F(list, items=str),
             "invoker": F(str),
             "limits": F(dict),
+            "request_allowlist": F(list, items=str),
         },
         synopsis="Run unsaved code in the sandbox with mock input (admins).",
     ),
