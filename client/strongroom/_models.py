@@ -213,14 +213,15 @@ class Group(Record):
 
 
 class App(Record):
-    """An app. ``credential`` (``{"api_key": ...}``) only in the answers of
-    ``apps.create`` and ``apps.reset_secret``, once."""
+    """An app. ``groups`` is DSM's AppGroups map: group id -> the app's
+    permissions in that group. ``credential`` (``{"api_key": ...}``) only in the
+    answers of ``apps.create`` and ``apps.reset_secret``, once."""
 
     __slots__ = ()
     app_id: str
     name: str
     description: str
-    groups: list[str]
+    groups: dict[str, list[str]]
     default_group: str
     enabled: bool
     created_at: str

@@ -28,6 +28,7 @@ from strongroomd.errors import (
     from_code,
 )
 from strongroomd.keyspec import check_name
+from strongroomd.plugin_audit import granted, shown, with_grant
 from strongroomd.router import F, Route
 from strongroomd.store import PluginRow, now_stamp
 
@@ -41,6 +42,8 @@ LANGUAGES = ("LUA",)
 MAX_CODE = 512 * 1024
 #: What a running plugin may ask of the daemon (the Lua API's paths).
 PLUGIN_PATHS = ("/crypto/v1/",)
+#: What it may read (GET) besides: its groups and audit records (Group{}, AuditLog.get_all).
+PLUGIN_READS = ("/sys/v1/groups", "/sys/v1/logs")
 
 
 def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) -> dict[str, Any]:
@@ -57,7 +60,8 @@ def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) ->
         "enabled": row.enabled,
         "plugin_type": "STANDARD",
         "version": row.version,
-        "limits": dict(row.limits),
+        "limits": shown(row.limits),
+        "audit_read": granted(row.limits),
         "request_allowlist": list(row.request_allowlist),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
@@ -84,7 +88,7 @@ def _limits(s: Services, overrides: dict[str, Any]) -> Any:
         "instructions": cfg.plugin_instructions,
         "wall_seconds": cfg.plugin_wall_seconds,
     }
-    base.update(overrides)
+    base.update(shown(overrides))
     return _sandbox.Limits(**base)
 
 
@@ -182,7 +186,7 @@ async def create(req: Request) -> dict[str, Any]:
             default,
             bool(b.get("enabled", True)),
             1,
-            _check_limits(b.get("limits", {})),
+            with_grant(_check_limits(b.get("limits", {})), b.get("audit_read"), {}),
             now,
             now,
             request_allowlist=_allowlist(s, b.get("request_allowlist", [])),
@@ -248,6 +252,7 @@ async def update(req: Request) -> dict[str, Any]:
             row.enabled = b["enabled"]
         if limits is not None:
             row.limits = limits
+        row.limits = with_grant(row.limits, b.get("audit_read"), cur.limits)
         if allowlist is not None:
             row.request_allowlist = allowlist
         row.updated_at = now_stamp()
@@ -296,7 +301,8 @@ class _Host:
     async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         # The Lua API needs keys and crypto only. A worker that escaped Lua must not
         # reach management paths, nor invoke plugins (itself included) from a plugin.
-        if not isinstance(path, str) or not path.startswith(PLUGIN_PATHS):
+        reads = method == "GET" and isinstance(path, str) and path.startswith(PLUGIN_READS)
+        if not isinstance(path, str) or not (path.startswith(PLUGIN_PATHS) or reads):
             err: ApiError = Forbidden("plugins may call /crypto/v1/ paths only")
             return err.status, err.body()
         self.calls += 1
@@ -458,6 +464,7 @@ async def test(req: Request) -> dict[str, Any]:
 
 
 _MANAGE = {
+    "audit_read": F(bool),
     "name": F(str),
     "description": F(str),
     "source": F(dict),

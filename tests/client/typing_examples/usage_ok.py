@@ -21,7 +21,7 @@ def sync_use(c: strongroom.Client) -> tuple[bytes, bool, str]:
     keys: list[strongroom.Sobject] = c.keys.list(limit=10)
     group: strongroom.Group = c.groups.create("payments")
     app: strongroom.App = c.apps.create("checkout", groups=[group])
-    groups: list[str] = app.groups
+    groups: dict[str, list[str]] = app.groups
     plugin: strongroom.Plugin = c.plugins.create("p", "function run() end", groups=[group])
     version: int = plugin.version
     printed: str = c.plugins.output("inv").output
