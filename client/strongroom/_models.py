@@ -238,10 +238,15 @@ class Plugin(Record):
     groups: list[str]
     default_group: str
     enabled: bool
+    plugin_type: str
     version: int
     limits: dict[str, Any]
+    audit_read: Any
+    request_allowlist: list[str]
     created_at: str
     updated_at: str
+    lastupdated_at: str
+    legacy_access: bool
     source: Record | None
 
 
