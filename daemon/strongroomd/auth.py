@@ -310,8 +310,23 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "POST /crypto/v1/unwrapkey": {"UNWRAPKEY": "UNWRAPKEY", "create": "CREATE_SOBJECTS"},
     "POST /crypto/v1/keys/{kid}/unwrapkey": {"UNWRAPKEY": "UNWRAPKEY", "create": "CREATE_SOBJECTS"},
     "POST /crypto/v1/agree": {"AGREEKEY": "AGREEKEY", "create": "CREATE_SOBJECTS"},
-    "POST /crypto/v1/derive": {"DERIVEKEY": "DERIVEKEY", "create": "CREATE_SOBJECTS"},
-    "POST /crypto/v1/keys/{kid}/derive": {"DERIVEKEY": "DERIVEKEY", "create": "CREATE_SOBJECTS"},
+    # (BIP32 derivations read the parent's value in the daemon: key_op EXPORT.)
+    "POST /crypto/v1/derive": {
+        "DERIVEKEY": "DERIVEKEY",
+        "EXPORT": "DERIVEKEY",
+        "create": "CREATE_SOBJECTS",
+    },
+    "POST /crypto/v1/keys/{kid}/derive": {
+        "DERIVEKEY": "DERIVEKEY",
+        "EXPORT": "DERIVEKEY",
+        "create": "CREATE_SOBJECTS",
+    },
+    "POST /crypto/v1/keys/transform": {"EXPORT": "TRANSFORM", "create": "CREATE_SOBJECTS"},
+    # TR-31 key blocks: opening one is an unwrap, sealing one exports the subject.
+    "POST /crypto/v1/keys/tr31/open": {"EXPORT": "UNWRAPKEY"},
+    "POST /crypto/v1/keys/tr31/seal": {"EXPORT": "EXPORT"},
+    "POST /crypto/v1/keys/bip32/import": {"create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/bip32/export": {"EXPORT": "EXPORT"},
     # A key's value, or something computed from it alone.
     "POST /crypto/v1/keys/export": {"EXPORT": "EXPORT"},
     "GET /crypto/v1/keys/{kid}/export": {"EXPORT": "EXPORT"},
