@@ -5,6 +5,7 @@ from __future__ import annotations
 from strongroomd.api import (
     admin,
     apps,
+    bip32,
     crypto,
     groups,
     keys,
@@ -14,6 +15,7 @@ from strongroomd.api import (
     stats,
     streams,
     sys,
+    tr31,
 )
 from strongroomd.router import Route
 
@@ -23,6 +25,8 @@ ROUTES: list[Route] = [
     *admin.ROUTES,
     *groups.ROUTES,
     *apps.ROUTES,
+    *bip32.ROUTES,
+    *tr31.ROUTES,
     *keys.ROUTES,
     *crypto.ROUTES,
     *streams.ROUTES,

@@ -81,6 +81,10 @@ async def derive(req: Request) -> dict[str, Any]:
     """DSM's DeriveKeyRequest: ``key_type``, ``key_size``, ``mechanism`` and the new
     key's fields; the answer is the new key (an Sobject)."""
     b = req.body
+    if str(next(iter(b["mechanism"]), "")).startswith("bip32_"):
+        from strongroomd.api import bip32  # BIP32 keys: computed in strongroomd.bip32
+
+        return await bip32.derive(req)
     obj_type = b["key_type"].upper()
     spec = key_spec(b, obj_type, key_size=b.get("key_size"))
     row = await req.services.keyring.derive(req.owner, req.caller, b["key"], spec, b["mechanism"])
