@@ -220,9 +220,10 @@ def encrypt_file(
     A path ``dst`` is written under a temporary name and renamed when whole.
     """
     _aead()  # fail before asking the daemon for a key
-    datakey = client.datakey(kek, kid=kid, name=name, bits=bits)
-    with _reader(src) as fin, _writer(dst) as fout:
-        return encrypt(datakey, fin, fout)
+    with _reader(src) as fin:  # and before it, when the input cannot be read
+        datakey = client.datakey(kek, kid=kid, name=name, bits=bits)
+        with _writer(dst) as fout:
+            return encrypt(datakey, fin, fout)
 
 
 def decrypt_file(
@@ -293,7 +294,10 @@ class _writer:
         if not isinstance(self.dst, str | os.PathLike):
             return self.dst
         path = Path(self.dst)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        except OSError as exc:  # name the file asked for, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         self.tmp = tmp
         self.f = os.fdopen(fd, "wb")
         return self.f

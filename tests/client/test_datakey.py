@@ -249,4 +249,14 @@ def test_cli_envelope_round_trip_and_failures(sr, c, kek, tmp_path: Path) -> Non
     assert "error: bad_tag" in r.stderr and "hint:" in r.stderr and not out.exists()
     r = sr("--json", "envelope", "decrypt", "--in", str(plain), "--out", str(out), code=1)
     assert json.loads(r.stderr)["error"] == "not_envelope" and not out.exists()
+    # Files that cannot be read or written are named as given.
+    missing, nowhere = tmp_path / "missing", tmp_path / "no" / "dir" / "x.env"
+    r = sr(
+        "envelope", "encrypt", "--key", key.name, "--in", str(missing), "--out", str(out), code=2
+    )
+    assert f"{missing}: No such file" in r.stderr and not out.exists()
+    r = sr(
+        "envelope", "encrypt", "--key", key.name, "--in", str(plain), "--out", str(nowhere), code=2
+    )
+    assert f"{nowhere}: No such file" in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
