@@ -7,7 +7,7 @@ awaitables when the client is an AsyncClient.
 
 import builtins
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from strongroom._client import BaseClient
 from strongroom._models import (
@@ -111,13 +111,41 @@ class AsyncKeys:
     ) -> Sobject: ...
     async def update(self, kid: IdLike, **fields: Any) -> Sobject: ...
     async def delete(self, kid: IdLike | None = None, *, name: str | None = None) -> None: ...
+    @overload
     async def public(
         self,
         key: KeyLike | None = None,
         *,
         kid: str | None = None,
         name: str | None = None,
-        format: str = "PEM",
+        format: Literal["PEM", "pem", "OpenSSH", "OPENSSH", "openssh"] = "PEM",
+    ) -> str: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["DER", "der"],
+    ) -> bytes: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["JWK", "jwk"],
+    ) -> dict[str, Any]: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: str,
     ) -> str | bytes | dict[str, Any]: ...
     async def export(
         self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None

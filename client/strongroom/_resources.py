@@ -12,7 +12,7 @@ fails until then).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from strongroom._models import (
     App,
@@ -303,6 +303,46 @@ class Keys(_Namespace):
         if name is None:
             return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
         return self._c._chain(lambda: self.info(name=name), lambda info: self.delete(info["kid"]))
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["PEM", "pem", "OpenSSH", "OPENSSH", "openssh"] = "PEM",
+    ) -> str: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["DER", "der"],
+    ) -> bytes: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["JWK", "jwk"],
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: str,
+    ) -> str | bytes | dict[str, Any]: ...
 
     def public(
         self,
