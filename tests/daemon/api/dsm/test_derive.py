@@ -269,3 +269,31 @@ def test_hmac_key_derived_in_the_token(admin: Dual) -> None:
         admin.call("POST", f"/crypto/v1/keys/{new['kid']}/mac", {"alg": "SHA512", "data": b"m"}),
         "invalid_value",
     )
+
+
+def test_transient_result_and_the_audit_record(admin: Dual) -> None:
+    """The audit record names both keys; a transient derived key lives on its
+    connection (the socket; the gateway refuses transient keys)."""
+    g = _group(admin)
+    kid, value = _base(admin, g)
+    data = os.urandom(16)
+    body = {
+        "key_type": "AES",
+        "key_size": 128,
+        "group_id": g,
+        "key_ops": ["ENCRYPT", "DECRYPT"],
+        "mechanism": {"encrypt_data": {"mode": "ECB", "plain": data}},
+    }
+    new = ok(admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "name": unique("d")}))
+    (rec,) = ok(admin.call("GET", "/sys/v1/logs", {"object_id": new["kid"]}))
+    assert rec["action"] == "POST /crypto/v1/keys/{kid}/derive"
+    assert rec["detail"] == {"base_kid": kid, "mechanism": "encrypt_data"}
+    r = admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "transient": True})
+    if admin.kind == "http":
+        err(r, "invalid_value")
+        return
+    t = ok(r)
+    assert t["transient"] is True
+    out = ok(admin.call("POST", "/crypto/v1/encrypt", {"key": {"kid": t["kid"]}, "plain": b"t"}))
+    key = _ecb(value, data)[:16]
+    assert AESGCM(key).decrypt(out["iv"], out["cipher"] + out["tag"], None) == b"t"
