@@ -1546,7 +1546,10 @@ function tbs_methods.add_extension(t, oid, critical, der)
   if st == nil then error("TbsCertificate:add_extension: not a TbsCertificate", 2) end
   if #st.exts >= 64 then error("TbsCertificate:add_extension: at most 64", 2) end
   local v = bytes_of(der, "TbsCertificate:add_extension", 2)
-  if #v > DER_MAX_BYTES then error("TbsCertificate:add_extension: too large", 2) end
+  st.size = (st.size or 0) + #v
+  if st.size > DER_MAX_BYTES then
+    error("TbsCertificate:add_extension: too large (" .. DER_MAX_BYTES .. " bytes in all)", 2)
+  end
   st.exts[#st.exts + 1] = { oid_of(oid, "TbsCertificate:add_extension", 2), critical and true or false,
     new_blob(v) }
   return t
