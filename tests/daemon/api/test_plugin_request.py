@@ -83,6 +83,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.release.wait(60)
             with contextlib.suppress(OSError):  # the daemon gave up on it long ago
                 self._answer(200, b"{}")
+        elif route == "/dribble":  # headers at once, then a byte now and then
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while not self.server.release.wait(0.05):
+                    self.wfile.write(b"d")
+                    self.wfile.flush()
         elif route == "/big":
             self._answer(200, b"x" * (outbound.MAX_BODY + 1), "text/plain")
         elif route == "/big-chunked":
@@ -410,6 +418,20 @@ def test_timeout_while_a_bystander_keeps_working(admin, dev, upstream) -> None:
     out = result(got)
     assert out["error"]["status"] == 504, out
     app.conn.close()
+
+
+def test_a_body_that_never_ends_is_cut_at_the_deadline(admin, upstream) -> None:
+    code = (
+        SHOW
+        + """
+    function run(input)
+      local r, e = request { url = input.base .. '/dribble' }
+      return show(r, e)
+    end"""
+    )
+    inp = {"base": upstream.origin}
+    out = result(run(admin, code, [upstream.origin], inp, limits={"wall_seconds": 2}))
+    assert out["error"]["status"] == 504, out
 
 
 def test_stored_plugin_allowlist_is_admin_set_and_checked(dev, admin, upstream) -> None:
