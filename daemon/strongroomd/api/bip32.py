@@ -3,7 +3,7 @@ transform children, import and export the ``xprv`` serialization.
 
 The computation is :mod:`strongroomd.bip32`, in the daemon, from the value of a
 key whose key_ops include EXPORT (a key without it is refused with the
-keyring's "the key's key_ops do not include EXPORT"). The result goes into the
+keyring's "the key's key_ops do not include EXPORT") and DERIVEKEY. The result goes into the
 token through the keyring, as an EC SecP256K1 key whose ``custom_metadata``
 carries its extended public key; the answer shows it as DSM does, with
 ``obj_type`` ``BIP32`` and ``pub_key`` the 78-byte serialized public key.
@@ -89,7 +89,8 @@ async def _derive(req: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
             f"mechanism {kind!r} is not one of {', '.join(allowed)} here", code="invalid_value"
         )
     kr = req.services.keyring
-    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")
+    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")  # the value is read: EXPORT first
+    kr.use(req.owner, req.caller, b["key"], "DERIVEKEY")  # as every derivation (DSM)
     req.object_id = row.kid
     if kind == "bip32_master_key":
         if row.obj_type not in SEED_TYPES:
@@ -132,7 +133,7 @@ async def import_(req: Request) -> dict[str, Any]:
     else:
         raw = v
     b.pop("obj_type", None)
-    return await _store(req, b, bip32.parse_private(raw), b.get("key_ops"))
+    return await _store(req, b, bip32.parse_private(raw), b.get("key_ops", list(DERIVED_OPS)))
 
 
 async def export(req: Request) -> dict[str, Any]:
