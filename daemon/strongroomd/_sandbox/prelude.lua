@@ -104,7 +104,9 @@ local Blob = {}
 local blob_methods = {}
 -- blob[1] is the Blob's bytes as a string (DSM's published kvp plugin reads a
 -- value that way); any other key is a method name.
-local Blob_mt = { __metatable = "Blob", __index = function(b, k)
+-- getmetatable(b) is Blob itself, as in DSM: published plugins check a Blob
+-- with `getmetatable(key) == Blob` (the AWS ones, before signing a request).
+local Blob_mt = { __metatable = Blob, __index = function(b, k)
   if k == 1 then return BYTES[b] end
   return blob_methods[k]
 end }
