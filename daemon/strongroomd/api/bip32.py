@@ -3,7 +3,7 @@ transform children, import and export the ``xprv`` serialization.
 
 The computation is :mod:`strongroomd.bip32`, in the daemon, from the value of a
 key whose key_ops include EXPORT (a key without it is refused with the
-keyring's "the key's key_ops do not include EXPORT") and DERIVEKEY. The result goes into the
+keyring's "the key's key_ops do not include EXPORT"). The result goes into the
 token through the keyring, as an EC SecP256K1 key whose ``custom_metadata``
 carries its extended public key; the answer shows it as DSM does, with
 ``obj_type`` ``BIP32`` and ``pub_key`` the 78-byte serialized public key.
@@ -90,8 +90,7 @@ async def _derive(req: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
             f"mechanism {kind!r} is not one of {', '.join(allowed)} here", code="invalid_value"
         )
     kr = req.services.keyring
-    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")  # the value is read: EXPORT first
-    kr.use(req.owner, req.caller, b["key"], "DERIVEKEY")  # as every derivation (DSM)
+    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")  # the value is read
     req.object_id = row.kid
     if kind == "bip32_master_key":
         if row.obj_type not in SEED_TYPES:

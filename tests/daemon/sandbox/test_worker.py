@@ -587,6 +587,10 @@ def test_environment_is_a_whitelist(worker: Worker) -> None:
             "DerEncoder",
             "IpAddr",
             "Pkcs10Csr",
+            "Group",
+            "TbsCertificate",
+            "Tr31Envelope",
+            "tr31_open",
             "request",
             "run",
         ]
