@@ -23,10 +23,15 @@ log = logging.getLogger("strongroomd.dispatch")
 mstate = metrics.state
 
 
+_TRANSIENT = {"transient": True}
+
+
 class Dispatcher:
     def __init__(self, services: Services, router: Router) -> None:
         self.services = services
         self.router = router
+        #: Audit kinds of routes whose body cannot change it, by "METHOD /template".
+        self._kinds: dict[str, Kind] = {}
 
     def authenticate(self, owner: Owner, auth: str | None) -> Principal | None:
         if auth is not None:
@@ -84,7 +89,11 @@ class Dispatcher:
             req = Request(
                 self.services, owner, principal, method, path, params, check_body(route, body)
             )
-            kind = kind_of(method, route.path, req.body)
+            kind = self._kinds.get(action)
+            if kind is None:
+                kind = kind_of(method, route.path, req.body)
+                if kind_of(method, route.path) is kind_of(method, route.path, _TRANSIENT):
+                    self._kinds[action] = kind  # the body cannot change it: keep it
             self.services.audit.admit(kind)  # fails closed: 503 when it cannot be recorded
             result = await route.handler(req)
             status = 204 if result is None else 200
