@@ -30,8 +30,12 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 # -- the PKCS#11 provider vs the Python client (child process) --------------------------
 
 
-def provider_main(sock: str, api_key: str, seconds: float) -> None:
-    """The same sequential loop through libstrongroom-pkcs11.so and through the client."""
+def provider_main(sock: str, key_file: str, seconds: float) -> None:
+    """The same sequential loop through libstrongroom-pkcs11.so and through the client.
+
+    The API key comes from its 0600 file, never from argv (which any local user
+    may read in /proc)."""
+    api_key = Path(key_file).read_text().strip()
     os.environ["STRONGROOM_SOCKET"] = sock
     import pkcs11
     from pkcs11 import Mechanism, ObjectClass
@@ -292,7 +296,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--raw", nargs=2, metavar=("CONF", "PIN_FILE"), help=argparse.SUPPRESS)
-    ap.add_argument("--provider", nargs=2, metavar=("SOCK", "KEY"), help=argparse.SUPPRESS)
+    ap.add_argument("--provider", nargs=2, metavar=("SOCK", "KEY_FILE"), help=argparse.SUPPRESS)
     ap.add_argument(
         "--keys",
         type=int,
@@ -357,7 +361,7 @@ def main() -> int:
             got = asyncio.run(through_daemon(sock, api_key, args.seconds))
             prov_out = subprocess.run(
                 [sys.executable, __file__, "--seconds", str(args.seconds), "--provider",
-                 str(sock), api_key],
+                 str(sock), str(state / "admin.key")],
                 capture_output=True,
                 text=True,
                 check=True,
