@@ -18,6 +18,7 @@ from strongroomd.auth import Principal
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, Internal, Unauthenticated
 from strongroomd.router import Router, check_body
+from strongroomd.store import unconfirmed
 
 log = logging.getLogger("strongroomd.dispatch")
 mstate = metrics.state
@@ -69,6 +70,8 @@ class Dispatcher:
             matched.append(route.path)
             action = f"{method} {route.path}"
             if not route.public:
+                if self.services.store.shared:  # a session another node issued
+                    await self.services.auth.prefetch(auth or owner.token)
                 principal = self.authenticate(owner, auth)
                 if principal is None:
                     raise Unauthenticated("authenticate first (POST /sys/v1/session/auth)")
@@ -80,7 +83,15 @@ class Dispatcher:
             )
             kind = kind_of(method, route.path, req.body)
             self.services.audit.admit(kind)  # fails closed: 503 when it cannot be recorded
+            if self.services.store.shared:
+                sink: list[str] = []
+                unconfirmed.set(sink)
             result = await route.handler(req)
+            if self.services.store.shared and sink:
+                # A change that some live nodes have not confirmed applying.
+                result = {} if result is None else result
+                if isinstance(result, dict):
+                    result["unconfirmed_nodes"] = sorted(set(sink))
             status = 204 if result is None else 200
             seq = self._audit(action, req.principal, req, owner, status, None)
             if kind is Kind.CHANGE and seq is not None:

@@ -26,6 +26,7 @@ change in one place is what makes these rules hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -94,6 +95,22 @@ class Keyring(Lifecycle):
         self.closing: set[str] = set()
         self._changes: set[asyncio.Task[Any]] = set()
         self._retries: set[asyncio.Task[Any]] = set()
+        if store.shared:
+            store.observers.append(self._heard)  # type: ignore[attr-defined]
+
+    async def _heard(self, table: str, kid: str, old: Any, new: Any) -> None:
+        """Another node changed a key row (several nodes, one token): a new key's
+        token object is found by its CKA_ID before its row is served here; a
+        deleted or destroyed key's session copies are dropped."""
+        if table != "keys":
+            return
+        try:
+            if new is None or new.state == "Destroyed":
+                await self.token.forget(kid)
+            elif old is None and not await self.token.learn(kid):
+                log.warning("key %s made by another node is not in the token yet", kid)
+        except Exception as exc:
+            log.warning("token lookup of %s failed: %s", kid, exc)
 
     # -- lookup ---------------------------------------------------------------
     def find(self, owner: Owner, principal: Principal, descriptor: Any) -> KeyRow:
@@ -302,7 +319,10 @@ class Keyring(Lifecycle):
         self._filling[group] += 1
 
         async def run() -> KeyRow:
+            shared = self.store.shared and not transient
             try:
+                if shared:  # another node's start-up must not take it for an orphan
+                    await self.store.reserve_kid(new.kid)  # type: ignore[attr-defined]
                 mat = await make(new)
                 try:
                     row = KeyRow(
@@ -337,6 +357,9 @@ class Keyring(Lifecycle):
                     raise
                 return row
             finally:
+                if shared:
+                    with contextlib.suppress(Exception):  # a start-up clears its own
+                        await self.store.release_kid(new.kid)  # type: ignore[attr-defined]
                 if transient:
                     owner.transient_pending -= 1
                 else:
@@ -490,6 +513,10 @@ class Keyring(Lifecycle):
         on_token = self.token.kids()
         store = self.store
         orphans = on_token - set(store.keys)
+        if store.shared:
+            # Several nodes: a key whose row another node wrote since this node read
+            # the rows, or is about to write (reserved), is no orphan.
+            orphans -= await store.claimed(orphans)  # type: ignore[attr-defined]
         for kid in orphans:
             log.warning("removing token object %s that has no database row", kid)
             await self.token.remove(kid)
@@ -512,8 +539,15 @@ class Keyring(Lifecycle):
             if row.state == "Destroyed":
                 continue  # no material, on purpose
             lost = row.kid not in on_token
+            if lost and store.shared:  # made by another node after this one's index
+                lost = not await self.token.learn(row.kid)
             if lost != row.missing:
-                await store.change(KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost))
+                try:
+                    await store.change(
+                        KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost)
+                    )
+                except (NotFound, Conflict):  # another node deleted or changed it meanwhile
+                    continue
                 marked += lost
                 if lost:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)
