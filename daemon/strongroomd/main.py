@@ -3,7 +3,7 @@
 strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH] [--http-port N]
 strongroomd --version
 strongroomd check-config [--config FILE]
-strongroomd audit verify [--state-dir DIR | --db FILE]
+strongroomd audit verify [--state-dir DIR | --db FILE]   (database_url: that database)
 strongroomd backup --out FILE [--passphrase-file FILE]
 strongroomd restore --in FILE --state-dir DIR [--force] [--passphrase-file FILE]
 strongroomd admin rotate
@@ -161,12 +161,23 @@ def _check_config(cfg: config_mod.Config) -> int:
 def _audit_verify(cfg: config_mod.Config, db: str | None) -> int:
     from strongroomd.audit import verify_file
 
-    path = Path(db) if db else cfg.db_path
-    try:
-        checked, brk = verify_file(path)
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        print(f"strongroomd: cannot read {path}: {exc}", file=sys.stderr)
-        return EXIT_STARTUP_FAILURE
+    if cfg.database_url and not db:  # several nodes: every node's records, one chain
+        from strongroomd.config import redact_url
+        from strongroomd.pgstore import verify_url
+
+        try:
+            checked, brk, _ = verify_url(cfg.database_url)
+        except Exception as exc:
+            where = redact_url(cfg.database_url)
+            print(f"strongroomd: cannot read {where}: {type(exc).__name__}", file=sys.stderr)
+            return EXIT_STARTUP_FAILURE
+    else:
+        path = Path(db) if db else cfg.db_path
+        try:
+            checked, brk = verify_file(path)
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            print(f"strongroomd: cannot read {path}: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILURE
     if brk is None:
         print(f"audit chain intact: {checked} records")
         return EXIT_OK

@@ -73,3 +73,132 @@ def test_key_ops_narrowing_on_b_is_refused_everywhere(cluster: Cluster) -> None:
             "tag": ct["tag"],
         }
         assert ok(c[n].call("POST", "/crypto/v1/decrypt", dec))["plain"] == ENC["plain"]
+
+
+def test_an_apps_session_works_on_every_node(cluster: Cluster) -> None:
+    c = conns(cluster)
+    gid = ok(c["A"].call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+    app = ok(c["A"].call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": [gid]}))
+    key = new_key(c["C"], group_id=gid)
+    b = cluster["B"].connect(app["credential"]["api_key"])  # the session is B's
+    token = ok(b.call("POST", "/sys/v1/session/auth", {"api_key": app["credential"]["api_key"]}))[
+        "access_token"
+    ]
+    from tests.conftest import Raw
+
+    for n in "AC":  # the bearer token, on nodes that did not issue it
+        r = Raw(cluster[n].socket)
+        ok(r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}, auth=token))
+        # allowed, and denied: a key outside the app's groups is not found
+        other = new_key(c[n], group_id=ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"])
+        err(
+            r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": other["kid"]}, **ENC}, auth=token),
+            "not_found",
+        )
+        r.close()
+    # a disabled app is refused on every node once the disable is answered
+    ok(c["A"].call("PATCH", f"/sys/v1/apps/{app['app_id']}", {"enabled": False}))
+    for n in "ABC":
+        r = Raw(cluster[n].socket)
+        resp = r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}, auth=token)
+        assert resp["status"] == 401, resp
+        r.close()
+
+
+def test_a_rekey_on_one_node_is_seen_everywhere(cluster: Cluster) -> None:
+    c = conns(cluster)
+    gid = ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    key = new_key(c["A"], group_id=gid)
+    ct = ok(c["C"].call("POST", "/crypto/v1/encrypt", {"key": {"name": key["name"]}, **ENC}))
+    new = ok(c["B"].call("POST", "/crypto/v1/keys/rekey", {"name": key["name"]}))
+    assert new["kid"] != key["kid"]
+    for n in "ABC":
+        info = ok(c[n].call("POST", "/crypto/v1/keys/info", {"name": key["name"]}))
+        assert info["kid"] == new["kid"]
+        out = ok(c[n].call("POST", "/crypto/v1/encrypt", {"key": {"name": key["name"]}, **ENC}))
+        dec = {
+            "key": {"kid": new["kid"]},
+            "alg": "AES",
+            "mode": "GCM",
+            **{k: out[k] for k in ("cipher", "iv", "tag")},
+        }
+        assert ok(c[n].call("POST", "/crypto/v1/decrypt", dec))["plain"] == ENC["plain"]
+        old = {
+            "key": {"kid": key["kid"]},
+            "alg": "AES",
+            "mode": "GCM",
+            **{k: ct[k] for k in ("cipher", "iv", "tag")},
+        }
+        assert ok(c[n].call("POST", "/crypto/v1/decrypt", old))["plain"] == ENC["plain"]
+
+
+def test_delete_on_one_node_is_gone_everywhere(cluster: Cluster) -> None:
+    c = conns(cluster)
+    gid = ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    key = new_key(c["A"], group_id=gid)
+    ok(c["B"].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
+    resp = c["C"].call("DELETE", f"/crypto/v1/keys/{key['kid']}")
+    assert resp["status"] in (200, 204), resp
+    for n in "ABC":
+        err(
+            c[n].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}),
+            "not_found",
+        )
+    # the token object is gone too (the deleter found it by CKA_ID)
+    import subprocess
+
+    out = subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "strongroom",
+            "--login",
+            "--pin",
+            "env:SR_PIN",
+            "--list-objects"],
+        env={**__import__("os").environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert key["kid"].encode().hex() not in out.stdout  # every object listed, not this one
+    assert "Secret Key Object" in out.stdout  # (the listing works: other keys are there)
+
+
+def test_the_audit_chain_is_one_across_nodes(cluster: Cluster) -> None:
+    c = conns(cluster)
+    for n in "ABC":
+        ok(c[n].call("GET", "/sys/v1/groups"))
+        gid = ok(c[n].call("GET", "/sys/v1/groups"))[0]["group_id"]
+        new_key(c[n], group_id=gid)
+    outs = [ok(c[n].call("GET", "/sys/v1/logs/verify")) for n in "ABC"]
+    for out in outs:
+        assert out["ok"] is True, out
+    assert outs[2]["records"] >= outs[0]["records"] > 0
+    # records of every node, in one chain, listed by any node
+    actors = {r.get("actor_id") for r in ok(c["B"].call("GET", "/sys/v1/logs", {"limit": 1000}))}
+    assert len(actors) >= 1
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "strongroomd",
+            "--config",
+            str(cluster["B"].config),
+            "audit",
+            "verify",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "audit chain intact" in proc.stdout
