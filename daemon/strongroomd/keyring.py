@@ -98,19 +98,30 @@ class Keyring(Lifecycle):
         if store.shared:
             store.observers.append(self._heard)  # type: ignore[attr-defined]
 
-    async def _heard(self, table: str, kid: str, old: Any, new: Any) -> None:
+    async def _heard(self, table: str, kid: str, old: Any, new: Any) -> bool:
         """Another node changed a key row (several nodes, one token): a new key's
         token object is found by its CKA_ID before its row is served here; a
-        deleted or destroyed key's session copies are dropped."""
+        deleted or destroyed key's session copies are dropped.
+
+        False when a new key's object cannot be found (the change is then not
+        confirmed to its node, whose answer names this one); a later use looks
+        it up again."""
         if table != "keys":
-            return
+            return True
         try:
             if new is None or new.state == "Destroyed":
                 await self.token.forget(kid)
-            elif old is None and not await self.token.learn(kid):
-                log.warning("key %s made by another node is not in the token yet", kid)
+            elif old is None:
+                for delay in (0.0, 0.01, 0.05, 0.1, 0.25):
+                    await asyncio.sleep(delay)
+                    if await self.token.learn(kid):
+                        return True
+                log.error("key %s made by another node is not found in the token", kid)
+                return False
         except Exception as exc:
             log.warning("token lookup of %s failed: %s", kid, exc)
+            return False
+        return True
 
     # -- lookup ---------------------------------------------------------------
     def find(self, owner: Owner, principal: Principal, descriptor: Any) -> KeyRow:

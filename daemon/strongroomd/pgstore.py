@@ -513,6 +513,7 @@ class PgStore(Store):
             fn({"all": True})
 
     async def _apply(self, msg: dict[str, Any]) -> None:
+        confirmed = True
         for table, pk in msg["r"]:
             if table not in _TABLE_ROWS:
                 continue
@@ -534,27 +535,39 @@ class PgStore(Store):
             old = self._cache(cls).get(pk)
             if row is not None and old is not None and row.version < old.version:
                 continue  # this node already holds a newer one
-            await self._replace(table, pk, old, row)
-        if msg.get("w"):
+            confirmed &= await self._replace(table, pk, old, row)
+        if msg.get("w") and confirmed:
             ack = json.dumps({"ack": msg["c"], "n": self.node}, separators=(",", ":"))
             await self._run(
                 lambda: self._ensure().execute("SELECT pg_notify(%s, %s)", (CHANNEL, ack))
             )
 
-    async def _replace(self, table: str, pk: str, old: Any, new: Any) -> None:
+    async def _replace(self, table: str, pk: str, old: Any, new: Any) -> bool:
+        """Put the row read from the database in the cache, after the observers
+        (the keyring finds a new key's token object first); False if one of them
+        could not do its part (the change is not confirmed)."""
+        ok = True
         for fn in self.observers:
             out = fn(table, pk, old, new)
             if asyncio.iscoroutine(out):
-                await out
+                out = await out
+            ok &= out is not False
         if new is None:
             if old is not None:
                 self._forget(old)
         else:
             self._remember(new)
+        return ok
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT)
+            if time.monotonic() - self._beat_ok >= self.node_timeout / 2 and self._listening:
+                # Not live for a while (stopped, starved, cut off): the others may have
+                # stopped waiting for this node; catch up on everything before serving.
+                log.warning("no heartbeat for %.1f s: re-reading every row", self.node_timeout / 2)
+                self._listening = False
+                self._need_resync()
             try:
                 await self._run(lambda: self._beat(self._ensure()))
             except Exception as exc:

@@ -1,0 +1,114 @@
+"""Nodes and the database failing: kill -9 of a node mid-burst, PostgreSQL down,
+a node that stops answering (SIGSTOP)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+from tests.conftest import Raw, unique
+from tests.daemon.api.helpers import ok
+from tests.multinode.conftest import Cluster, wait_for
+
+ENC = {"alg": "AES", "mode": "GCM", "plain": b"secret data"}
+
+
+def encrypt(conn: Raw, kid: str) -> dict:
+    return conn.call("POST", "/crypto/v1/encrypt", {"key": {"kid": kid}, **ENC})
+
+
+def burst(cluster: Cluster, node: str, gid: str, acked: list[str], stop: threading.Event) -> None:
+    """Create keys on ``node`` until told to stop or the node dies; note each answered one."""
+    try:
+        conn = cluster[node].connect(cluster.admin_key)
+        while not stop.is_set():
+            body = {"name": unique("burst"), "obj_type": "AES", "key_size": 128, "group_id": gid}
+            resp = conn.call("POST", "/crypto/v1/keys", body)
+            if resp["status"] == 200:
+                acked.append(resp["body"]["kid"])
+    except (ConnectionError, OSError):
+        return  # the node was killed
+
+
+def test_kill9_during_a_burst_loses_no_acknowledged_key(cluster: Cluster) -> None:
+    admin = cluster["A"].connect(cluster.admin_key)
+    gid = ok(admin.call("GET", "/sys/v1/groups"))[0]["group_id"]
+    on_a: list[str] = []
+    on_b: list[str] = []
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=burst, args=(cluster, n, gid, acked, stop))
+        for n, acked in (("A", on_a), ("B", on_b), ("B", on_b))
+    ]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: len(on_b) >= 10, timeout=60)
+    cluster["B"].kill9()  # mid-creation, most likely
+    b_dead_at = len(on_b)
+    # B restarts while A goes on creating: its reconcile must spare A's fresh keys.
+    cluster["B"].start()
+    assert wait_for(lambda: len(on_a) >= len(on_a) + 0 and len(on_a) > 5, timeout=60)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert len(on_b) >= b_dead_at > 0
+    conns = {n: cluster[n].connect(cluster.admin_key) for n in "ABC"}
+    for kid in on_a + on_b:  # every acknowledged key works on every node
+        for n in "ABC":
+            assert encrypt(conns[n], kid)["status"] == 200, (n, kid)
+    log = cluster["B"].log.read_text()
+    removed = set(re.findall(r"removing token object ([0-9a-f-]{36})", log))
+    assert not removed & set(on_a + on_b)
+
+
+def test_postgres_down_then_back(cluster: Cluster) -> None:
+    conns = {n: cluster[n].connect(cluster.admin_key) for n in "ABC"}
+    gid = ok(conns["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    kids = []
+    for n in "ABC":
+        body = {"name": unique("pg"), "obj_type": "AES", "key_size": 256, "group_id": gid}
+        kids.append(ok(conns[n].call("POST", "/crypto/v1/keys", body))["kid"])
+    cluster.pg.stop()
+    try:
+        for n in "ABC":  # each node sees it lost the database and refuses use
+            last = wait_for(lambda n=n: encrypt(conns[n], kids[0])["status"] == 503, timeout=30)
+            assert last, n
+            resp = encrypt(conns[n], kids[0])
+            assert resp["status"] == 503 and resp["body"]["error"] == "unavailable", resp
+    finally:
+        cluster.pg.start()
+    for n in "ABC":  # then serve again, with every key acknowledged before
+        assert wait_for(lambda n=n: encrypt(conns[n], kids[0])["status"] == 200, timeout=60), n
+        for kid in kids:
+            assert encrypt(conns[n], kid)["status"] == 200
+    assert wait_for(lambda: ok(conns["B"].call("GET", "/sys/v1/logs/verify"))["ok"], timeout=30)
+
+
+def test_a_node_that_does_not_confirm_is_named_and_never_serves_stale(cluster: Cluster) -> None:
+    conns = {n: cluster[n].connect(cluster.admin_key) for n in "ABC"}
+    gid = ok(conns["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    body = {"name": unique("stop"), "obj_type": "AES", "key_size": 256, "group_id": gid}
+    kid = ok(conns["A"].call("POST", "/crypto/v1/keys", body))["kid"]
+    assert encrypt(conns["C"], kid)["status"] == 200
+    pid = cluster["C"].proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        out = ok(conns["A"].call("PATCH", f"/crypto/v1/keys/{kid}", {"enabled": False}))
+        assert out["unconfirmed_nodes"] == ["C"], out  # after confirm_timeout (2 s)
+        assert encrypt(conns["B"], kid)["status"] == 403
+        # Out of touch for more than node_timeout / 2 (3 s): C must not trust its cache.
+        time.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # C, resumed, refuses (503 while it catches up), and never serves the disabled key
+    seen = []
+    for _ in range(200):
+        resp = encrypt(conns["C"], kid)
+        seen.append(resp["status"])
+        if resp["status"] != 503:
+            break
+    assert 200 not in seen and seen[-1] == 403, seen
