@@ -1,9 +1,10 @@
 """Two distributions from one repository (client/pyproject.toml and pyproject.toml).
 
-The client, ``strongroom``, installs alone: its wheel requires msgpack (the
-library) and click (the command line), nothing of the daemon's. Checked on a
-wheel built here and installed into a fresh venv that sees only that wheel
-and those two packages. Offline: the build backend comes from pip's own
+The client, ``strongroom``, installs alone: its wheel requires msgpack only;
+click (the command line) is its ``cli`` extra and cryptography (envelope
+files) its ``envelope`` extra, and it needs nothing of the daemon's. Checked
+on a wheel built here and installed into a fresh venv that sees only that
+wheel and the packages named. Offline: the build backend comes from pip's own
 configuration as ``scripts/_setup.sh`` uses it, and the dependencies are the
 main venv's installed packages, linked one by one.
 """
@@ -28,11 +29,17 @@ PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
 DAEMON_ONLY = ("strongroomd", "pkcs11", "lupa", "aiohttp", "cryptography", "sdnotify")
 
 
-def _requires(wheel: Path) -> list[str]:
+def _requires(wheel: Path, extra: str | None = None) -> list[str]:
+    """The wheel's requirements: unconditional ones, or those of ``extra``."""
     with zipfile.ZipFile(wheel) as z:
         meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
         msg = Parser().parsestr(z.read(meta).decode())
-    return [r.split(";")[0].strip() for r in msg.get_all("Requires-Dist") or []]
+    out = []
+    for r in msg.get_all("Requires-Dist") or []:
+        req, _, marker = r.partition(";")
+        if (extra is None and not marker) or (extra and f'extra == "{extra}"' in marker):
+            out.append(req.strip())
+    return out
 
 
 def _name(requirement: str) -> str:
@@ -88,26 +95,33 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def test_client_pyproject_declares_msgpack_and_click_only() -> None:
+def test_client_pyproject_declares_msgpack_only() -> None:
     project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     assert project["name"] == "strongroom"
-    assert sorted(_name(r) for r in project["dependencies"]) == ["click", "msgpack"]
-    assert project["scripts"] == {"strongroom": "strongroom._cli:main"}
+    assert [_name(r) for r in project["dependencies"]] == ["msgpack"]
+    extras = project["optional-dependencies"]
+    assert [_name(r) for r in extras["cli"]] == ["click"]
+    assert [_name(r) for r in extras["envelope"]] == ["cryptography"]
+    assert project["scripts"] == {"strongroom": "strongroom._entry:main"}
     daemon = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert daemon["name"] == "strongroomd"
-    assert "strongroom" in {_name(r) for r in daemon["dependencies"]}
+    # An operator's install (pip install .) has the command and envelope files.
+    assert "strongroom[cli,envelope]==0.1.0" in daemon["dependencies"]
     assert "strongroom" not in daemon["scripts"]
 
 
 def test_client_wheel_needs_no_daemon_package(client_wheel: Path) -> None:
-    assert sorted(_name(r) for r in _requires(client_wheel)) == ["click", "msgpack"]
+    assert [_name(r) for r in _requires(client_wheel)] == ["msgpack"]
+    assert [_name(r) for r in _requires(client_wheel, "cli")] == ["click"]
+    assert [_name(r) for r in _requires(client_wheel, "envelope")] == ["cryptography"]
     with zipfile.ZipFile(client_wheel) as z:
         names = z.namelist()
-    assert "strongroom/py.typed" in names and "strongroom/wire.py" in names
+    for name in ("py.typed", "wire.py", "envelope.py", "_async_resources.pyi"):
+        assert f"strongroom/{name}" in names, name
     assert not [n for n in names if n.startswith("strongroomd")]
     with zipfile.ZipFile(client_wheel) as z:
         ep = next(n for n in names if n.endswith("entry_points.txt"))
-        assert "strongroom = strongroom._cli:main" in z.read(ep).decode()
+        assert "strongroom = strongroom._entry:main" in z.read(ep).decode()
 
 
 def test_library_works_with_msgpack_alone(client_wheel: Path, tmp_path: Path, daemon) -> None:
@@ -119,6 +133,12 @@ def test_library_works_with_msgpack_alone(client_wheel: Path, tmp_path: Path, da
         "    assert c.crypto.digest(b'hi', alg='SHA256').digest\n"
         f"absent = [m for m in {(*DAEMON_ONLY, 'click')!r} if importlib.util.find_spec(m)]\n"
         "assert not absent, absent\n"
+        "import io\n"
+        "from strongroom import EnvelopeError, envelope\n"
+        "try:\n"
+        "    envelope.encrypt({}, io.BytesIO(), io.BytesIO())\n"
+        "except EnvelopeError as exc:\n"
+        "    assert exc.code == 'missing_dependency' and 'strongroom[envelope]' in str(exc)\n"
         "print('ok')\n"
     )
     r = subprocess.run(
@@ -130,6 +150,17 @@ def test_library_works_with_msgpack_alone(client_wheel: Path, tmp_path: Path, da
         cwd=tmp_path,
     )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r
+    # The command is installed; without click it says how to get it.
+    r = subprocess.run(
+        [venv / "bin" / "strongroom", "keys", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_clean_env(),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r
+    assert "pip install 'strongroom[cli]'" in r.stderr, r.stderr
 
 
 def test_cli_runs_with_msgpack_and_click(client_wheel: Path, tmp_path: Path) -> None:

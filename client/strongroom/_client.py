@@ -13,11 +13,12 @@ import inspect
 import itertools
 import os
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
-from strongroom._exceptions import ApiError, TransportError, error_for
-from strongroom._models import Request, Response, wrap
+from strongroom import _datakey
+from strongroom._exceptions import ApiError, StrongroomError, TransportError, error_for
+from strongroom._models import DataKey, Request, Response, wrap
 from strongroom._resources import (
     AUTH_PATH,
     TERMINATE_PATH,
@@ -32,7 +33,18 @@ from strongroom._resources import (
 )
 from strongroom._transports.base import AsyncBaseTransport, BaseTransport
 from strongroom._transports.unix import AsyncUnixTransport, UnixTransport
-from strongroom._types import RequestSpecs
+from strongroom._types import KeyLike, RequestSpecs
+
+if TYPE_CHECKING:
+    from strongroom._async_resources import (
+        AsyncApps,
+        AsyncCrypto,
+        AsyncGroups,
+        AsyncKeys,
+        AsyncLogs,
+        AsyncPlugins,
+        AsyncSession,
+    )
 
 __all__ = ["DEFAULT_SOCKET", "AsyncClient", "BaseClient", "Client", "key_descriptor"]
 
@@ -63,26 +75,19 @@ def _env_api_key() -> str | None:
     return None
 
 
+_NAMESPACES: dict[str, type] = {
+    "session": Session,
+    "groups": Groups,
+    "apps": Apps,
+    "keys": Keys,
+    "crypto": Crypto,
+    "logs": Logs,
+    "plugins": Plugins,
+}
+
+
 class BaseClient:
     """What both clients share: configuration, namespaces, bodies, error mapping."""
-
-    #: ``/sys/v1/session``: ``auth()``, ``terminate()`` (the client authenticates by itself).
-    session: Session
-    #: ``/sys/v1/groups``: ``create``, ``list``, ``get``, ``update``, ``delete``.
-    groups: Groups
-    #: ``/sys/v1/apps``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``reset_secret``.
-    apps: Apps
-    #: ``/crypto/v1/keys``: ``create``, ``import_key``, ``list``, ``get``, ``info``, ``update``,
-    #: ``delete``, ``export``, ``public``.
-    keys: Keys
-    #: ``/crypto/v1/*``: ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``mac``, ``macverify``,
-    #: ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
-    crypto: Crypto
-    #: ``/sys/v1/logs``: ``list`` (audit records), ``verify`` (the hash chain).
-    logs: Logs
-    #: ``/sys/v1/plugins``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``invoke``,
-    #: ``test``.
-    plugins: Plugins
 
     def __init__(
         self,
@@ -100,13 +105,10 @@ class BaseClient:
         self._auth_epoch = 0
         #: kid -> obj_type, so encrypt/decrypt by kid infer ``alg`` once.
         self._key_types: dict[str, str] = {}
-        self.session = Session(self)
-        self.groups = Groups(self)
-        self.apps = Apps(self)
-        self.keys = Keys(self)
-        self.crypto = Crypto(self)
-        self.logs = Logs(self)
-        self.plugins = Plugins(self)
+        # One set of namespace classes serves both clients; each subclass
+        # declares their types (the async ones in _async_resources.pyi).
+        for attr, namespace in _NAMESPACES.items():
+            setattr(self, attr, namespace(self))
 
     def __repr__(self) -> str:
         return (
@@ -117,6 +119,37 @@ class BaseClient:
     @property
     def has_api_key(self) -> bool:
         return self._api_key is not None
+
+    def _datakey_flow(
+        self,
+        kek: KeyLike | None,
+        kid: str | None,
+        name: str | None,
+        bits: int,
+        plaintext: bool,
+    ) -> _datakey.Flow:
+        return _datakey.generate(key_descriptor(kek, kid=kid, name=name), bits, plaintext)
+
+    def _unwrap_flow(
+        self,
+        datakey: Mapping[str, Any] | None,
+        kek: KeyLike | None,
+        kid: str | None,
+        name: str | None,
+        wrapped_key: bytes | None,
+        wrap_alg: str | None,
+        wrap_mode: str | None,
+    ) -> _datakey.Flow:
+        if datakey is not None:
+            if kek is None and kid is None and name is None:
+                kid = datakey["kid"]
+            wrapped_key = datakey["wrapped_key"] if wrapped_key is None else wrapped_key
+            wrap_alg = wrap_alg or datakey.get("wrap_alg")
+            wrap_mode = wrap_mode or datakey.get("wrap_mode")
+        if wrapped_key is None:
+            raise TypeError("give the data key (datakey=) or its wrapped_key=")
+        desc = key_descriptor(kek, kid=kid, name=name)
+        return _datakey.unwrap(desc, wrapped_key, wrap_alg, wrap_mode)
 
     def _build(self, method: str, path: str, body: Any = None) -> Request:
         if not path.startswith("/"):
@@ -148,6 +181,15 @@ class BaseClient:
             self._auth_epoch += 1
         elif path == TERMINATE_PATH and response.status < 400:
             self._authenticated = False
+
+    # What each client implements (the async ones return awaitables).
+    keys: Any
+
+    def _call(self, method: str, path: str, body: Any = None, model: Any = None) -> Any:
+        raise NotImplementedError
+
+    def _chain(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
 
     def _result(self, response: Response, model: Any = None) -> Any:
         if response.id is None or response.status >= 400:
@@ -185,11 +227,17 @@ class Client(BaseClient):
       ``macverify``, ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
     * **logs** - ``list`` (audit records), ``verify`` (the hash chain).
     * **plugins** - ``create``, ``list``, ``get``, ``update``, ``delete``,
-      ``invoke``, ``test``.
+      ``invoke``, ``test``, ``output``.
 
-    Methods return the decoded response body: maps as :class:`Record` (a dict
-    with attribute access), keys as :class:`Sobject`, lists of those for list
-    calls, None for 204. ``request()`` returns bodies exactly as decoded.
+    And on the client itself: ``datakey()`` (a fresh AES data key wrapped
+    under a KEK, as KMS GenerateDataKey) and ``unwrap_datakey()``; files are
+    encrypted with one in :mod:`strongroom.envelope`.
+
+    Methods return the decoded response body as typed models (``_models``):
+    maps as :class:`Record` subclasses (dicts with attribute access, their
+    fields declared: :class:`EncryptResult`, :class:`Group`...), keys as
+    :class:`Sobject`, lists of those for list calls, None for 204.
+    ``request()`` returns bodies exactly as decoded.
     Error responses raise :class:`ApiError` subclasses; socket and frame
     problems raise :class:`TransportError`.
 
@@ -205,6 +253,24 @@ class Client(BaseClient):
     * **transport** - a :class:`BaseTransport` (e.g. ``MockTransport``) to use
       instead of the Unix socket.
     """
+
+    #: ``/sys/v1/session``: ``auth()``, ``terminate()`` (the client authenticates by itself).
+    session: Session
+    #: ``/sys/v1/groups``: ``create``, ``list``, ``get``, ``update``, ``delete``.
+    groups: Groups
+    #: ``/sys/v1/apps``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``reset_secret``.
+    apps: Apps
+    #: ``/crypto/v1/keys``: ``create``, ``import_key``, ``list``, ``get``, ``info``, ``update``,
+    #: ``delete``, ``export``, ``public``.
+    keys: Keys
+    #: ``/crypto/v1/*``: ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``mac``, ``macverify``,
+    #: ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
+    crypto: Crypto
+    #: ``/sys/v1/logs``: ``list`` (audit records), ``verify`` (the hash chain).
+    logs: Logs
+    #: ``/sys/v1/plugins``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``invoke``,
+    #: ``test``.
+    plugins: Plugins
 
     def __init__(
         self,
@@ -263,6 +329,59 @@ class Client(BaseClient):
                 results.append(exc)
         return results
 
+    def datakey(
+        self,
+        kek: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        bits: int = 256,
+        plaintext: bool = True,
+    ) -> DataKey:
+        """A fresh AES data key wrapped under the KEK, as KMS's GenerateDataKey.
+
+        -> :class:`DataKey`: ``wrapped_key`` (store it with the data; the KEK
+        alone opens it, with :meth:`unwrap_datakey`) and, unless
+        ``plaintext=False``, ``plaintext``, the key itself to encrypt with
+        locally and then forget. The KEK (``kek=`` descriptor or Sobject,
+        ``kid=`` or ``name=``) is an AES or RSA key with WRAPKEY. The key is
+        made in the daemon as a transient key, wrapped, exported only for the
+        plaintext form, and deleted (see ``strongroom._datakey``).
+        """
+        return self._run(self._datakey_flow(kek, kid, name, bits, plaintext))
+
+    def unwrap_datakey(
+        self,
+        datakey: Mapping[str, Any] | None = None,
+        *,
+        kek: KeyLike | None = None,
+        kid: str | None = None,
+        name: str | None = None,
+        wrapped_key: bytes | None = None,
+        wrap_alg: str | None = None,
+        wrap_mode: str | None = None,
+    ) -> bytes:
+        """The plaintext of a data key, from a :class:`DataKey` (wrapped form is
+        enough) or from ``wrapped_key=`` and the KEK. Needs UNWRAPKEY on the KEK;
+        a wrong KEK or a changed wrapped key raises :class:`BadTag`."""
+        flow = self._unwrap_flow(datakey, kek, kid, name, wrapped_key, wrap_alg, wrap_mode)
+        return self._run(flow)
+
+    def _run(self, flow: _datakey.Flow) -> Any:
+        """Drive a flow (``strongroom._datakey``): each step's result is sent back in,
+        its error thrown in, so the flow can clean up; -> what the flow returns."""
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    result = self._call(*step)
+                except StrongroomError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as stop:
+            return stop.value
+
     def _chain(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> Any:
         """``then(first())``: two dependent calls (the async client awaits each)."""
         return then(first())
@@ -310,6 +429,25 @@ class AsyncClient(BaseClient):
     :class:`AsyncBaseTransport`. Close with ``await client.aclose()``.
     """
 
+    # The namespaces of Client, awaited (see _async_resources.pyi).
+    #: ``/sys/v1/session``: ``auth()``, ``terminate()`` (the client authenticates by itself).
+    session: AsyncSession
+    #: ``/sys/v1/groups``: ``create``, ``list``, ``get``, ``update``, ``delete``.
+    groups: AsyncGroups
+    #: ``/sys/v1/apps``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``reset_secret``.
+    apps: AsyncApps
+    #: ``/crypto/v1/keys``: ``create``, ``import_key``, ``list``, ``get``, ``info``, ``update``,
+    #: ``delete``, ``export``, ``public``.
+    keys: AsyncKeys
+    #: ``/crypto/v1/*``: ``encrypt``, ``decrypt``, ``sign``, ``verify``, ``mac``, ``macverify``,
+    #: ``digest``, ``wrapkey``, ``unwrapkey``, ``agree``.
+    crypto: AsyncCrypto
+    #: ``/sys/v1/logs``: ``list`` (audit records), ``verify`` (the hash chain).
+    logs: AsyncLogs
+    #: ``/sys/v1/plugins``: ``create``, ``list``, ``get``, ``update``, ``delete``, ``invoke``,
+    #: ``test``.
+    plugins: AsyncPlugins
+
     def __init__(
         self,
         socket_path: str | os.PathLike[str] | None = None,
@@ -336,6 +474,47 @@ class AsyncClient(BaseClient):
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         """Send any request -> the response body as decoded; raises on error statuses."""
         return await self._call(method, path, body)
+
+    async def datakey(
+        self,
+        kek: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        bits: int = 256,
+        plaintext: bool = True,
+    ) -> DataKey:
+        """A fresh AES data key wrapped under the KEK: see :meth:`Client.datakey`."""
+        return await self._run(self._datakey_flow(kek, kid, name, bits, plaintext))
+
+    async def unwrap_datakey(
+        self,
+        datakey: Mapping[str, Any] | None = None,
+        *,
+        kek: KeyLike | None = None,
+        kid: str | None = None,
+        name: str | None = None,
+        wrapped_key: bytes | None = None,
+        wrap_alg: str | None = None,
+        wrap_mode: str | None = None,
+    ) -> bytes:
+        """The plaintext of a data key: see :meth:`Client.unwrap_datakey`."""
+        flow = self._unwrap_flow(datakey, kek, kid, name, wrapped_key, wrap_alg, wrap_mode)
+        return await self._run(flow)
+
+    async def _run(self, flow: _datakey.Flow) -> Any:
+        """Drive a flow as :meth:`Client._run` does, awaiting each step."""
+        try:
+            step = next(flow)
+            while True:
+                try:
+                    result = await self._call(*step)
+                except StrongroomError as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as stop:
+            return stop.value
 
     async def _chain(self, first: Callable[[], Any], then: Callable[[Any], Any]) -> Any:
         out = then(await first())

@@ -5,6 +5,8 @@
      |    +-- ConnectError           cannot connect to the socket
      |    +-- Timeout                no answer within the client's timeout
      |    +-- ProtocolError          bad frame, unexpected id, connection lost
+     +-- EnvelopeError               an envelope file is not one, fails its tag, or
+     |                               ``cryptography`` (strongroom[envelope]) is missing
      +-- ApiError                    the daemon answered with an error status
           +-- BadRequest        400  bad_request | invalid_field | missing_field |
           |                          unknown_field | invalid_value | invalid_key_size |
@@ -42,6 +44,7 @@ __all__ = [
     "Busy",
     "Conflict",
     "ConnectError",
+    "EnvelopeError",
     "Forbidden",
     "InternalError",
     "MemoryLimit",
@@ -88,6 +91,20 @@ class Timeout(TransportError):
 
 class ProtocolError(TransportError):
     """A frame could not be read, a response did not match, or the connection dropped."""
+
+
+class EnvelopeError(StrongroomError):
+    """An envelope file (``strongroom.envelope``) could not be read or opened.
+
+    ``code``: ``not_envelope`` (not one, or a version this client does not
+    know), ``bad_tag`` (wrong key, or the file was changed), or
+    ``missing_dependency`` (the ``cryptography`` package is not installed).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
 
 
 class ApiError(StrongroomError):

@@ -2,7 +2,11 @@
 
 Each method builds a path and a body and hands them to the client's
 ``_call``, which returns the result (``Client``) or an awaitable of it
-(``AsyncClient``).
+(``AsyncClient``). Return annotations are the synchronous client's; the
+asynchronous client's (the same, awaited) are in ``_async_resources.pyi``,
+generated from this file: after adding or changing a public method here, run
+``.venv/bin/python -m tests.client.async_stub`` (tests/client/test_typing.py
+fails until then).
 """
 
 from __future__ import annotations
@@ -10,9 +14,30 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from strongroom._models import Record, Sobject
+from strongroom._models import (
+    App,
+    AuditRecord,
+    ChainCheck,
+    DecryptResult,
+    DigestResult,
+    EncryptResult,
+    Group,
+    Invocation,
+    MacResult,
+    Plugin,
+    PluginTestResult,
+    Record,
+    SessionToken,
+    SignResult,
+    Sobject,
+    StreamFinal,
+    StreamStart,
+    StreamStep,
+    VerifyResult,
+    WrapResult,
+)
 from strongroom._pubkey import public_key
-from strongroom._types import IdLike, KeyLike
+from strongroom._types import IdLike, KeyLike, Mode
 
 if TYPE_CHECKING:
     from strongroom._client import BaseClient
@@ -28,15 +53,16 @@ def _fields(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def _ident(value: IdLike, field: str) -> str:
+def _ident(value: IdLike | None, field: str) -> str:
     """One path segment: an id string, or a record that holds ``field`` (or ``id``)."""
+    v: object = value
     if isinstance(value, Mapping):
-        value = value.get(field) or value.get("id")
-    if not isinstance(value, str) or not value or value in (".", ".."):
-        raise ValueError(f"not a valid {field}: {value!r}")
-    if any(c in value for c in "/?#") or not value.isprintable():
-        raise ValueError(f"not a valid {field}: {value!r}")
-    return value
+        v = value.get(field) or value.get("id")
+    if not isinstance(v, str) or not v or v in (".", ".."):
+        raise ValueError(f"not a valid {field}: {v!r}")
+    if any(c in v for c in "/?#") or not v.isprintable():
+        raise ValueError(f"not a valid {field}: {v!r}")
+    return v
 
 
 def _idents(values: Sequence[IdLike] | None, field: str) -> list[str] | None:
@@ -80,42 +106,41 @@ class Session(_Namespace):
 
     def auth(
         self, api_key: str | None = None, *, app_id: str | None = None, secret: str | None = None
-    ) -> Any:
-        """Authenticate this connection -> Record(token_type, access_token, expires_in, entity_id).
-
-        Without arguments, uses the client's own API key.
+    ) -> SessionToken:
+        """Authenticate this connection -> SessionToken(token_type, access_token,
+        expires_in, entity_id). Without arguments, uses the client's own API key.
         """
         if api_key is None and app_id is None:
             api_key = self._c._api_key
             if api_key is None:
                 raise ValueError("no API key: pass one, or set STRONGROOM_API_KEY")
         return self._c._call(
-            "POST", AUTH_PATH, _fields(api_key=api_key, app_id=app_id, secret=secret), Record
+            "POST", AUTH_PATH, _fields(api_key=api_key, app_id=app_id, secret=secret), SessionToken
         )
 
-    def terminate(self) -> Any:
+    def terminate(self) -> None:
         """End this connection's session -> None."""
         return self._c._call("POST", TERMINATE_PATH, {})
 
 
 class Groups(_Namespace):
-    """``/sys/v1/groups``: results are :class:`Record`; ``delete`` returns None."""
+    """``/sys/v1/groups``: results are :class:`Group`; ``delete`` returns None."""
 
-    def create(self, name: str, *, description: str | None = None, **extra: Any) -> Any:
+    def create(self, name: str, *, description: str | None = None, **extra: Any) -> Group:
         body = _fields(name=name, description=description, **extra)
-        return self._c._call("POST", "/sys/v1/groups", body, Record)
+        return self._c._call("POST", "/sys/v1/groups", body, Group)
 
-    def list(self) -> Any:
-        return self._c._call("GET", "/sys/v1/groups", None, Record)
+    def list(self) -> list[Group]:
+        return self._c._call("GET", "/sys/v1/groups", None, Group)
 
-    def get(self, group_id: IdLike) -> Any:
-        return self._c._call("GET", f"/sys/v1/groups/{_ident(group_id, 'group_id')}", None, Record)
+    def get(self, group_id: IdLike) -> Group:
+        return self._c._call("GET", f"/sys/v1/groups/{_ident(group_id, 'group_id')}", None, Group)
 
-    def update(self, group_id: IdLike, **fields: Any) -> Any:
+    def update(self, group_id: IdLike, **fields: Any) -> Group:
         path = f"/sys/v1/groups/{_ident(group_id, 'group_id')}"
-        return self._c._call("PATCH", path, _fields(**fields), Record)
+        return self._c._call("PATCH", path, _fields(**fields), Group)
 
-    def delete(self, group_id: IdLike | None = None, *, name: str | None = None) -> Any:
+    def delete(self, group_id: IdLike | None = None, *, name: str | None = None) -> None:
         """Delete a group (it must hold no keys) by id or by ``name=`` -> None."""
         if (group_id is None) == (name is None):
             raise TypeError("name the group with exactly one of group_id or name=")
@@ -138,7 +163,7 @@ class Apps(_Namespace):
         default_group: IdLike | None = None,
         description: str | None = None,
         **extra: Any,
-    ) -> Any:
+    ) -> App:
         body = _fields(
             name=name,
             groups=_idents(groups, "group_id"),
@@ -146,24 +171,24 @@ class Apps(_Namespace):
             description=description,
             **extra,
         )
-        return self._c._call("POST", "/sys/v1/apps", body, Record)
+        return self._c._call("POST", "/sys/v1/apps", body, App)
 
-    def list(self) -> Any:
-        return self._c._call("GET", "/sys/v1/apps", None, Record)
+    def list(self) -> list[App]:
+        return self._c._call("GET", "/sys/v1/apps", None, App)
 
-    def get(self, app_id: IdLike) -> Any:
-        return self._c._call("GET", f"/sys/v1/apps/{_ident(app_id, 'app_id')}", None, Record)
+    def get(self, app_id: IdLike) -> App:
+        return self._c._call("GET", f"/sys/v1/apps/{_ident(app_id, 'app_id')}", None, App)
 
-    def update(self, app_id: IdLike, **fields: Any) -> Any:
+    def update(self, app_id: IdLike, **fields: Any) -> App:
         path = f"/sys/v1/apps/{_ident(app_id, 'app_id')}"
-        return self._c._call("PATCH", path, _fields(**fields), Record)
+        return self._c._call("PATCH", path, _fields(**fields), App)
 
-    def delete(self, app_id: IdLike) -> Any:
+    def delete(self, app_id: IdLike) -> None:
         return self._c._call("DELETE", f"/sys/v1/apps/{_ident(app_id, 'app_id')}")
 
-    def reset_secret(self, app_id: IdLike) -> Any:
+    def reset_secret(self, app_id: IdLike) -> App:
         path = f"/sys/v1/apps/{_ident(app_id, 'app_id')}/reset_secret"
-        return self._c._call("POST", path, {}, Record)
+        return self._c._call("POST", path, {}, App)
 
 
 class Keys(_Namespace):
@@ -187,7 +212,7 @@ class Keys(_Namespace):
         transient: bool | None = None,
         enabled: bool | None = None,
         **extra: Any,
-    ) -> Any:
+    ) -> Sobject:
         body = _fields(
             name=name,
             obj_type=obj_type,
@@ -203,7 +228,7 @@ class Keys(_Namespace):
         )
         return self._c._call("POST", "/crypto/v1/keys", body, Sobject)
 
-    def import_key(self, name: str, obj_type: str, value: bytes, **fields: Any) -> Any:
+    def import_key(self, name: str, obj_type: str, value: bytes, **fields: Any) -> Sobject:
         """Import ``value`` (raw bytes, or DER/PEM); other fields as for :meth:`create`."""
         if "group_id" in fields and fields["group_id"] is not None:
             fields["group_id"] = _ident(fields["group_id"], "group_id")
@@ -217,26 +242,26 @@ class Keys(_Namespace):
         name: str | None = None,
         limit: int | None = None,
         offset: int | None = None,
-    ) -> Any:
+    ) -> list[Sobject]:
         gid = None if group_id is None else _ident(group_id, "group_id")
         body = _fields(group_id=gid, name=name, limit=limit, offset=offset)
         return self._c._call("GET", "/crypto/v1/keys", body or None, Sobject)
 
-    def get(self, kid: IdLike) -> Any:
+    def get(self, kid: IdLike) -> Sobject:
         return self._c._call("GET", f"/crypto/v1/keys/{_ident(kid, 'kid')}", None, Sobject)
 
     def info(
         self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
-    ) -> Any:
+    ) -> Sobject:
         body = key_descriptor(key, kid=kid, name=name)
         return self._c._call("POST", "/crypto/v1/keys/info", body, Sobject)
 
-    def update(self, kid: IdLike, **fields: Any) -> Any:
+    def update(self, kid: IdLike, **fields: Any) -> Sobject:
         """Change name, description, custom_metadata, enabled, or narrow key_ops."""
         path = f"/crypto/v1/keys/{_ident(kid, 'kid')}"
         return self._c._call("PATCH", path, _fields(**fields), Sobject)
 
-    def delete(self, kid: IdLike | None = None, *, name: str | None = None) -> Any:
+    def delete(self, kid: IdLike | None = None, *, name: str | None = None) -> None:
         """Delete a key for good, by kid (or Sobject) or by ``name=`` -> None."""
         if (kid is None) == (name is None):
             raise TypeError("name the key with exactly one of kid or name=")
@@ -251,7 +276,7 @@ class Keys(_Namespace):
         kid: str | None = None,
         name: str | None = None,
         format: str = "PEM",
-    ) -> Any:
+    ) -> str | bytes | dict[str, Any]:
         """The key's public half: PEM (str, default), DER (bytes), JWK (dict) or OpenSSH (str).
 
         Computed here from the key info's ``pub_key`` (a SubjectPublicKeyInfo);
@@ -267,25 +292,28 @@ class Keys(_Namespace):
 
     def export(
         self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
-    ) -> Any:
+    ) -> Sobject:
         """The sobject with its ``value`` (keys with EXPORT in key_ops only)."""
         body = key_descriptor(key, kid=kid, name=name)
         return self._c._call("POST", "/crypto/v1/keys/export", body, Sobject)
 
 
 class Crypto(_Namespace):
-    """``/crypto/v1/*`` operations; each returns the response as a :class:`Record`.
+    """``/crypto/v1/*`` operations; each returns the answer as its :class:`Record` type.
 
     The key is named by ``key=`` (descriptor map or Sobject), ``kid=`` or
     ``name=``. Binary fields are ``bytes``. Fields left None are not sent;
-    ``**extra`` passes further body fields through unchanged.
+    ``**extra`` passes further body fields through unchanged. ``mode`` is a
+    name (``"GCM"``, ``"OAEP_MGF1_SHA256"``...) or DSM's map form.
     """
 
     def _op(self, op: str, key: Any, kid: Any, name: Any, model: type = Record, **f: Any) -> Any:
         body = _fields(key=key_descriptor(key, kid=kid, name=name), **f)
         return self._c._call("POST", f"/crypto/v1/{op}", body, model)
 
-    def _op_alg(self, op: str, key: Any, kid: Any, name: Any, alg: str | None, **f: Any) -> Any:
+    def _op_alg(
+        self, op: str, key: Any, kid: Any, name: Any, alg: str | None, model: type, **f: Any
+    ) -> Any:
         """``_op`` with ``alg`` defaulting to the key's type, as the CLI does.
 
         An Sobject carries its type; a kid seen before is remembered; otherwise
@@ -297,35 +325,37 @@ class Crypto(_Namespace):
         if alg is None and "kid" in desc:
             alg = self._c._key_types.get(desc["kid"])
         if alg is not None:
-            return self._op(op, desc, None, None, alg=alg, **f)
+            return self._op(op, desc, None, None, model, alg=alg, **f)
 
         def then(info: Any) -> Any:
             self._c._key_types[info["kid"]] = info["obj_type"]
-            return self._op(op, desc, None, None, alg=info["obj_type"], **f)
+            return self._op(op, desc, None, None, model, alg=info["obj_type"], **f)
 
         return self._c._chain(lambda: self._c.keys.info(desc), then)
 
     def encrypt(
         self,
-        key=None,
+        key: KeyLike | None = None,
         *,
-        kid=None,
-        name=None,
+        kid: str | None = None,
+        name: str | None = None,
         plain: bytes,
-        alg=None,
-        mode=None,
-        iv=None,
-        ad=None,
-        tag_len=None,
+        alg: str | None = None,
+        mode: Mode | None = None,
+        iv: bytes | None = None,
+        ad: bytes | None = None,
+        tag_len: int | None = None,
         **extra: Any,
-    ) -> Any:
-        """-> Record(kid, cipher, iv?, tag?). ``alg`` defaults to the key's obj_type."""
+    ) -> EncryptResult:
+        """-> EncryptResult(kid, cipher, iv?, tag?). ``alg`` defaults to the key's
+        obj_type; ``tag_len`` is in bits."""
         return self._op_alg(
             "encrypt",
             key,
             kid,
             name,
             alg,
+            EncryptResult,
             plain=plain,
             mode=mode,
             iv=iv,
@@ -336,26 +366,27 @@ class Crypto(_Namespace):
 
     def decrypt(
         self,
-        key=None,
+        key: KeyLike | None = None,
         *,
-        kid=None,
-        name=None,
+        kid: str | None = None,
+        name: str | None = None,
         cipher: bytes,
-        alg=None,
-        mode=None,
-        iv=None,
-        ad=None,
-        tag=None,
+        alg: str | None = None,
+        mode: Mode | None = None,
+        iv: bytes | None = None,
+        ad: bytes | None = None,
+        tag: bytes | None = None,
         **extra: Any,
-    ) -> Any:
-        """-> Record(kid, plain). ``alg`` defaults to the key's obj_type; a wrong tag
-        raises :class:`BadTag`."""
+    ) -> DecryptResult:
+        """-> DecryptResult(kid, plain). ``alg`` defaults to the key's obj_type; a
+        wrong tag raises :class:`BadTag`."""
         return self._op_alg(
             "decrypt",
             key,
             kid,
             name,
             alg,
+            DecryptResult,
             cipher=cipher,
             mode=mode,
             iv=iv,
@@ -366,82 +397,112 @@ class Crypto(_Namespace):
 
     # -- multi-part (DSM's encrypt|decrypt/init|update|final) ------------------
 
-    def _stream(self, path: str, body: dict[str, Any]) -> Any:
-        return self._c._call("POST", path, body, Record)
+    def _stream(self, path: str, body: dict[str, Any], model: type) -> Any:
+        return self._c._call("POST", path, body, model)
 
     def encrypt_init(
-        self, key=None, *, kid=None, name=None, alg=None, mode=None, iv=None, ad=None
-    ) -> Any:
-        """Start a multi-part encryption: -> Record(kid, iv, state). Then
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        alg: str | None = None,
+        mode: Mode | None = None,
+        iv: bytes | None = None,
+        ad: bytes | None = None,
+    ) -> StreamStart:
+        """Start a multi-part encryption: -> StreamStart(kid, iv, state). Then
         :meth:`encrypt_update` per piece and :meth:`encrypt_final` (GCM's tag)."""
         body = _fields(
             key=key_descriptor(key, kid=kid, name=name), alg=alg, mode=mode, iv=iv, ad=ad
         )
-        return self._stream("/crypto/v1/encrypt/init", body)
+        return self._stream("/crypto/v1/encrypt/init", body, StreamStart)
 
-    def encrypt_update(self, state: bytes, plain: bytes) -> Any:
-        """-> Record(state, cipher): send the returned state with the next call."""
-        return self._stream("/crypto/v1/encrypt/update", {"state": state, "plain": plain})
+    def encrypt_update(self, state: bytes, plain: bytes) -> StreamStep:
+        """-> StreamStep(state, cipher): send the returned state with the next call."""
+        body = {"state": state, "plain": plain}
+        return self._stream("/crypto/v1/encrypt/update", body, StreamStep)
 
-    def encrypt_final(self, state: bytes, tag_len: int | None = None) -> Any:
-        """-> Record(cipher, tag?)."""
-        return self._stream("/crypto/v1/encrypt/final", _fields(state=state, tag_len=tag_len))
+    def encrypt_final(self, state: bytes, tag_len: int | None = None) -> StreamFinal:
+        """-> StreamFinal(cipher, tag?)."""
+        body = _fields(state=state, tag_len=tag_len)
+        return self._stream("/crypto/v1/encrypt/final", body, StreamFinal)
 
     def decrypt_init(
-        self, key=None, *, kid=None, name=None, alg=None, mode=None, iv=None, ad=None
-    ) -> Any:
-        """Start a multi-part decryption: -> Record(kid, state). For GCM the
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        alg: str | None = None,
+        mode: Mode | None = None,
+        iv: bytes | None = None,
+        ad: bytes | None = None,
+    ) -> StreamStart:
+        """Start a multi-part decryption: -> StreamStart(kid, state). For GCM the
         plaintext of each update is unauthenticated until :meth:`decrypt_final`
         (given the tag) succeeds: do not act on it before."""
         body = _fields(
             key=key_descriptor(key, kid=kid, name=name), alg=alg, mode=mode, iv=iv, ad=ad
         )
-        return self._stream("/crypto/v1/decrypt/init", body)
+        return self._stream("/crypto/v1/decrypt/init", body, StreamStart)
 
-    def decrypt_update(self, state: bytes, cipher: bytes) -> Any:
-        """-> Record(state, plain)."""
-        return self._stream("/crypto/v1/decrypt/update", {"state": state, "cipher": cipher})
+    def decrypt_update(self, state: bytes, cipher: bytes) -> StreamStep:
+        """-> StreamStep(state, plain)."""
+        body = {"state": state, "cipher": cipher}
+        return self._stream("/crypto/v1/decrypt/update", body, StreamStep)
 
-    def decrypt_final(self, state: bytes, tag: bytes | None = None) -> Any:
-        """-> Record(plain); a wrong tag (or CBC padding) raises :class:`BadTag`."""
-        return self._stream("/crypto/v1/decrypt/final", _fields(state=state, tag=tag))
+    def decrypt_final(self, state: bytes, tag: bytes | None = None) -> StreamFinal:
+        """-> StreamFinal(plain); a wrong tag (or CBC padding) raises :class:`BadTag`."""
+        body = _fields(state=state, tag=tag)
+        return self._stream("/crypto/v1/decrypt/final", body, StreamFinal)
 
     def sign(
         self,
-        key=None,
+        key: KeyLike | None = None,
         *,
-        kid=None,
-        name=None,
-        data=None,
-        hash=None,
-        hash_alg=None,
-        mode=None,
+        kid: str | None = None,
+        name: str | None = None,
+        data: bytes | None = None,
+        hash: bytes | None = None,
+        hash_alg: str | None = None,
+        mode: Mode | None = None,
         **extra: Any,
-    ) -> Any:
-        """-> Record(kid, signature). Give ``data``, or ``hash`` already made with hash_alg."""
+    ) -> SignResult:
+        """-> SignResult(kid, signature). Give ``data``, or ``hash`` already made with hash_alg."""
         return self._op(
-            "sign", key, kid, name, data=data, hash=hash, hash_alg=hash_alg, mode=mode, **extra
+            "sign",
+            key,
+            kid,
+            name,
+            SignResult,
+            data=data,
+            hash=hash,
+            hash_alg=hash_alg,
+            mode=mode,
+            **extra,
         )
 
     def verify(
         self,
-        key=None,
+        key: KeyLike | None = None,
         *,
-        kid=None,
-        name=None,
+        kid: str | None = None,
+        name: str | None = None,
         signature: bytes,
-        data=None,
-        hash=None,
-        hash_alg=None,
-        mode=None,
+        data: bytes | None = None,
+        hash: bytes | None = None,
+        hash_alg: str | None = None,
+        mode: Mode | None = None,
         **extra: Any,
-    ) -> Any:
-        """-> Record(kid, result: bool)."""
+    ) -> VerifyResult:
+        """-> VerifyResult(kid, result: bool)."""
         return self._op(
             "verify",
             key,
             kid,
             name,
+            VerifyResult,
             signature=signature,
             data=data,
             hash=hash,
@@ -450,45 +511,80 @@ class Crypto(_Namespace):
             **extra,
         )
 
-    def mac(self, key=None, *, kid=None, name=None, data: bytes, alg=None, **extra: Any) -> Any:
-        """-> Record(kid, mac). ``alg`` is the hash (SHA256...) or CMAC."""
-        return self._op("mac", key, kid, name, alg=alg, data=data, **extra)
+    def mac(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        data: bytes,
+        alg: str | None = None,
+        **extra: Any,
+    ) -> MacResult:
+        """-> MacResult(kid, mac). ``alg`` is the hash (SHA256...) or CMAC."""
+        return self._op("mac", key, kid, name, MacResult, alg=alg, data=data, **extra)
 
     def macverify(
-        self, key=None, *, kid=None, name=None, data: bytes, mac: bytes, alg=None, **extra: Any
-    ) -> Any:
-        """-> Record(kid, result: bool)."""
-        return self._op("macverify", key, kid, name, alg=alg, data=data, mac=mac, **extra)
-
-    def digest(self, data: bytes, *, alg: str = "SHA256", **extra: Any) -> Any:
-        """-> Record(digest). No key involved."""
-        return self._c._call(
-            "POST", "/crypto/v1/digest", _fields(alg=alg, data=data, **extra), Record
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        data: bytes,
+        mac: bytes,
+        alg: str | None = None,
+        **extra: Any,
+    ) -> VerifyResult:
+        """-> VerifyResult(kid, result: bool)."""
+        return self._op(
+            "macverify", key, kid, name, VerifyResult, alg=alg, data=data, mac=mac, **extra
         )
 
+    def digest(self, data: bytes, *, alg: str = "SHA256", **extra: Any) -> DigestResult:
+        """-> DigestResult(digest). No key involved."""
+        body = _fields(alg=alg, data=data, **extra)
+        return self._c._call("POST", "/crypto/v1/digest", body, DigestResult)
+
     def wrapkey(
-        self, key=None, *, kid=None, name=None, subject: KeyLike, alg: str, mode=None, **extra: Any
-    ) -> Any:
-        """Wrap ``subject`` (descriptor or Sobject) under the key -> Record(wrapped_key, iv?)."""
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        subject: KeyLike,
+        alg: str,
+        mode: Mode | None = None,
+        **extra: Any,
+    ) -> WrapResult:
+        """Wrap ``subject`` (descriptor or Sobject; it needs EXPORT) under the key
+        -> WrapResult(wrapped_key, iv?)."""
         return self._op(
-            "wrapkey", key, kid, name, subject=key_descriptor(subject), alg=alg, mode=mode, **extra
+            "wrapkey",
+            key,
+            kid,
+            name,
+            WrapResult,
+            subject=key_descriptor(subject),
+            alg=alg,
+            mode=mode,
+            **extra,
         )
 
     def unwrapkey(
         self,
-        key=None,
+        key: KeyLike | None = None,
         *,
-        kid=None,
+        kid: str | None = None,
         wrapped_key: bytes,
         alg: str,
         obj_type: str,
-        mode=None,
-        name=None,
-        key_ops=None,
-        group_id=None,
-        transient=None,
+        mode: Mode | None = None,
+        name: str | None = None,
+        key_ops: Sequence[str] | None = None,
+        group_id: IdLike | None = None,
+        transient: bool | None = None,
         **extra: Any,
-    ) -> Any:
+    ) -> Sobject:
         """Unwrap into a new key -> Sobject. Here ``name`` names the NEW key."""
         body = _fields(
             key=key_descriptor(key, kid=kid),
@@ -497,8 +593,8 @@ class Crypto(_Namespace):
             wrapped_key=wrapped_key,
             mode=mode,
             name=name,
-            key_ops=key_ops,
-            group_id=group_id,
+            key_ops=None if key_ops is None else list(key_ops),
+            group_id=None if group_id is None else _ident(group_id, "group_id"),
             transient=transient,
             **extra,
         )
@@ -512,10 +608,10 @@ class Crypto(_Namespace):
         key_type: str,
         key_size: int,
         mechanism: str = "diffie_hellman",
-        name=None,
-        transient=None,
+        name: str | None = None,
+        transient: bool | None = None,
         **extra: Any,
-    ) -> Any:
+    ) -> Sobject:
         """Derive a shared key (ECDH) -> Sobject."""
         body = _fields(
             private_key=key_descriptor(private_key),
@@ -529,20 +625,59 @@ class Crypto(_Namespace):
         )
         return self._c._call("POST", "/crypto/v1/agree", body, Sobject)
 
+    def derive(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        key_type: str,
+        mechanism: Mapping[str, Any],
+        key_size: int | None = None,
+        name: str | None = None,
+        key_ops: Sequence[str] | None = None,
+        group_id: IdLike | None = None,
+        transient: bool | None = None,
+        **extra: Any,
+    ) -> Sobject:
+        """Derive a new key from the key (it needs DERIVEKEY) -> Sobject. Here ``name``
+        names the NEW key. ``mechanism`` is DSM's: ``{"encrypt_data": {"alg", "mode",
+        "plain", "iv"}}`` (in the token) or ``{"hkdf": {"hash_alg", "salt", "info"}}``
+        (from a key with EXPORT)."""
+        body = _fields(
+            key=key_descriptor(key, kid=kid),
+            key_type=key_type,
+            key_size=key_size,
+            mechanism=dict(mechanism),
+            name=name,
+            key_ops=None if key_ops is None else list(key_ops),
+            group_id=None if group_id is None else _ident(group_id, "group_id"),
+            transient=transient,
+            **extra,
+        )
+        return self._c._call("POST", "/crypto/v1/derive", body, Sobject)
+
 
 class Logs(_Namespace):
-    """``/sys/v1/logs``: audit records, as a list of :class:`Record`."""
+    """``/sys/v1/logs``: audit records, as a list of :class:`AuditRecord`."""
 
-    def list(self, *, object_id=None, actor_id=None, limit=None, offset=None, **filters) -> Any:
+    def list(
+        self,
+        *,
+        object_id: str | None = None,
+        actor_id: str | None = None,
+        limit: int | None = None,
+        offset: int | None = None,
+        **filters: Any,
+    ) -> list[AuditRecord]:
         """Newest first; ``**filters`` passes further filters (e.g. ``invocation_id``)."""
         body = _fields(
             object_id=object_id, actor_id=actor_id, limit=limit, offset=offset, **filters
         )
-        return self._c._call("GET", "/sys/v1/logs", body or None, Record)
+        return self._c._call("GET", "/sys/v1/logs", body or None, AuditRecord)
 
-    def verify(self) -> Any:
+    def verify(self) -> ChainCheck:
         """Recompute the hash chain: ``{ok, records, head, broken_at?, reason?}`` (admin)."""
-        return self._c._call("GET", "/sys/v1/logs/verify", None, Record)
+        return self._c._call("GET", "/sys/v1/logs/verify", None, ChainCheck)
 
 
 class Plugins(_Namespace):
@@ -559,7 +694,7 @@ class Plugins(_Namespace):
         enabled: bool | None = None,
         language: str = "LUA",
         **extra: Any,
-    ) -> Any:
+    ) -> Plugin:
         body = _fields(
             name=name,
             source={"language": language, "code": code},
@@ -569,25 +704,25 @@ class Plugins(_Namespace):
             enabled=enabled,
             **extra,
         )
-        return self._c._call("POST", "/sys/v1/plugins", body, Record)
+        return self._c._call("POST", "/sys/v1/plugins", body, Plugin)
 
-    def list(self) -> Any:
-        return self._c._call("GET", "/sys/v1/plugins", None, Record)
+    def list(self) -> list[Plugin]:
+        return self._c._call("GET", "/sys/v1/plugins", None, Plugin)
 
-    def get(self, plugin_id: IdLike) -> Any:
+    def get(self, plugin_id: IdLike) -> Plugin:
         path = f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}"
-        return self._c._call("GET", path, None, Record)
+        return self._c._call("GET", path, None, Plugin)
 
     def update(
         self, plugin_id: IdLike, *, code: str | None = None, language: str = "LUA", **fields: Any
-    ) -> Any:
+    ) -> Plugin:
         """PATCH fields; ``code=`` is sent as ``source: {language, code}``."""
         if code is not None:
             fields["source"] = {"language": language, "code": code}
         path = f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}"
-        return self._c._call("PATCH", path, _fields(**fields), Record)
+        return self._c._call("PATCH", path, _fields(**fields), Plugin)
 
-    def delete(self, plugin_id: IdLike) -> Any:
+    def delete(self, plugin_id: IdLike) -> None:
         return self._c._call("DELETE", f"/sys/v1/plugins/{_ident(plugin_id, 'plugin_id')}")
 
     def invoke(
@@ -615,17 +750,17 @@ class Plugins(_Namespace):
         groups: Sequence[IdLike] | None = None,
         invoker: Any = None,
         **extra: Any,
-    ) -> Any:
-        """Run unsaved code -> Record with the result (or error and traceback) and output."""
+    ) -> PluginTestResult:
+        """Run unsaved code -> PluginTestResult: the result (or error and traceback), output."""
         body = _fields(
             code=code, input=input, groups=_idents(groups, "group_id"), invoker=invoker, **extra
         )
         if "input" not in body:
             body["input"] = None
-        return self._c._call("POST", "/sys/v1/plugins/test", body, Record)
+        return self._c._call("POST", "/sys/v1/plugins/test", body, PluginTestResult)
 
-    def output(self, invocation_id: str) -> Any:
-        """What a recent invocation printed -> Record ``{invocation_id, plugin_id, at,
+    def output(self, invocation_id: str) -> Invocation:
+        """What a recent invocation printed -> Invocation ``{invocation_id, plugin_id, at,
         output, truncated}`` (admin). Kept in memory only; NotFound once evicted."""
         path = f"/sys/v1/plugins/invocations/{invocation_id}/output"
-        return self._c._call("GET", path, None, Record)
+        return self._c._call("GET", path, None, Invocation)

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
 #: ``{"transient_key": ...}``) or by an :class:`~strongroom.Sobject`.
 KeyLike: TypeAlias = "Mapping[str, Any] | Sobject"
 
+#: A mode: a name (``"GCM"``, ``"OAEP_MGF1_SHA256"``...) or DSM's map form.
+Mode: TypeAlias = "str | Mapping[str, Any]"
+
 #: An id given as a string, or a record holding it (``group``, ``app``...).
 IdLike: TypeAlias = "str | Mapping[str, Any]"
 

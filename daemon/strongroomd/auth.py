@@ -18,10 +18,13 @@ import hashlib
 import hmac
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 from strongroomd.errors import (
+    AppPermissionDenied,
     BadRequest,
     Forbidden,
     KeyOpNotPermitted,
@@ -43,6 +46,9 @@ class Principal:
     name: str
     groups: frozenset[str]
     default_group: str | None = None
+    #: An app's permissions per group (implied ones included); None for an admin
+    #: or a plugin, which DSM's app permissions do not restrict.
+    permissions: Mapping[str, frozenset[str]] | None = field(default=None, compare=False)
 
     @property
     def is_admin(self) -> bool:
@@ -56,7 +62,10 @@ class Principal:
 
 
 def principal_of(row: PrincipalRow) -> Principal:
-    return Principal(row.kind, row.id, row.name, frozenset(row.groups), row.default_group)
+    perms = None
+    if row.kind == "app":
+        perms = {g: granted(row.permissions.get(g, ())) for g in row.groups}
+    return Principal(row.kind, row.id, row.name, frozenset(row.groups), row.default_group, perms)
 
 
 def hash_secret(secret: str, salt: bytes) -> bytes:
@@ -207,6 +216,208 @@ class Authenticator:
             self._later(self.store.session_drop(principal_id=principal_id))  # type: ignore[attr-defined]
 
 
+# -- app permissions (DSM's AppPermissions, per group) ---------------------------
+
+#: DSM's AppPermissions, in DSM's order: what an app may do in one of its groups.
+APP_PERMISSIONS: tuple[str, ...] = (
+    "SIGN",
+    "VERIFY",
+    "ENCRYPT",
+    "DECRYPT",
+    "WRAPKEY",
+    "UNWRAPKEY",
+    "DERIVEKEY",
+    "MACGENERATE",
+    "MACVERIFY",
+    "EXPORT",
+    "MANAGE",
+    "AGREEKEY",
+    "MASKDECRYPT",
+    "AUDIT",
+    "TRANSFORM",
+    "CREATE_SOBJECTS",
+    "COPY_SOBJECTS",
+    "ROTATE_SOBJECTS",
+    "ACTIVATE_SOBJECTS",
+    "REVOKE_SOBJECTS",
+    "REVERT_SOBJECTS",
+    "MOVE_SOBJECTS",
+    "UPDATE_SOBJECTS_PROFILE",
+    "UPDATE_SOBJECTS_ENABLED_STATE",
+    "UPDATE_SOBJECT_POLICIES",
+    "UPDATE_KEY_OPS",
+    "DELETE_KEY_MATERIAL",
+    "DELETE_SOBJECTS",
+    "DESTROY_SOBJECTS",
+    "RESTORE_EXTERNAL_SOBJECTS",
+    "CALCULATE_DIGEST",
+    "ENCAPSULATE",
+    "DECAPSULATE",
+)
+
+#: An app put in a group with no permission list (DSM's list form of AppGroups,
+#: Strongroom's ``groups``) gets all of them: what every app had before
+#: permissions existed, and what DSM's console selects by default.
+DEFAULT_PERMISSIONS: tuple[str, ...] = APP_PERMISSIONS
+
+#: Permissions that grant others. DSM: MANAGE covers creating, rotating,
+#: activating, revoking, updating, deleting and destroying keys. A caller that
+#: may read a key's value may also have its digest.
+IMPLIES: dict[str, frozenset[str]] = {
+    "MANAGE": frozenset(
+        {
+            "CREATE_SOBJECTS",
+            "COPY_SOBJECTS",
+            "ROTATE_SOBJECTS",
+            "ACTIVATE_SOBJECTS",
+            "REVOKE_SOBJECTS",
+            "REVERT_SOBJECTS",
+            "MOVE_SOBJECTS",
+            "UPDATE_SOBJECTS_PROFILE",
+            "UPDATE_SOBJECTS_ENABLED_STATE",
+            "UPDATE_SOBJECT_POLICIES",
+            "UPDATE_KEY_OPS",
+            "DELETE_KEY_MATERIAL",
+            "DELETE_SOBJECTS",
+            "DESTROY_SOBJECTS",
+            "RESTORE_EXTERNAL_SOBJECTS",
+        }
+    ),
+    "EXPORT": frozenset({"CALCULATE_DIGEST"}),
+}
+
+
+def granted(permissions: Iterable[str]) -> frozenset[str]:
+    """The permissions an app holds: those given and those they imply."""
+    out = set(permissions)
+    for p in list(out):
+        out |= IMPLIES.get(p, frozenset())
+    return frozenset(out)
+
+
+def check_permissions(value: object, where: str) -> list[str]:
+    """A permission list from a request: DSM's names, each once, in DSM's order."""
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise BadRequest(f"{where} must be a list of permission names", code="invalid_value")
+    unknown = sorted({p.upper() for p in value} - set(APP_PERMISSIONS))
+    if unknown:
+        raise BadRequest(
+            f"{where}: unknown permission(s) {', '.join(unknown)}; DSM's are "
+            + ", ".join(APP_PERMISSIONS),
+            code="invalid_value",
+        )
+    asked = {p.upper() for p in value}
+    return [p for p in APP_PERMISSIONS if p in asked]
+
+
+#: The operation the current request performs, "METHOD /route/{template}": set
+#: by the dispatcher for each request (nested plugin calls set their own).
+OPERATION: ContextVar[str | None] = ContextVar("strongroom_operation", default=None)
+
+#: The checks a handler makes, by what they are called below: a key_op name when
+#: it uses a key (check_key_use); "manage" when it changes a key
+#: (check_key_manage); "create" for the group a new key goes to
+#: (check_group_target); "read" when it reads something of a key's value
+#: without a key_op (check_key_read).
+_CRYPTO_ONE_KEY = {
+    "encrypt": "ENCRYPT",
+    "decrypt": "DECRYPT",
+    "sign": "SIGN",
+    "verify": "VERIFY",
+    "mac": "MACGENERATE",
+    "macverify": "MACVERIFY",
+}
+
+
+def _use_forms(name: str, op: str) -> dict[str, dict[str, str]]:
+    """Every path that does ``name`` with one key: by descriptor, per key, batch."""
+    need = {op: op}
+    forms = {
+        f"POST /crypto/v1/{name}": need,
+        f"POST /crypto/v1/keys/{{kid}}/{name}": need,
+        f"POST /crypto/v1/keys/batch/{name}": need,
+    }
+    if name in ("encrypt", "decrypt"):  # multi-part: every step uses the key
+        for step in ("init", "update", "final"):
+            forms[f"POST /crypto/v1/{name}/{step}"] = need
+            forms[f"POST /crypto/v1/keys/{{kid}}/{name}/{step}"] = need
+    return forms
+
+
+#: THE table: what an app needs, in the group of the key concerned, for each
+#: operation path and each check that path makes. On top of the key's key_ops
+#: (a key still needs DECRYPT in key_ops to decrypt; the app also needs DECRYPT
+#: in the key's group). Admins and plugins are not apps: no row applies to them
+#: (a plugin keeps its own rules: its groups and the keys' key_ops). An app
+#: reaching a check on a path missing here is refused (fail closed).
+PERMISSIONS: dict[str, dict[str, str]] = {
+    **{
+        path: need
+        for name, op in _CRYPTO_ONE_KEY.items()
+        for path, need in _use_forms(name, op).items()
+    },
+    # Wrapping reads the wrapped key out: EXPORT in its group, WRAPKEY in the other's.
+    "POST /crypto/v1/wrapkey": {"WRAPKEY": "WRAPKEY", "EXPORT": "EXPORT"},
+    "POST /crypto/v1/keys/{kid}/wrapkey": {"WRAPKEY": "WRAPKEY", "EXPORT": "EXPORT"},
+    # Unwrapping, agreeing and deriving make a stored key: a creation in its group.
+    "POST /crypto/v1/unwrapkey": {"UNWRAPKEY": "UNWRAPKEY", "create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/unwrapkey": {"UNWRAPKEY": "UNWRAPKEY", "create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/agree": {"AGREEKEY": "AGREEKEY", "create": "CREATE_SOBJECTS"},
+    # (BIP32 derivations read the parent's value in the daemon: key_op EXPORT.)
+    "POST /crypto/v1/derive": {
+        "DERIVEKEY": "DERIVEKEY",
+        "EXPORT": "DERIVEKEY",
+        "create": "CREATE_SOBJECTS",
+    },
+    "POST /crypto/v1/keys/{kid}/derive": {
+        "DERIVEKEY": "DERIVEKEY",
+        "EXPORT": "DERIVEKEY",
+        "create": "CREATE_SOBJECTS",
+    },
+    "POST /crypto/v1/keys/transform": {"EXPORT": "TRANSFORM", "create": "CREATE_SOBJECTS"},
+    # TR-31 key blocks: opening one is an unwrap, sealing one exports the subject.
+    "POST /crypto/v1/keys/tr31/open": {"EXPORT": "UNWRAPKEY"},
+    "POST /crypto/v1/keys/tr31/seal": {"EXPORT": "EXPORT"},
+    "POST /crypto/v1/keys/bip32/import": {"create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/bip32/export": {"EXPORT": "EXPORT"},
+    # A key's value, or something computed from it alone.
+    "POST /crypto/v1/keys/export": {"EXPORT": "EXPORT"},
+    "GET /crypto/v1/keys/{kid}/export": {"EXPORT": "EXPORT"},
+    "POST /crypto/v1/keys/digest": {"EXPORT": "CALCULATE_DIGEST"},
+    "POST /crypto/v1/keys/kcv": {"read": "CALCULATE_DIGEST"},
+    # Management: MANAGE, or the finer DSM permission named.
+    "POST /crypto/v1/keys": {"create": "CREATE_SOBJECTS"},
+    "PUT /crypto/v1/keys": {"create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/persist": {"create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/rekey": {"manage": "ROTATE_SOBJECTS"},
+    # One PATCH may rename, enable/disable and narrow key_ops at once: MANAGE.
+    "PATCH /crypto/v1/keys/{kid}": {"manage": "MANAGE"},
+    "POST /crypto/v1/keys/{kid}/activate": {"manage": "ACTIVATE_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/revoke": {"manage": "REVOKE_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/schedule_deletion": {"manage": "DELETE_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/cancel_deletion": {"manage": "DELETE_SOBJECTS"},
+    "DELETE /crypto/v1/keys/{kid}": {"manage": "DELETE_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/destroy": {"manage": "DESTROY_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/delete_key_material": {"manage": "DELETE_KEY_MATERIAL"},
+    "DELETE /crypto/v1/keys/{kid}/private": {"manage": "DELETE_KEY_MATERIAL"},
+    "PUT /crypto/v1/keys/{kid}/revert": {"manage": "REVERT_SOBJECTS"},
+    "POST /crypto/v1/keys/{kid}/restore": {"manage": "RESTORE_EXTERNAL_SOBJECTS"},
+}
+
+
+def check_app_permission(p: Principal, group_id: str, check: str) -> None:
+    """An app may do what its operation asks in ``group_id`` only with the
+    permission :data:`PERMISSIONS` names for it there (DSM's app permissions)."""
+    if p.permissions is None:
+        return
+    op = OPERATION.get()
+    need = PERMISSIONS.get(op or "", {}).get(check)
+    if need is None:  # a path or check the table does not know: refuse
+        raise AppPermissionDenied(f"no app permission covers {check} on {op}")
+    if need not in p.permissions.get(group_id, frozenset()):
+        raise AppPermissionDenied(f"the app lacks the {need} permission in the key's group")
+
+
 # -- access rules --------------------------------------------------------------
 
 
@@ -252,6 +463,7 @@ def check_key_use(p: Principal, key: KeyRow, op: str, now: float | None = None) 
         raise NotFound("no such key")
     if op not in key.key_ops:
         raise KeyOpNotPermitted(f"the key's key_ops do not include {op}")
+    check_app_permission(p, key.group_id, op)
     if not key.enabled:
         raise Forbidden("the key is disabled")
     if key.deletion_date:
@@ -270,9 +482,16 @@ def check_key_manage(p: Principal, key: KeyRow) -> None:
         return
     if not can_see_key(p, key):
         raise Forbidden("the key is not in any of your groups")
-    if key.creator.get(p.kind) == p.id or "APPMANAGEABLE" in key.key_ops:
-        return
-    raise Forbidden("only the key's creator may manage it (it lacks APPMANAGEABLE)")
+    if key.creator.get(p.kind) != p.id and "APPMANAGEABLE" not in key.key_ops:
+        raise Forbidden("only the key's creator may manage it (it lacks APPMANAGEABLE)")
+    check_app_permission(p, key.group_id, "manage")
+
+
+def check_key_read(p: Principal, key: KeyRow) -> None:
+    """May ``p`` learn something computed from the key's value alone (a KCV)?"""
+    if not can_see_key(p, key):
+        raise NotFound("no such key")
+    check_app_permission(p, key.group_id, "read")
 
 
 def check_group_target(p: Principal, group_id: str | None) -> str:
@@ -284,4 +503,5 @@ def check_group_target(p: Principal, group_id: str | None) -> str:
         gid = next(iter(p.groups))
     if not p.is_admin and gid not in p.groups:
         raise Forbidden("you may create keys only in your own groups")
+    check_app_permission(p, gid, "create")
     return gid

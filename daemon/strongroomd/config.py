@@ -110,6 +110,10 @@ class Config:
     plugin_max_workers: int = 8
     #: Plugin sandbox: API calls one invocation may make (each is audited).
     plugin_max_api_calls: int = 10_000
+    #: Plugin ``request{}``: let an admin put ``http://127.0.0.1:PORT`` (or ``:*``)
+    #: in a plugin's ``request_allowlist``, plain HTTP to this host's loopback. For
+    #: tests and development only; otherwise only ``https://`` origins are allowed.
+    plugin_request_loopback_http: bool = False
     #: Audit records queued in memory, at most (~250 bytes each; ~2 s of the
     #: fastest operation). Full, or the log failing to write: see docs/protocol.md.
     audit_max_pending: int = 100_000

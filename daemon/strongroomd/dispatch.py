@@ -14,7 +14,7 @@ from typing import Any
 from strongroomd import metrics
 from strongroomd._token.fair import caller as token_caller
 from strongroomd.audit import AuditFailing, Kind, kind_of
-from strongroomd.auth import Principal
+from strongroomd.auth import OPERATION, Principal
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, Internal, Unauthenticated
 from strongroomd.router import Router, check_body
@@ -64,11 +64,12 @@ class Dispatcher:
         principal: Principal | None = None
         req: Request | None = None
         action = f"{method} {path}"
-        bucket = None
+        bucket = operation = None
         try:
             route, params = self.router.match(method, path)
             matched.append(route.path)
             action = f"{method} {route.path}"
+            operation = OPERATION.set(action)  # what auth.PERMISSIONS looks up for an app
             if not route.public:
                 if self.services.store.shared:  # a session another node issued
                     await self.services.auth.prefetch(auth or owner.token)
@@ -121,6 +122,8 @@ class Dispatcher:
         finally:
             if bucket is not None:
                 token_caller.reset(bucket)
+            if operation is not None:
+                OPERATION.reset(operation)
 
     def _audit(
         self,

@@ -85,6 +85,12 @@ class KeyOpNotPermitted(Forbidden):
     codes = ("key_op_not_permitted",)
 
 
+class AppPermissionDenied(Forbidden):
+    """The app lacks the DSM app permission the operation needs in the key's group."""
+
+    codes = ("app_permission_denied",)
+
+
 class NotFound(ApiError):
     status = 404
     codes = ("not_found", "no_such_route")
@@ -153,6 +159,7 @@ BY_CODE: dict[str, type[ApiError]] = {
         Unauthenticated,
         Forbidden,
         KeyOpNotPermitted,
+        AppPermissionDenied,
         NotFound,
         MethodNotAllowed,
         Conflict,

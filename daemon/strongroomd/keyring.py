@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from strongroomd import mechanisms
 from strongroomd.auth import (
     Principal,
     can_see_key,
@@ -43,7 +44,15 @@ from strongroomd.auth import (
     check_key_use,
 )
 from strongroomd.context import Owner
-from strongroomd.errors import ApiError, BadRequest, Conflict, Internal, NotFound, TooLarge
+from strongroomd.errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Internal,
+    KeyOpNotPermitted,
+    NotFound,
+    TooLarge,
+)
 from strongroomd.keyref import KeyMaterial, NewKey
 from strongroomd.keyspec import (
     ALG_FROM_KEY,
@@ -162,6 +171,12 @@ class Keyring(Lifecycle):
             raise Internal("the key's material is missing from the token")
         return row
 
+    def manageable(self, owner: Owner, principal: Principal, kid: str) -> KeyRow:
+        """A key the caller can see and manage (for paths that check, then refuse)."""
+        row = self.find(owner, principal, {"kid": kid})
+        check_key_manage(principal, row)
+        return row
+
     def visible(self, owner: Owner, principal: Principal) -> list[KeyRow]:
         rows = [r for r in self.store.keys.values() if can_see_key(principal, r)]
         rows += [r for r in owner.transient.values() if can_see_key(principal, r)]
@@ -272,6 +287,38 @@ class Keyring(Lifecycle):
             lambda new: self.token.agree(ref_of(priv), ref_of(pub), new),
             lambda _m: ops,
         )
+
+    async def derive(
+        self, owner: Owner, principal: Principal, base: Any, spec: KeySpec, mechanism: Any
+    ) -> KeyRow:
+        """DSM's derive: a new key from a base key the caller may DERIVEKEY with.
+
+        ``encrypt_data`` runs in the token (C_DeriveKey, *_ENCRYPT_DATA): the new
+        value never leaves it. ``hkdf``, which the token lacks, is computed here
+        with ``cryptography`` from the base key's value, so it is only for base
+        keys whose key_ops include EXPORT (a value that may leave the token anyway).
+        """
+        row = self.use(owner, principal, base, "DERIVEKEY")
+        d = mechanisms.derive_spec(row.obj_type, spec.obj_type, spec.key_size, mechanism)
+        ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
+        make: Callable[[NewKey], Awaitable[KeyMaterial]]
+        if d.kind == "ENCRYPT_DATA":
+
+            def make(new: NewKey) -> Awaitable[KeyMaterial]:
+                return self.token.derive(ref_of(row), new, d)
+
+        else:
+            if "EXPORT" not in row.key_ops:
+                raise KeyOpNotPermitted(
+                    "hkdf is computed outside the token from the base key's value: "
+                    "the base key needs EXPORT in its key_ops"
+                )
+
+            async def make(new: NewKey) -> KeyMaterial:
+                value = mechanisms.hkdf(await self.token.export(ref_of(row)), d)
+                return await self.token.import_key(new, value)
+
+        return await self._make(owner, principal, spec, "EXPORT" in ops, make, lambda _m: ops)
 
     async def persist(self, owner: Owner, principal: Principal, key: Any, spec: KeySpec) -> KeyRow:
         """Store a transient key (Lua's ``:persist{}``): a token copy under a new kid.

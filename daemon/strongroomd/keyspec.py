@@ -8,6 +8,7 @@ which are the defaults, which need the private half) live here too.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -203,6 +204,17 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_group_id(value: str | None) -> str | None:
+    """A group id is a UUID: anything else is a bad request (400, as DSM's typed
+    body), not a group the caller may not use (DSM's kvp plugin relies on it)."""
+    if value is not None:
+        try:
+            uuid.UUID(value)
+        except (ValueError, AttributeError, TypeError):
+            raise BadRequest("group_id must be a group's UUID", code="invalid_value") from None
+    return value
+
+
 def check_metadata(meta: dict[Any, Any]) -> dict[str, str]:
     if len(meta) > MAX_METADATA or not all(
         isinstance(k, str) and isinstance(v, str) and len(k) <= 256 and len(v) <= 4096
@@ -264,7 +276,7 @@ def key_spec(body: dict[str, Any], obj_type: str, **overrides: Any) -> KeySpec:
         "key_size": body.get("key_size"),
         "curve": body.get("elliptic_curve"),
         "key_ops": body.get("key_ops"),
-        "group_id": body.get("group_id"),
+        "group_id": check_group_id(body.get("group_id")),
         "description": body.get("description", ""),
         "custom_metadata": check_metadata(body.get("custom_metadata", {})),
         "enabled": bool(body.get("enabled", True)),

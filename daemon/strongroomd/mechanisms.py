@@ -301,6 +301,8 @@ def cipher_spec(obj_type: str, req: dict, *, decrypt: bool) -> CipherSpec:
     alg = req.get("alg")
     if alg != obj_type:
         raise Unsupported(f"alg {alg} cannot be used with a {obj_type} key")
+    if req.get("label") is not None:
+        raise BadRequest("label is only for RSA OAEP", code="invalid_field")
     mode = _symmetric_mode(obj_type, req.get("mode"))
     block = _BLOCK[obj_type]
     iv = req.get("iv")
@@ -548,6 +550,18 @@ def mac_alg(obj_type: str, alg: Any) -> str:
     raise Unsupported(f"a {obj_type} key cannot compute a MAC")
 
 
+def check_key_format(subject_type: str, public_only: bool, key_format: Any) -> None:
+    """DSM's ``key_format`` on wrap: ``Default`` or ``Pkcs8``. A private key is
+    wrapped as its PKCS#8 PrivateKeyInfo in both cases (the form export gives);
+    ``Pkcs8`` names that form and is refused for anything else."""
+    if key_format is None or key_format == "Default":
+        return
+    if key_format != "Pkcs8":
+        raise BadRequest("key_format is Default or Pkcs8", code="invalid_value")
+    if subject_type not in ("RSA", "EC") or public_only:
+        raise BadRequest("key_format Pkcs8 is for RSA and EC private keys", code="invalid_value")
+
+
 def wrap_mode(obj_type: str, req: dict) -> str | RsaMode:
     """The wrap mode of a wrapping key: "KW", "KWP", or an RSA OAEP mode."""
     alg = req.get("alg")
@@ -568,3 +582,152 @@ def wrap_mode(obj_type: str, req: dict) -> str | RsaMode:
             raise Unsupported("RSA wraps keys with OAEP only")
         return rsa_mode
     raise Unsupported(f"a {obj_type} key cannot wrap keys")
+
+
+# -- key derivation ---------------------------------------------------------
+
+#: Derived key types and their value lengths in bytes for a key_size in bits.
+DERIVE_TARGETS = ("AES", "DES3", "DES", "HMAC", "SECRET")
+
+
+@dataclass(frozen=True, slots=True)
+class DeriveSpec:
+    """A checked ``mechanism`` of DSM's DeriveKeyRequest.
+
+    ``kind`` is "ENCRYPT_DATA" (run in the token: the new key's value is the
+    first ``length`` bytes of the base key's encryption of ``data``) or "HKDF"
+    (RFC 5869, computed in the daemon from an exportable base key's value).
+    """
+
+    kind: str
+    length: int  # bytes of the new key's value
+    mode: str = ""  # ENCRYPT_DATA: "ECB" or "CBC"
+    data: bytes = b""
+    iv: bytes | None = None
+    hash: str = ""  # HKDF
+    salt: bytes | None = None
+    info: bytes | None = None
+
+
+def _blob(value: Any, name: str) -> bytes:
+    """A binary field nested in a mechanism: bytes (frames) or base64 text (JSON)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    raise BadRequest(f"{name} must be binary (base64 in JSON)", code="invalid_field")
+
+
+def derived_length(key_type: str, key_size: int | None) -> int:
+    """Bytes of value a derived key of this type and size takes."""
+    if key_type not in DERIVE_TARGETS:
+        raise Unsupported(
+            f"cannot derive a key of type {key_type}; use one of AES, DES3, DES, HMAC, SECRET"
+        )
+    bits = check_key_size(
+        key_type,
+        key_size
+        if key_size is not None or key_type in ("DES", "DES3")
+        else {"AES": 256, "HMAC": 256, "SECRET": 256}[key_type],
+    )
+    return {"DES3": 24, "DES": 8}.get(key_type, bits // 8)
+
+
+def derive_spec(base_type: str, key_type: str, key_size: int | None, mechanism: Any) -> DeriveSpec:
+    """Check DSM's ``mechanism`` (``{encrypt_data: {...}}`` or ``{hkdf: {...}}``)
+    for a base key of ``base_type``; BIP32/SLIP-10 are not offered."""
+    if not isinstance(mechanism, dict) or len(mechanism) != 1:
+        raise BadRequest("mechanism is a map with one of encrypt_data, hkdf", code="invalid_field")
+    ((kind, params),) = mechanism.items()
+    if kind in (
+        "bip32_master_key",
+        "bip32_hardened_child",
+        "slip10_master_key",
+        "slip10_hardened_child",
+    ):
+        raise Unsupported(f"{kind} derivation is not offered (no BIP32/SLIP-10 keys here)")
+    if not isinstance(params, dict):
+        raise BadRequest(f"mechanism.{kind} must be a map", code="invalid_field")
+    length = derived_length(key_type, key_size)
+    if kind == "encrypt_data":
+        return _encrypt_data_spec(base_type, key_type, length, params)
+    if kind == "hkdf":
+        h = hash_name(params.get("hash_alg"), "mechanism.hkdf.hash_alg")
+        salt = params.get("salt")
+        info = params.get("info")
+        if length > 255 * HASHES[h][1]:
+            raise BadRequest("HKDF gives at most 255 hash lengths", code="invalid_key_size")
+        return DeriveSpec(
+            "HKDF",
+            length,
+            hash=h,
+            salt=None if salt is None else _blob(salt, "mechanism.hkdf.salt"),
+            info=None if info is None else _blob(info, "mechanism.hkdf.info"),
+        )
+    raise Unsupported(f"unknown derive mechanism {kind!r}; use encrypt_data or hkdf")
+
+
+def _encrypt_data_spec(base_type: str, key_type: str, length: int, p: dict) -> DeriveSpec:
+    cipher = "DES3" if base_type == "DES" else base_type
+    if cipher not in _BLOCK:
+        raise Unsupported(
+            f"encrypt_data derivation needs an AES, DES or DES3 base key, not {base_type}"
+        )
+    alg = p.get("alg", base_type)
+    if not isinstance(alg, str) or alg.upper() != base_type:
+        raise Unsupported(f"alg {alg} cannot be used with a {base_type} key")
+    mode = p.get("mode", "ECB")
+    if not isinstance(mode, str) or mode.upper() not in ("ECB", "CBC", "CBCNOPAD"):
+        raise Unsupported(
+            "encrypt_data derivation takes mode ECB, CBC or CBCNOPAD (the token's "
+            "*_ECB_ENCRYPT_DATA and *_CBC_ENCRYPT_DATA)"
+        )
+    mode = "ECB" if mode.upper() == "ECB" else "CBC"
+    if "plain" not in p:
+        raise BadRequest("mechanism.encrypt_data.plain is required", code="missing_field")
+    data = _blob(p["plain"], "mechanism.encrypt_data.plain")
+    block = _BLOCK[cipher]
+    if not data or len(data) % block:
+        raise BadRequest(
+            f"mechanism.encrypt_data.plain must be a non-empty multiple of {block} bytes "
+            "(the token encrypts it without padding)",
+            code="invalid_value",
+        )
+    if len(data) < length:
+        raise BadRequest(
+            f"a {key_type} key of {length} bytes needs at least {length} bytes of plain",
+            code="invalid_value",
+        )
+    iv = None
+    if mode == "CBC":
+        iv = _blob(p["iv"], "mechanism.encrypt_data.iv") if "iv" in p else random_bytes(block)
+        if len(iv) != block:
+            raise BadRequest(f"the iv for CBC is {block} bytes", code="invalid_value")
+    elif p.get("iv") is not None:
+        raise BadRequest("ECB takes no iv", code="invalid_field")
+    if key_type == "DES":
+        raise Unsupported(
+            "encrypt_data cannot make a DES key in the token (a DES key is held as DES3 "
+            "K||K||K); derive DES3, or use hkdf from an exportable key"
+        )
+    return DeriveSpec("ENCRYPT_DATA", length, mode=mode, data=data, iv=iv)
+
+
+def hkdf(value: bytes, spec: DeriveSpec) -> bytes:
+    """RFC 5869 HKDF with ``cryptography`` (the token offers no HKDF)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    algo = {
+        "SHA1": hashes.SHA1,
+        "SHA256": hashes.SHA256,
+        "SHA384": hashes.SHA384,
+        "SHA512": hashes.SHA512,
+    }[spec.hash]()
+    return HKDF(algo, spec.length, spec.salt, spec.info).derive(value)

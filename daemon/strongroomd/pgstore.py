@@ -135,12 +135,42 @@ SHARED = [
 ]
 
 
+def _app_permissions() -> str:
+    """SQLite's migration 3 in PostgreSQL: every app gets all of DSM's permissions
+    in each of its groups (the list is taken from the SQLite step itself)."""
+    m = re.search(r"json\('(\[.*?\])'\)", MIGRATIONS[2], re.S)
+    assert m is not None, "migration 3 changed: give its PostgreSQL form here"
+    everything = " ".join(m.group(1).split())
+    return f"""
+    ALTER TABLE principals ADD COLUMN permissions TEXT NOT NULL DEFAULT '{{}}';
+    UPDATE principals SET permissions = coalesce((
+        SELECT json_object_agg(g, '{everything}'::json)::text
+        FROM json_array_elements_text(principals.groups::json) AS g), '{{}}')
+    WHERE kind = 'app'
+    """  # noqa: S608 - the project's own constant, not input
+
+
+#: SQLite migrations that are more than schema changes, in PostgreSQL's words
+#: (a step that only ALTERs or CREATEs is translated as it is).
+PG_FORMS: dict[int, Callable[[], str]] = {3: _app_permissions}
+_DDL = re.compile(r"^\s*(ALTER|CREATE|DROP)\b", re.I)
+
+
 def migrations() -> list[tuple[str, str]]:
     """Every step, by name, in order: the base schema, SQLite's migrations (the same
     columns, translated), then the shared ones. Names, not one counter, so a
-    migration added to SQLite's list later is applied here too, in its turn."""
+    migration added to SQLite's list later is applied here too, in its turn.
+    A SQLite step that changes data needs its form in :data:`PG_FORMS`
+    (tests/multinode/test_store.py fails until it has one)."""
     steps = [("base", BASE)]
-    steps += [(f"sqlite:{n}", _pg_types(sql)) for n, sql in enumerate(MIGRATIONS, start=1)]
+    for n, sql in enumerate(MIGRATIONS, start=1):
+        if n in PG_FORMS:
+            steps.append((f"sqlite:{n}", PG_FORMS[n]()))
+            continue
+        stmts = [st for st in sql.split(";") if st.strip()]
+        if not all(_DDL.match(st) for st in stmts):
+            raise RuntimeError(f"SQLite migration {n} has no PostgreSQL form (pgstore.PG_FORMS)")
+        steps.append((f"sqlite:{n}", _pg_types(sql)))
     steps += [(f"shared:{n}", sql) for n, sql in enumerate(SHARED, start=1)]
     return steps
 

@@ -1,7 +1,9 @@
 """Route table: match a path, check the body against the route's fields.
 
-Fields are checked before a handler runs (types, required, unknown names,
-sizes), so a handler sees only well-typed values and checks meaning alone.
+Fields are checked before a handler runs (types, required, sizes), so a
+handler sees only well-typed values and checks meaning alone. Fields a route
+does not declare are dropped before the handler, as DSM's server ignores
+unknown JSON fields (see docs/protocol.md).
 A path that exists under another method is a 405, not a 404.
 """
 
@@ -92,7 +94,7 @@ def check_body(route: Route, body: Any) -> Any:
     for name, value in body.items():
         f = spec.get(name)
         if f is None:
-            raise BadRequest(f"unknown field {name!r}", code="unknown_field")
+            continue  # as DSM (serde's default): a field a route does not know is ignored
         if value is None and not f.required:
             continue
         if not _is(value, f.types):
@@ -104,7 +106,8 @@ def check_body(route: Route, body: Any) -> Any:
     for name, f in spec.items():
         if f.required and body.get(name) is None:
             raise BadRequest(f"field {name!r} is required", code="missing_field")
-    return {k: v for k, v in body.items() if v is not None}
+    # Handlers see only the fields their route declares.
+    return {k: v for k, v in body.items() if v is not None and k in spec}
 
 
 class Router:

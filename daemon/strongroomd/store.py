@@ -87,6 +87,26 @@ MIGRATIONS: list[str] = [
     ALTER TABLE keys ADD COLUMN rotation_policy TEXT;
     ALTER TABLE keys ADD COLUMN scheduled_rotation TEXT;
     """,
+    # 3: DSM's app permissions per group ({group id: [permission, ...]}). Every app
+    # keeps exactly the rights it had: all of DSM's permissions in each of its groups.
+    """
+    ALTER TABLE principals ADD COLUMN permissions TEXT NOT NULL DEFAULT '{}';
+    UPDATE principals SET permissions = (
+        SELECT json_group_object(g.value, json('["SIGN","VERIFY","ENCRYPT","DECRYPT",
+            "WRAPKEY","UNWRAPKEY","DERIVEKEY","MACGENERATE","MACVERIFY","EXPORT","MANAGE",
+            "AGREEKEY","MASKDECRYPT","AUDIT","TRANSFORM","CREATE_SOBJECTS","COPY_SOBJECTS",
+            "ROTATE_SOBJECTS","ACTIVATE_SOBJECTS","REVOKE_SOBJECTS","REVERT_SOBJECTS",
+            "MOVE_SOBJECTS","UPDATE_SOBJECTS_PROFILE","UPDATE_SOBJECTS_ENABLED_STATE",
+            "UPDATE_SOBJECT_POLICIES","UPDATE_KEY_OPS","DELETE_KEY_MATERIAL","DELETE_SOBJECTS",
+            "DESTROY_SOBJECTS","RESTORE_EXTERNAL_SOBJECTS","CALCULATE_DIGEST","ENCAPSULATE",
+            "DECAPSULATE"]'))
+        FROM json_each(principals.groups) AS g)
+    WHERE kind = 'app';
+    """,
+    # plugins: the origins each one's request{} may reach (issue 11); none by default.
+    """
+    ALTER TABLE plugins ADD COLUMN request_allowlist TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 
 
@@ -125,6 +145,8 @@ class PrincipalRow:
     enabled: bool
     created_at: str
     version: int = 1
+    #: An app's DSM permissions per group: {group id: [permission, ...]}.
+    permissions: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -175,14 +197,18 @@ class PluginRow:
     limits: dict[str, Any]
     created_at: str
     updated_at: str
+    #: Origins its request{} may reach (strongroomd.outbound); empty: none.
+    request_allowlist: list[str] = field(default_factory=list)
 
 
 _JSON = {
     "groups",
+    "permissions",
     "key_ops",
     "custom_metadata",
     "creator",
     "limits",
+    "request_allowlist",
     "links",
     "revocation_reason",
     "rotation_policy",

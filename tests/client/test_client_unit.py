@@ -53,7 +53,7 @@ def echo(request: strongroom.Request) -> Response:
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {n for n in dir(strongroom) if not n.startswith("_")} - {"wire"}
+    public = {n for n in dir(strongroom) if not n.startswith("_")} - {"wire", "envelope"}
     assert public == set(strongroom.__all__) - {"__version__"}
     for name in strongroom.__all__:
         assert getattr(strongroom, name) is not None
@@ -569,3 +569,42 @@ def test_async_timeout_leaves_connection_usable(standin) -> None:
             assert await c.request("GET", "/e") is None
 
     asyncio.run(main())
+
+
+def test_typed_records_read_declared_fields_as_none() -> None:
+    out = strongroom.EncryptResult(kid="k", cipher=b"c")  # CBC-less answer: no iv, no tag
+    assert out.cipher == b"c" and out.iv is None and out.tag is None
+    assert "iv" not in out and out == {"kid": "k", "cipher": b"c"}
+    with pytest.raises(AttributeError):
+        _ = out.not_a_field
+    assert strongroom.Sobject(kid="k").elliptic_curve is None
+    dk = strongroom.DataKey(kid="k", key_size=256, wrapped_key=b"w", plaintext=b"p" * 32)
+    assert "pppp" not in repr(dk) and "<hidden>" in repr(dk)
+
+
+def test_datakey_flow_deletes_the_transient_key_when_wrapping_fails() -> None:
+    """The flow's steps, and its clean-up when a step fails, without a daemon."""
+
+    def daemon(request: strongroom.Request) -> Response:
+        if request.path == AUTH:
+            return Response(200, {"access_token": "t", "entity_id": "e1"})
+        if request.path == "/crypto/v1/keys/info":
+            return Response(200, {"kid": "kek1", "name": "kek", "obj_type": "AES"})
+        if request.path == "/crypto/v1/keys":
+            return Response(200, {"kid": "t1", "obj_type": "AES", "transient_key": "t1"})
+        if request.path == "/crypto/v1/wrapkey":
+            return Response(403, {"error": "key_op_not_permitted", "message": "no WRAPKEY"})
+        return Response(204)
+
+    mock = MockTransport(daemon)
+    with pytest.raises(strongroom.Forbidden):
+        Client(api_key=API_KEY, transport=mock).datakey(name="kek")
+    steps = [(r.method, r.path) for r in mock.requests if r.path != AUTH]
+    assert steps == [
+        ("POST", "/crypto/v1/keys/info"),
+        ("POST", "/crypto/v1/keys"),
+        ("POST", "/crypto/v1/wrapkey"),
+        ("DELETE", "/crypto/v1/keys/t1"),
+    ]
+    created = next(r.body for r in mock.requests if r.path == "/crypto/v1/keys")
+    assert created["transient"] is True and created["key_ops"] == ["EXPORT"]

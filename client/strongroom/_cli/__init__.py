@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from strongroom import __version__
-from strongroom._cli import admin, call, crypto, keys, plugins
+from strongroom._cli import admin, call, crypto, envelope, keys, plugins
 from strongroom._cli._common import EXIT_API, EXIT_TRANSPORT, EXIT_USAGE, Failure, State
 from strongroom._exceptions import ApiError, TransportError
 
@@ -39,7 +39,13 @@ class _Group(click.Group):
         except ApiError as exc:
             body = exc.body if isinstance(exc.body, dict) else {}
             extra = {k: body[k] for k in ("traceback", "invocation_id") if body.get(k)}
-            report(ctx, exc.code, exc.message, _api_hint(ctx, exc), status=exc.status, **extra)
+            message = exc.message
+            if exc.code == "unauthenticated" and _no_key(ctx):  # not the library's "api_key="
+                message = (
+                    "no API key was given: set STRONGROOM_API_KEY to the key, or "
+                    "STRONGROOM_API_KEY_FILE (or --api-key-file) to a file holding it"
+                )
+            report(ctx, exc.code, message, _api_hint(ctx, exc), status=exc.status, **extra)
             ctx.exit(EXIT_API)
         except TransportError as exc:
             hint = None
@@ -58,6 +64,10 @@ class _Group(click.Group):
                 raise
             report(ctx, "usage", exc.format_message())
             ctx.exit(EXIT_USAGE)
+
+
+def _no_key(ctx: click.Context) -> bool:
+    return isinstance(ctx.obj, State) and ctx.obj.api_key() is None
 
 
 def _json(ctx: click.Context) -> bool:
@@ -89,9 +99,8 @@ def _api_hint(ctx: click.Context, exc: ApiError) -> str | None:
     state = ctx.obj if isinstance(ctx.obj, State) else None
     if exc.code == "unauthenticated" and state is not None and state.api_key() is None:
         return (
-            "no API key was given: set STRONGROOM_API_KEY to the key, or "
-            "STRONGROOM_API_KEY_FILE (or --api-key-file) to a file holding it; "
-            "the admin key is in the daemon's state directory, admin.key"
+            "the admin key is admin.key in the daemon's state directory; an app's key "
+            "is shown once, by `apps create` or `apps reset-secret`"
         )
     if exc.code == "bad_credentials":
         return (
@@ -144,6 +153,8 @@ for _command in (
     crypto.verify,
     crypto.mac,
     crypto.digest,
+    envelope.datakey,
+    envelope.envelope,
     admin.logs,
     admin.audit,
     plugins.plugin,

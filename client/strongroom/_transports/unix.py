@@ -192,9 +192,9 @@ class _Connection:
                             if not fut.done():
                                 fut.set_result(resp)
                         raise ProtocolError("the daemon refused a frame", socket_path=self.path)
-                    fut = self.pending.get(resp.id)
-                    if fut is not None and not fut.done():
-                        fut.set_result(resp)
+                    waiter = self.pending.get(resp.id)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(resp)
                     # else: the late answer to a request that timed out or was cancelled
         except ProtocolError as exc:
             self.fail(exc.message)

@@ -90,6 +90,10 @@ class Host(Protocol):
 
     def log(self, message: str, severity: str) -> None: ...
 
+    # request{}: a plugin's outbound HTTP call, made by the daemon (see
+    # strongroomd.outbound); ``timeout`` is what is left of the invocation's wall clock.
+    async def http(self, msg: dict[str, Any], timeout: float) -> tuple[int, Any]: ...
+
 
 def _error(code: str, message: str, tb: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": code, "message": message}
@@ -508,6 +512,9 @@ class Pool:
                     calls += 1
                     status, body = await self._host_call(host, msg)
                     await w.send({"t": "reply", "status": status, "body": body})
+                elif t == "http":  # request{}: the daemon makes the call, bounded by the deadline
+                    status, body = await self._host_http(host, msg, deadline - loop.time())
+                    await w.send({"t": "reply", "status": status, "body": body})
                 elif t == "log":
                     logs += 1
                     if logs <= MAX_LOGS:
@@ -549,6 +556,16 @@ class Pool:
             return await host.request(method, path, msg.get("body"))
         except Exception:
             log.exception("plugin API call %s %s failed", method, path)
+            return status_of("internal"), _error("internal", "internal error")
+
+    async def _host_http(self, host: Host, msg: dict[str, Any], timeout: float) -> tuple[int, Any]:
+        http = getattr(host, "http", None)
+        if http is None:
+            return status_of("forbidden"), _error("forbidden", "request{} is not available here")
+        try:
+            return await http(msg, timeout)
+        except Exception:
+            log.exception("plugin request{} failed")
             return status_of("internal"), _error("internal", "internal error")
 
     def _outcome(self, msg: dict[str, Any], limits: Limits) -> Outcome:

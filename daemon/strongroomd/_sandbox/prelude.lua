@@ -102,7 +102,12 @@ local null = setmetatable({}, {
 -- Blob
 local Blob = {}
 local blob_methods = {}
-local Blob_mt = { __metatable = "Blob", __index = blob_methods }
+-- blob[1] is the Blob's bytes as a string (DSM's published kvp plugin reads a
+-- value that way); any other key is a method name.
+local Blob_mt = { __metatable = "Blob", __index = function(b, k)
+  if k == 1 then return BYTES[b] end
+  return blob_methods[k]
+end }
 
 local function new_blob(s)
   local b = setmetatable({}, Blob_mt)
@@ -303,7 +308,8 @@ local function mp_encode(root, limit, too_large)
           end
         end
       end
-      if arr and cnt > 0 and max == cnt then
+      -- An empty table is a map, unless it is marked as an array (an empty key_ops).
+      if arr and max == cnt and (cnt > 0 or getmetatable(v) == "Array") then
         if cnt < 16 then put(s_char(0x90 + cnt))
         elseif cnt < 65536 then put(s_pack(">BI2", 0xdc, cnt))
         else put(s_pack(">BI4", 0xdd, cnt)) end
@@ -714,6 +720,8 @@ local function body_of(t, extra)
         local raw, err = pycall("b64d", v)
         if raw == nil then return nil, s_format("field %s: %s", k, err) end
         v = new_blob(raw)
+      elseif k == "key_ops" and type(v) == "table" and next(v) == nil then
+        v = setmetatable({}, { __metatable = "Array" }) -- {} means no operations, not a map
       end
       b[k] = v
     end
@@ -1332,6 +1340,369 @@ env.Pkcs10Csr = Pkcs10Csr
 env.AuditLog = AuditLog
 env.principal = principal
 env.this_plugin = this_plugin
+
+------------------------------------------------------------------------------
+-- Issue 11, DSM parity (rekey, Group, AuditLog.get_all, certificates, BIP32,
+-- TR-31). Every key computation here is a daemon route: the worker sends the
+-- request and gets the answer; no key value is computed in Lua or the worker.
+-- (One function, after `env`: the main chunk is at Lua's limit of 200 locals.)
+;(function()
+
+-- key:rekey{...}: DSM's rotation. The new version keeps the key's name (the
+-- daemon renames the old one and links the two); obj_type may be given but
+-- must be the key's own.
+function sobject_methods.rekey(self, t)
+  if t ~= nil and type(t) ~= "table" then
+    return nil, new_error(400, "Sobject:rekey: expected a table of fields", "invalid_field")
+  end
+  local name = type(self) == "table" and rawget(self, "name") or nil
+  local obj_type = type(self) == "table" and rawget(self, "obj_type") or nil
+  if type(name) ~= "string" or type(obj_type) ~= "string" then
+    local info, e = call("POST", "/crypto/v1/keys/info", nil, descriptor(self))
+    if info == nil then return nil, e end
+    name, obj_type = info.name, info.obj_type
+  end
+  local b = {}
+  if t ~= nil then for k, v in pairs(t) do b[k] = v end end
+  if b.name ~= nil and b.name ~= name then
+    return nil, new_error(400, "Sobject:rekey: the new version takes the key's own name ("
+      .. tostring(name) .. "); rename it with :update{name=} afterwards", "invalid_field")
+  end
+  if b.obj_type ~= nil and b.obj_type ~= obj_type then
+    return nil, new_error(400, "Sobject:rekey: obj_type must stay " .. tostring(obj_type), "invalid_field")
+  end
+  b.obj_type, b.name = nil, name
+  return call("POST", "/crypto/v1/keys/rekey", b, nil, true)
+end
+
+-- Group{id=} / Group{group_id=} / Group{name=}: a group the plugin is in (any
+-- other answers 404, as a missing one).
+local Group = {}
+local function group_by_id(id)
+  if type(id) ~= "string" or #id == 0 or #id > 256 or s_find(id, "[/?#%%]") then
+    return nil, new_error(404, "no group " .. tostring(id), "not_found")
+  end
+  return api("GET", "/sys/v1/groups/" .. id, nil)
+end
+function Group.get_all() return api("GET", "/sys/v1/groups", nil) end
+setmetatable(Group, {
+  __metatable = "Group",
+  __call = function(_, t)
+    if type(t) ~= "table" then return nil, new_error(400, "Group: expected {id=} or {name=}", "invalid_field") end
+    local id = t.id or t.group_id
+    if id ~= nil then return group_by_id(id) end
+    if type(t.name) ~= "string" then
+      return nil, new_error(400, "Group: expected {id=} or {name=}", "invalid_field")
+    end
+    local all, e = api("GET", "/sys/v1/groups", nil)
+    if all == nil then return nil, e end
+    for i = 1, #all do
+      if all[i].name == t.name then return all[i] end
+    end
+    return nil, new_error(404, "no group named " .. t.name, "not_found")
+  end,
+})
+
+-- AuditLog.get_all{object_id=, actor_id=, invocation_id=, limit=, offset=}:
+-- DSM's search answer, {hits = {{_id=, _source={...}}, ...}, total=}. The daemon
+-- gives a plugin only the records of its own invocations unless an admin set
+-- the plugin's audit_read.
+local AUDIT_QUERY = { "object_id", "actor_id", "invocation_id", "limit", "offset" }
+local function action_type(action)
+  if type(action) ~= "string" then return "Other" end
+  if s_find(action, "^plugin%.") then return "CustomMessage" end
+  if s_find(action, "/session/") then return "Authentication" end
+  if s_find(action, "^POST /crypto/v1/") and not s_find(action, "^POST /crypto/v1/keys") then
+    return "CryptoOperation"
+  end
+  if s_find(action, "^GET ") then return "Read" end
+  return "Administrative"
+end
+function AuditLog.get_all(t)
+  if t ~= nil and type(t) ~= "table" then error("AuditLog.get_all: expected a table of filters", 2) end
+  local q = {}
+  for _, k in ipairs(AUDIT_QUERY) do
+    if t ~= nil then q[k] = t[k] end
+  end
+  local r, e = api("GET", "/sys/v1/logs", q)
+  if r == nil then return nil, e end
+  local hits = {}
+  for i = 1, #r do
+    local rec = r[i]
+    local src = {}
+    for k, v in pairs(rec) do src[k] = v end
+    src.message = rec.action
+    src.action_type = action_type(rec.action)
+    src.actor_type = rec.actor_kind
+    if type(rec.detail) == "table" and type(rec.detail.message) == "string" then
+      src.message, src.severity = rec.detail.message, rec.detail.severity
+    end
+    hits[i] = { _id = tostring(rec.seq), _source = src }
+  end
+  return { hits = hits, total = #hits }
+end
+
+-- X.509 certificates: Pkcs10Csr.new(subject_key, name), csr:sign(issuer_cert,
+-- issuer_key, lifetime, hash) and TbsCertificate. The TBSCertificate is DER
+-- built in the worker from public data (asn1crypto); the issuer key signs it
+-- in the daemon (Sobject:sign); the result is a transient CERTIFICATE Sobject.
+local CERT_MAX_LIFETIME = 100 * 366 * 86400
+local function key_info(k, what, level)
+  local d = k
+  if type(k) == "string" then d = { name = k } elseif SOBJECTS[k] then d = descriptor(k) end
+  if type(d) ~= "table" then error(what .. ": expected a key name or an Sobject", level + 1) end
+  local info, e = call("POST", "/crypto/v1/keys/info", nil, d, true)
+  if info == nil then error(e, level + 1) end
+  return info
+end
+local function cert_der(cert, what, level)
+  if type(cert) == "string" then cert = { name = cert } end
+  if type(cert) ~= "table" then error(what .. ": expected the issuer certificate (an Sobject)", level + 1) end
+  local v = rawget(cert, "value")
+  if BYTES[v] ~= nil then return BYTES[v] end
+  local full, e = call("POST", "/crypto/v1/keys/export", nil, descriptor(cert) or cert, true)
+  if full == nil then
+    error(what .. ": cannot read the issuer certificate (give it EXPORT): " .. tostring(e), level + 1)
+  end
+  return BYTES[full.value]
+end
+local function lifetime_of(secs, what, level)
+  secs = m_toint(secs)
+  if secs == nil or secs <= 0 or secs > CERT_MAX_LIFETIME then
+    error(what .. ": the lifetime is a number of seconds from 1 to " .. CERT_MAX_LIFETIME, level + 1)
+  end
+  return secs
+end
+-- Sign a TBSCertificate spec with the issuer key; a transient CERTIFICATE Sobject.
+local function issue(spec, issuer_key, hash, what, level)
+  local key = key_info(issuer_key, what, level + 1)
+  hash = hash or "SHA256"
+  if type(hash) ~= "string" then error(what .. ": the hash is a name such as SHA256", level + 1) end
+  spec.alg = tostring(key.obj_type) .. ":" .. hash
+  local ok, packed = pcall(mp_encode, spec, MAX_CALL, "certificate too large")
+  if not ok then error(packed, level + 1) end
+  local tbs = pycall_or_raise(level + 1, "tbs", packed)
+  local sig, e = sobject_methods.sign(key, { data = new_blob(tbs), hash_alg = hash })
+  if sig == nil then error(e, level + 1) end
+  local der = pycall_or_raise(level + 1, "cert_final", tbs, spec.alg, BYTES[sig.signature])
+  local cert, e2 = call("PUT", "/crypto/v1/keys", { obj_type = "CERTIFICATE", value = new_blob(der),
+    transient = true, key_ops = { "VERIFY", "EXPORT" } }, nil, true)
+  if cert == nil then error(e2, level + 1) end
+  return cert
+end
+
+function Pkcs10Csr.new(subject_key, name)
+  if NAMES[name] == nil then error("Pkcs10Csr.new: expected an X509Name", 2) end
+  local b = Pkcs10Csr.builder()
+  csrb_methods.with_subject(b, name)
+  csrb_methods.with_signer_sobject(b, SOBJECTS[subject_key] and descriptor(subject_key) or subject_key)
+  return csrb_methods.build(b)
+end
+function Pkcs10Csr.from_der(der)
+  local s = bytes_of(der, "Pkcs10Csr.from_der", 2)
+  if #s > MAX_CALL then error("Pkcs10Csr.from_der: too large", 2) end
+  local c = setmetatable({}, Csr_mt)
+  CSRS[c] = pycall_or_raise(2, "csr_check", s)
+  return c
+end
+-- csr:sign(issuer_cert, issuer_key, lifetime_seconds, hash): the certificate
+-- (subject, public key and requested extensions from the request, whose own
+-- signature is checked first).
+local csr_index = {}
+function csr_index.to_der(c) return CSRS[c] end
+function csr_index.sign(c, issuer_cert, issuer_key, lifetime, hash)
+  local der = CSRS[c]
+  if type(der) ~= "string" then error("Pkcs10Csr:sign: not a certificate request", 2) end
+  local spec = { csr = new_blob(der), issuer_cert = new_blob(cert_der(issuer_cert, "Pkcs10Csr:sign", 2)),
+    lifetime = lifetime_of(lifetime, "Pkcs10Csr:sign", 2), serial_bits = 128 }
+  return issue(spec, issuer_key, hash, "Pkcs10Csr:sign", 2)
+end
+Csr_mt.__index = csr_index
+
+local TBS = setmetatable({}, { __mode = "k" })
+local TbsCertificate = {}
+local tbs_methods = {}
+local Tbs_mt = { __metatable = "TbsCertificate", __index = tbs_methods }
+-- TbsCertificate.new(subject_key, name, subject_key_id, lifetime_seconds)
+function TbsCertificate.new(subject_key, name, skid, lifetime)
+  if NAMES[name] == nil then error("TbsCertificate.new: expected an X509Name", 2) end
+  local key = key_info(subject_key, "TbsCertificate.new", 2)
+  if BYTES[key.pub_key] == nil then error("TbsCertificate.new: the subject key has no public key", 2) end
+  local id = nil
+  if skid ~= nil then
+    id = BYTES[skid]
+    if id == nil and type(skid) == "string" then id = pycall_or_raise(2, "b64d", skid) end
+    if type(id) ~= "string" or #id == 0 or #id > 64 then
+      error("TbsCertificate.new: the subject key identifier is 1 to 64 bytes (a Blob or base64)", 2)
+    end
+  end
+  local t = setmetatable({}, Tbs_mt)
+  TBS[t] = { name = NAMES[name], spki = key.pub_key, skid = id and new_blob(id) or nil,
+    lifetime = lifetime_of(lifetime, "TbsCertificate.new", 2), exts = {} }
+  return t
+end
+function tbs_methods.add_extension(t, oid, critical, der)
+  local st = TBS[t]
+  if st == nil then error("TbsCertificate:add_extension: not a TbsCertificate", 2) end
+  if #st.exts >= 64 then error("TbsCertificate:add_extension: at most 64", 2) end
+  local v = bytes_of(der, "TbsCertificate:add_extension", 2)
+  if #v > DER_MAX_BYTES then error("TbsCertificate:add_extension: too large", 2) end
+  st.exts[#st.exts + 1] = { oid_of(oid, "TbsCertificate:add_extension", 2), critical and true or false,
+    new_blob(v) }
+  return t
+end
+-- tbs:sign(issuer_cert, issuer_key, serial_number_bits, hash)
+function tbs_methods.sign(t, issuer_cert, issuer_key, serial_bits, hash)
+  local st = TBS[t]
+  if st == nil then error("TbsCertificate:sign: not a TbsCertificate", 2) end
+  serial_bits = m_toint(serial_bits or 128)
+  if serial_bits == nil or serial_bits < 32 or serial_bits > 160 then
+    error("TbsCertificate:sign: serial_number_bits is 32 to 160", 2)
+  end
+  local spec = { name = st.name, spki = st.spki, skid = st.skid, exts = st.exts,
+    issuer_cert = new_blob(cert_der(issuer_cert, "TbsCertificate:sign", 2)), lifetime = st.lifetime,
+    serial_bits = serial_bits }
+  return issue(spec, issuer_key, hash, "TbsCertificate:sign", 2)
+end
+
+-- BIP32 (DSM's native forms): seed:derive{key_type="BIP32", mechanism=
+-- {bip32_master_key={network=}}}, key:derive{mechanism={bip32_hardened_child=
+-- {index=}}}, key:transform{mechanism={bip32_weak_child={index=}}}. Computed by
+-- the daemon, only from keys whose key_ops include EXPORT.
+function sobject_methods.derive(self, t)
+  return call("POST", "/crypto/v1/derive", t, { key = descriptor(self) }, true)
+end
+function sobject_methods.transform(self, t)
+  return call("POST", "/crypto/v1/keys/transform", t, { key = descriptor(self) }, true)
+end
+-- A BIP32 key is imported from its serialization (xprv... text, as DSM's text
+-- import) and exported as that text.
+local plain_import, plain_export = Sobject.import, sobject_methods.export
+function Sobject.import(t)
+  if type(t) == "table" and t.obj_type == "BIP32" then
+    return call("POST", "/crypto/v1/keys/bip32/import", t, nil, true)
+  end
+  return plain_import(t)
+end
+local function is_bip32(so)
+  if type(so) ~= "table" then return false end
+  local md = rawget(so, "custom_metadata")
+  return rawget(so, "obj_type") == "BIP32" or (type(md) == "table" and md.bip32_xpub ~= nil)
+end
+function sobject_methods.export(self)
+  if is_bip32(self) then
+    return call("POST", "/crypto/v1/keys/bip32/export", nil, { key = descriptor(self) }, true)
+  end
+  return plain_export(self)
+end
+
+-- TR-31 key blocks (ANSI X9.143), opened and sealed by the daemon (psec) with a
+-- key block protection key whose key_ops include EXPORT.
+local function tr31_open(kbpk, block)
+  if type(block) ~= "string" or #block > 65536 then
+    return nil, new_error(400, "tr31_open: the key block is a string (at most 65536 characters)", "invalid_field")
+  end
+  local r, e = api("POST", "/crypto/v1/keys/tr31/open", { key = descriptor(kbpk), key_block = block })
+  if r == nil then return nil, e end
+  return r.key
+end
+local TR31_FIELDS = { "version", "key_usage", "algorithm", "mode_of_use", "key_version_number",
+  "exportability", "key_context" }
+local TR31 = setmetatable({}, { __mode = "k" })
+local Tr31Envelope = {}
+local Tr31_mt = { __metatable = "Tr31Envelope", __index = {} }
+function Tr31Envelope.new(...)
+  local h = {}
+  for i, k in ipairs(TR31_FIELDS) do
+    local v = (select(i, ...))
+    if v ~= nil and (type(v) ~= "string" or #v > 256) then
+      error("Tr31Envelope.new: " .. k .. " must be a string", 2)
+    end
+    h[k] = v
+  end
+  local e = setmetatable({}, Tr31_mt)
+  TR31[e] = h
+  return e
+end
+function Tr31_mt.__index.seal(env_, kbpk, target)
+  local h = TR31[env_]
+  if h == nil then error("Tr31Envelope:seal: not a Tr31Envelope", 2) end
+  local r, e = api("POST", "/crypto/v1/keys/tr31/seal", { key = descriptor(kbpk), subject = descriptor(target),
+    header = h })
+  if r == nil then return nil, e end
+  return r.key_block
+end
+
+env.Group, env.TbsCertificate, env.Tr31Envelope, env.tr31_open = Group, TbsCertificate, Tr31Envelope,
+  tr31_open
+end)()
+
+------------------------------------------------------------------------------
+-- request{method=, url=, headers=, body=}: DSM's outbound HTTP call. The daemon
+-- makes it (strongroomd/outbound.py), only to the origins an admin put in this
+-- plugin's request_allowlist; the worker itself has no network (seccomp). The
+-- answer is {status=, headers=, body=} (lower-case header names, body a Blob),
+-- or nil and an Error: 400 bad arguments, 403 not allowed, 413 body too large,
+-- 429 too many requests, 502 the remote end failed, 503 audit log failing,
+-- 504 no answer in time.
+;(function()
+local MAX_BODY = 2 * 1024 * 1024
+local MAX_HEADERS = 64
+
+local function request(t)
+  if type(t) ~= "table" then error("request: expected a table {method=, url=, headers=, body=}", 2) end
+  local method, url, headers, body = t.method, t.url, t.headers, t.body
+  if method == nil then method = "GET" end
+  if type(method) ~= "string" then error("request: method must be a string", 2) end
+  if type(url) ~= "string" then error("request: url must be a string", 2) end
+  local h = {}
+  if headers ~= nil then
+    if type(headers) ~= "table" then error("request: headers must be a table", 2) end
+    local n = 0
+    for k, v in pairs(headers) do
+      n = n + 1
+      if n > MAX_HEADERS then error(s_format("request: at most %d headers", MAX_HEADERS), 2) end
+      if type(k) ~= "string" then error("request: a header name must be a string", 2) end
+      if type(v) ~= "string" and type(v) ~= "number" then
+        error(s_format("request: header %s must be a string", k), 2)
+      end
+      h[k] = v
+    end
+  end
+  if BYTES[body] ~= nil then body = BYTES[body] end
+  if body ~= nil and type(body) ~= "string" then
+    error("request: body must be a string or a Blob", 2)
+  end
+  if body ~= nil and #body > MAX_BODY then
+    return nil, new_error(413, s_format("request: the body is over %d bytes", MAX_BODY), "too_large")
+  end
+  local ok, frame = pcall(mp_encode, { t = "http", method = method, url = url, headers = h,
+    body = body }, MAX_CALL, "request too large")
+  if not ok then return nil, new_error(413, tostring(frame), "too_large") end
+  local reply, err = pycall("call", frame)
+  if reply == nil then return nil, new_error(500, err, "internal") end
+  local ok2, r = pcall(mp_decode, reply)
+  if not ok2 or type(r) ~= "table" then return nil, new_error(500, "bad reply", "internal") end
+  local status, rbody = r.status, r.body
+  if status ~= 200 or type(rbody) ~= "table" then
+    local msg, code = "request failed", "internal"
+    if type(rbody) == "table" then
+      if type(rbody.message) == "string" then msg = rbody.message end
+      if type(rbody.error) == "string" then code = rbody.error end
+    end
+    return nil, new_error(m_type(status) == "integer" and status or 500, msg, code)
+  end
+  local rh = {}
+  if type(rbody.headers) == "table" then
+    for k, v in next, rbody.headers do rh[k] = v end
+  end
+  local data = rbody.body  -- bin: decoded as a Blob already
+  if BYTES[data] == nil then data = new_blob(type(data) == "string" and data or "") end
+  return { status = rbody.status, headers = rh, body = data }
+end
+
+env.request = request
+end)()
 
 ------------------------------------------------------------------------------
 -- One invocation.

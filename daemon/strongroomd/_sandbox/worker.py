@@ -671,6 +671,118 @@ def _csr_final(info: bytes, alg: bytes, sig: bytes) -> bytes:
     return _tlv(0x30, info + alg_id + _tlv(0x03, b"\x00" + sig))
 
 
+# -- certificates (issue 11): a TBSCertificate from public data; the issuer key signs it
+# in the daemon, through Sobject:sign.
+MAX_SERIAL_BITS = 160
+
+
+def _alg_id(alg: str) -> bytes:
+    key_type, _, hash_alg = alg.partition(":")
+    entry = _SIG_ALGS.get((key_type, hash_alg.upper().replace("-", "")))
+    if entry is None:
+        raise ValueError(f"no signature algorithm for {key_type} with {hash_alg}")
+    oid, null = entry
+    return _tlv(0x30, _oid_der(oid.encode(), None, None) + (b"\x05\x00" if null else b""))
+
+
+def _x509_time(dt: datetime.datetime) -> bytes:
+    # RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
+    if dt.year < 2050:
+        return _tlv(0x17, dt.strftime("%y%m%d%H%M%SZ").encode())
+    return _tlv(0x18, dt.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def _ext_der(oid: str, critical: bool, value: bytes) -> bytes:
+    body = _oid_der(oid.encode(), None, None) + (b"\x01\x01\xff" if critical else b"")
+    return _tlv(0x30, body + _tlv(0x04, value))
+
+
+def _csr_parts(der: bytes) -> tuple[bytes, bytes, list[bytes]]:
+    """(subject Name DER, SPKI DER, requested extensions' DER) of a CSR whose signature holds."""
+    from asn1crypto import csr as acsr
+    from cryptography import x509 as cx509
+
+    try:
+        if not cx509.load_der_x509_csr(der).is_signature_valid:
+            raise ValueError("Pkcs10Csr:sign: the request's signature does not verify")
+        req = acsr.CertificationRequest.load(der)
+        info = req["certification_request_info"]
+        exts: list[bytes] = []
+        for attr in info["attributes"]:
+            if attr["type"].dotted == _OID_NAMES["extensionRequest"]:
+                for ext_set in attr["values"]:
+                    exts += [e.dump() for e in ext_set]
+        return info["subject"].dump(), info["subject_pk_info"].dump(), exts
+    except ValueError as exc:
+        if "Pkcs10Csr" in str(exc):
+            raise
+        raise ValueError("Pkcs10Csr: not a readable certificate request") from None
+
+
+def _csr_check(der: bytes, _b: Any, _c: Any) -> bytes:
+    _csr_parts(der)
+    return der
+
+
+def _tbs_cert(packed: bytes, _b: Any, _c: Any) -> bytes:
+    """TBSCertificate (v3) from {issuer_cert, alg, lifetime, serial_bits} and either
+    {csr} or {name, spki, skid?, exts}."""
+    from asn1crypto import keys, x509
+
+    spec = _unpack(packed)
+    try:
+        issuer = x509.Certificate.load(bytes(spec["issuer_cert"]))
+        issuer_name = issuer["tbs_certificate"]["subject"].dump()
+        issuer_skid = issuer.key_identifier
+    except ValueError:
+        raise ValueError("the issuer certificate is not a readable X.509 certificate") from None
+    exts: list[bytes] = []
+    if spec.get("csr") is not None:
+        subject, spki, exts = _csr_parts(bytes(spec["csr"]))
+    else:
+        subject = _name_der(msgpack.packb(spec["name"], use_bin_type=True))
+        spki = bytes(spec["spki"])
+        keys.PublicKeyInfo.load(spki).native  # noqa: B018 (parses: refuses junk)
+        if spec.get("skid") is not None:
+            exts.append(_ext_der("2.5.29.14", False, _tlv(0x04, bytes(spec["skid"]))))
+        user = spec.get("exts") or []
+        if len(user) > 64:
+            raise ValueError("TbsCertificate: at most 64 extensions")
+        for oid, critical, der in user:
+            exts.append(_ext_der(oid, bool(critical), bytes(der)))
+    if issuer_skid is not None and not any(
+        x509.Extension.load(e)["extn_id"].dotted == "2.5.29.35" for e in exts
+    ):
+        exts.append(_ext_der("2.5.29.35", False, _tlv(0x30, _tlv(0x80, issuer_skid))))
+    bits = int(spec.get("serial_bits") or 128)
+    if not 32 <= bits <= MAX_SERIAL_BITS:
+        raise ValueError("serial number bits: 32 to 160")
+    serial = int.from_bytes(os.urandom(bits // 8), "big") >> 1 | 1 << (bits - 2)  # positive
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    lifetime = int(spec["lifetime"])
+    validity = _tlv(0x30, _x509_time(now) + _x509_time(now + datetime.timedelta(seconds=lifetime)))
+    body = (
+        _tlv(0xA0, b"\x02\x01\x02")  # version v3
+        + _tlv(0x02, serial.to_bytes((serial.bit_length() + 8) // 8, "big"))
+        + _alg_id(spec["alg"])
+        + issuer_name
+        + validity
+        + subject
+        + spki
+    )
+    if exts:
+        body += _tlv(0xA3, _tlv(0x30, b"".join(exts)))
+    out = _tlv(0x30, body)
+    if len(out) > MAX_DER:
+        raise ValueError("the certificate is too large")
+    x509.TbsCertificate.load(out).native  # noqa: B018 (what we built parses back)
+    return out
+
+
+def _cert_final(tbs: bytes, alg: bytes, sig: bytes) -> bytes:
+    return _tlv(0x30, tbs + _alg_id(alg.decode()) + _tlv(0x03, b"\x00" + sig))
+
+
 class _Runner:
     def __init__(self, channel: _Channel) -> None:
         self.channel = channel
@@ -712,6 +824,9 @@ class _Runner:
             b"ip": _ip_octets,
             b"csr_info": _csr_info,
             b"csr_final": _csr_final,
+            b"csr_check": _csr_check,
+            b"tbs": _tbs_cert,
+            b"cert_final": _cert_final,
             b"call": self._call,
             b"log": self._log,
         }

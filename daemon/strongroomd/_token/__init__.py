@@ -55,7 +55,7 @@ _PKCS11Error = p11e.PKCS11Error
 _open_lock = threading.Lock()
 # Operations that may write token objects (files, for SoftHSM).
 _WRITES = frozenset(
-    ("delete", "generate", "import", "rename", "restrict", "persist", "unwrap", "agree")
+    ("delete", "generate", "import", "rename", "restrict", "persist", "unwrap", "agree", "derive")
 )
 
 
@@ -270,6 +270,8 @@ class Token:
             return {"cipher": out}
         if _asym_type(key) != "RSA" or req.get("alg") != "RSA":
             raise Unsupported(f"alg {req.get('alg')} cannot encrypt with a {t} key")
+        if req.get("label"):
+            raise Unsupported("an RSA OAEP label is not supported")
         mode = mech.rsa_encrypt_mode(req.get("mode"))
         if mode.kind == "PKCS1_V15":
             m, p, data = Mechanism.RSA_PKCS, None, plain
@@ -347,6 +349,8 @@ class Token:
             raise Unsupported(f"alg {req.get('alg')} cannot decrypt with a {t} key")
         if key.public_only:
             raise Unsupported("a public key cannot decrypt")
+        if req.get("label"):
+            raise Unsupported("an RSA OAEP label is not supported")
         mode = mech.rsa_encrypt_mode(req.get("mode"))
         k = key.key_size // 8
         if mode.kind == "PKCS1_V15":
@@ -402,6 +406,7 @@ class Token:
         return {"result": hmac.compare_digest(mac, req["mac"])}
 
     async def wrap(self, key: KeyRef, subject: KeyRef, req: dict) -> dict:
+        mech.check_key_format(subject.obj_type, subject.public_only, req.get("key_format"))
         mode = mech.wrap_mode(_asym_type(key) if key.obj_type != "AES" else "AES", req)
         if mode in ("KW", "KWP"):
             wrapped = await self._run("wrap", ops.wrap_aes, key.kid, subject, mode == "KWP")
@@ -445,6 +450,13 @@ class Token:
 
     async def stream_abort(self, ops: list[streams.Op]) -> None:
         await self._run("stream", streams.abort_many, ops)
+
+    async def derive(self, key: KeyRef, new: NewKey, spec: mech.DeriveSpec) -> KeyMaterial:
+        """A new key from ``key`` by the token's encrypt-data derivation (AES, DES, DES3)."""
+        if key.obj_type not in _SYMMETRIC:
+            raise Unsupported(f"a {key.obj_type} key cannot derive by encrypt_data")
+        cipher = "DES3" if key.obj_type == "DES" else key.obj_type
+        return await self._run("derive", ops.derive_encrypt_data, key.kid, cipher, new, spec)
 
     async def agree(self, private: KeyRef, public: KeyRef, new: NewKey) -> KeyMaterial:
         if private.obj_type != "EC" or private.curve == "Ed25519" or private.public_only:

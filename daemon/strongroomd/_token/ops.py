@@ -6,11 +6,13 @@ taking a ``Core`` run on the PKCS#11 thread and do as little as possible.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from typing import Any
 
 from pkcs11 import KDF, MGF, Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11 import exceptions as p11e
+from pkcs11.constants import DEFAULT
 from pkcs11.mechanisms import GCMParams
 
 from strongroomd import keywrap
@@ -278,3 +280,52 @@ def agree(core: Core, private: str, public: str, curve: str, new: NewKey) -> Key
         template=_staging_template(staging),
     )
     return _store_value(core, new, _take_value(obj)[:n])
+
+
+#: (cipher of the base key, mode) -> the token's derivation by encryption.
+_ENCRYPT_DATA = {
+    ("AES", "ECB"): Mechanism.AES_ECB_ENCRYPT_DATA,
+    ("AES", "CBC"): Mechanism.AES_CBC_ENCRYPT_DATA,
+    ("DES3", "ECB"): Mechanism.DES3_ECB_ENCRYPT_DATA,
+    ("DES3", "CBC"): Mechanism.DES3_CBC_ENCRYPT_DATA,
+}
+
+
+def derive_encrypt_data(
+    core: Core, kid: str, cipher: str, new: NewKey, spec: mech.DeriveSpec
+) -> KeyMaterial:
+    """C_DeriveKey with *_ECB_ENCRYPT_DATA / *_CBC_ENCRYPT_DATA: the new key's
+    value is the first ``spec.length`` bytes of the base key's encryption of
+    ``spec.data``, made and kept in the token (it never passes through here).
+    SoftHSM sets DES parity bits of a derived DES3 key."""
+    m = _ENCRYPT_DATA[(cipher, spec.mode)]
+    data = spec.data
+    keep = ctypes.create_string_buffer(data, len(data))  # alive until the call returns
+    param: Any
+    if m == Mechanism.AES_ECB_ENCRYPT_DATA:
+        param = data  # python-pkcs11 builds CK_KEY_DERIVATION_STRING_DATA itself
+    elif m == Mechanism.AES_CBC_ENCRYPT_DATA:
+        param = (spec.iv, data)
+    elif m == Mechanism.DES3_ECB_ENCRYPT_DATA:
+        # CK_KEY_DERIVATION_STRING_DATA {CK_BYTE_PTR pData; CK_ULONG ulLen}
+        param = struct.pack("@PL", ctypes.addressof(keep), len(data))
+    else:
+        # CK_DES_CBC_ENCRYPT_DATA_PARAMS {CK_BYTE iv[8]; CK_BYTE_PTR pData; CK_ULONG length}
+        param = struct.pack("@8sPL", spec.iv, ctypes.addressof(keep), len(data))
+    entry = core._new_entry(new)
+    template = keys.secret_template(new)
+    if new.obj_type == "DES3":
+        template[Attribute.VALUE_LEN] = DEFAULT  # SoftHSM refuses a length for DES3
+    obj = core.hot(kid).derive_key(
+        keys.SECRET_TYPES[new.obj_type],
+        spec.length * 8,
+        capabilities=0,
+        mechanism=m,
+        mechanism_param=param,
+        template=template,
+    )
+    del keep
+    entry.secret = obj
+    core._commit(entry)
+    bits = 168 if new.obj_type == "DES3" else spec.length * 8
+    return KeyMaterial(new.obj_type, bits, None, None, False)

@@ -5,14 +5,17 @@ from __future__ import annotations
 from strongroomd.api import (
     admin,
     apps,
+    bip32,
     crypto,
     groups,
     keys,
     logs,
     plugins,
     session,
+    stats,
     streams,
     sys,
+    tr31,
 )
 from strongroomd.router import Route
 
@@ -22,9 +25,12 @@ ROUTES: list[Route] = [
     *admin.ROUTES,
     *groups.ROUTES,
     *apps.ROUTES,
+    *bip32.ROUTES,
+    *tr31.ROUTES,
     *keys.ROUTES,
     *crypto.ROUTES,
     *streams.ROUTES,
     *logs.ROUTES,
+    *stats.ROUTES,
     *plugins.ROUTES,
 ]

@@ -1,4 +1,11 @@
-"""/sys/v1/apps*: client applications and their API keys."""
+"""/sys/v1/apps*: client applications, their API keys and their permissions.
+
+An app's groups come as DSM's AppGroups: a map of group id to the app's
+permissions there (``add_groups``, ``mod_groups``), or a list of group ids
+(``add_groups``, or Strongroom's ``groups``), where each group gets every
+permission (:data:`strongroomd.auth.DEFAULT_PERMISSIONS`). ``del_groups``
+takes groups away. The view answers DSM's map.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,15 @@ from dataclasses import replace
 from typing import Any
 
 from strongroomd.api.groups import membership
-from strongroomd.auth import api_key, new_secret, require_admin
+from strongroomd.auth import (
+    DEFAULT_PERMISSIONS,
+    api_key,
+    check_permissions,
+    new_secret,
+    require_admin,
+)
 from strongroomd.context import Request
-from strongroomd.errors import Conflict, Forbidden, NotFound
+from strongroomd.errors import BadRequest, Conflict, Forbidden, NotFound
 from strongroomd.keyspec import check_name
 from strongroomd.router import F, Route
 from strongroomd.store import PrincipalRow, now_stamp
@@ -21,7 +34,8 @@ def view(row: PrincipalRow) -> dict[str, Any]:
         "app_id": row.id,
         "name": row.name,
         "description": row.description,
-        "groups": list(row.groups),
+        # DSM's AppGroups map: group id -> the app's permissions there.
+        "groups": {g: list(row.permissions.get(g, [])) for g in row.groups},
         "default_group": row.default_group,
         "enabled": row.enabled,
         "created_at": row.created_at,
@@ -39,8 +53,29 @@ def _get(req: Request) -> PrincipalRow:
     return row
 
 
-def _groups(req: Request, groups: list[str], default: str | None) -> tuple[list[str], str]:
-    return membership(req.services.store, groups, default, "an app")
+def _app_groups(value: Any, where: str) -> dict[str, list[str] | None]:
+    """DSM's AppGroups: {group id: [permission, ...]} or [group id, ...] (None:
+    the default permissions, or for a group already held, the ones it has)."""
+    if isinstance(value, list):
+        if not all(isinstance(g, str) for g in value):
+            raise BadRequest(f"{where} must list group ids", code="invalid_value")
+        return dict.fromkeys(value)
+    if isinstance(value, dict):
+        return {g: check_permissions(perms, f"{where}[{g}]") for g, perms in value.items()}
+    raise BadRequest(
+        f"{where} is a map of group id to permissions, or a list of group ids",
+        code="invalid_value",
+    )
+
+
+def _membership(
+    req: Request, perms: dict[str, list[str] | None], default: str | None
+) -> tuple[list[str], str, dict[str, list[str]]]:
+    """Check the groups (they exist, at least one, default among them); fill
+    unspecified permissions with the default set."""
+    groups, default = membership(req.services.store, list(perms), default, "an app")
+    full = {g: list(DEFAULT_PERMISSIONS) if (p := perms[g]) is None else p for g in groups}
+    return groups, default, full
 
 
 def _unique(req: Request, name: str, but: str | None = None) -> None:
@@ -53,9 +88,17 @@ async def create(req: Request) -> dict[str, Any]:
     b, store = req.body, req.services.store
     name = check_name(b["name"])
     secret, salt, digest = await asyncio.to_thread(new_secret)  # scrypt: ~50 ms
+    if "mod_groups" in b or "del_groups" in b:
+        raise BadRequest(
+            "a new app takes groups and add_groups; mod_groups and del_groups change an "
+            "existing app's groups (PATCH)",
+            code="invalid_field",
+        )
+    asked = {**_app_groups(b.get("groups", []), "groups")}
+    asked.update(_app_groups(b.get("add_groups", []), "add_groups"))
     async with store.catalog:
         _unique(req, name)
-        groups, default = _groups(req, b["groups"], b.get("default_group"))
+        groups, default, perms = _membership(req, asked, b.get("default_group"))
         row = PrincipalRow(
             str(uuid.uuid4()),
             "app",
@@ -67,6 +110,7 @@ async def create(req: Request) -> dict[str, Any]:
             salt,
             bool(b.get("enabled", True)),
             now_stamp(),
+            permissions=perms,
         )
         req.object_id = row.id
         await store.insert(row)
@@ -87,6 +131,18 @@ async def update(req: Request) -> dict[str, Any]:
     aid = _get(req).id
     b = req.body
     name = check_name(b["name"]) if "name" in b else None
+    replaced = _app_groups(b["groups"], "groups") if "groups" in b else {}
+    added = _app_groups(b.get("add_groups", []), "add_groups")
+    modified = _app_groups(b.get("mod_groups", []), "mod_groups")
+    deleted = _app_groups(b.get("del_groups", []), "del_groups")
+    both = (set(added) | set(modified) | set(replaced)) & set(deleted)
+    if both:
+        raise BadRequest(
+            f"group(s) both given and deleted: {', '.join(sorted(both))}", code="invalid_value"
+        )
+    changes_groups = any(
+        f in b for f in ("groups", "add_groups", "mod_groups", "del_groups", "default_group")
+    )
 
     def apply(cur: PrincipalRow) -> PrincipalRow:
         row = replace(cur)  # the row as it is now, never one read before an await
@@ -95,13 +151,26 @@ async def update(req: Request) -> dict[str, Any]:
             row.name = name
         if "description" in b:
             row.description = b["description"]
-        if "groups" in b or "default_group" in b:
-            groups = b.get("groups", row.groups)
+        if changes_groups:
+            held: dict[str, list[str] | None] = {g: row.permissions.get(g) for g in row.groups}
+            if "groups" in b:  # the whole membership; groups kept keep their permissions
+                held = {g: held.get(g) if p is None else p for g, p in replaced.items()}
+            for g, p in added.items():
+                held[g] = held.get(g) if p is None else p
+            for g, p in modified.items():
+                if g not in held:
+                    raise BadRequest(
+                        f"mod_groups: the app is not in group {g} (add_groups adds it)",
+                        code="invalid_value",
+                    )
+                held[g] = list(DEFAULT_PERMISSIONS) if p is None else p
+            for g in deleted:
+                held.pop(g, None)
             if "default_group" in b:
                 default = b["default_group"]
             else:
-                default = row.default_group if row.default_group in groups else None
-            row.groups, row.default_group = _groups(req, groups, default)
+                default = row.default_group if row.default_group in held else None
+            row.groups, row.default_group, row.permissions = _membership(req, held, default)
         if "enabled" in b:
             row.enabled = b["enabled"]
         return row
@@ -153,10 +222,14 @@ async def credential(req: Request) -> dict[str, Any]:
     )
 
 
+_GROUPS = F((dict, list), doc="AppGroups: {group id: [permission, ...]} or [group id, ...]")
 _FIELDS = {
     "name": F(str),
     "description": F(str),
-    "groups": F(list, items=str),
+    "groups": _GROUPS,
+    "add_groups": _GROUPS,
+    "mod_groups": _GROUPS,
+    "del_groups": F(list, items=str),
     "default_group": F(str),
     "enabled": F(bool),
 }
@@ -166,7 +239,7 @@ ROUTES = [
         "POST",
         "/sys/v1/apps",
         create,
-        {**_FIELDS, "name": F(str, True), "groups": F(list, True, items=str)},
+        {**_FIELDS, "name": F(str, True)},
         synopsis="Create an app; its API key is returned once.",
     ),
     Route("GET", "/sys/v1/apps", list_, {}, synopsis="List apps."),

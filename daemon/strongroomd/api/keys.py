@@ -8,8 +8,9 @@ import hmac
 from typing import Any
 
 from strongroomd import mechanisms
+from strongroomd.auth import check_key_read
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest
+from strongroomd.errors import BadRequest, Conflict
 from strongroomd.keyspec import (
     DEFAULT_SIZE,
     KeyPatch,
@@ -180,6 +181,7 @@ async def kcv(req: Request) -> dict[str, Any]:
     """DSM's key check value of a key (AES, DES, DES3)."""
     b = req.body
     row = _find(req, _descriptor(b))
+    check_key_read(req.caller, row)  # an app needs CALCULATE_DIGEST in the key's group
     return {
         "kid": row.kid,
         "kcv": await req.services.keyring.kcv(row, b.get("kcv_method", "Encrypt")),
@@ -203,6 +205,31 @@ async def key_digest(req: Request) -> dict[str, Any]:
     req.object_id = row.kid
     value = await kr.export(row)
     return {"kid": row.kid, **mechanisms.digest({"alg": b["alg"], "data": value})}
+
+
+async def revert(req: Request) -> None:
+    """DSM's ``PUT /crypto/v1/keys/{kid}/revert``: back to a state of the key's
+    history, kept only under DSM's key history (undo) policy. Strongroom keeps
+    no such history (see docs/protocol.md, "DSM paths"), so no id can name one."""
+    req.object_id = req.services.keyring.manageable(req.owner, req.caller, req.params["kid"]).kid
+    raise Conflict(
+        "this key has no history state to revert to: Strongroom offers no key history "
+        "(undo) policy, because taking EXPORT away and destroying material cannot be "
+        "undone in the token",
+        code="conflict",
+    )
+
+
+async def restore(req: Request) -> None:
+    """DSM's ``POST /crypto/v1/keys/{kid}/restore``: bring back the material of a
+    key backed by an external HSM or cloud KMS. Every Strongroom key lives in its
+    own token, so there is nothing to restore from."""
+    req.object_id = req.services.keyring.manageable(req.owner, req.caller, req.params["kid"]).kid
+    raise Conflict(
+        "restore is for keys backed by an external HSM or cloud KMS; Strongroom's keys "
+        "all live in its own token",
+        code="conflict",
+    )
 
 
 async def export_by_kid(req: Request) -> dict[str, Any]:
@@ -400,6 +427,20 @@ ROUTES = [
         _transition("delete_private"),
         {},
         synopsis="Keep only the public half of a key pair.",
+    ),
+    Route(
+        "PUT",
+        "/crypto/v1/keys/{kid}/revert",
+        revert,
+        {"ids": F(list, True, "history state ids", items=str)},
+        synopsis="DSM's revert to a history state: 409, Strongroom keeps no key history.",
+    ),
+    Route(
+        "POST",
+        "/crypto/v1/keys/{kid}/restore",
+        restore,
+        {},
+        synopsis="DSM's restore of externally backed material: 409, no key is external.",
     ),
     Route("DELETE", "/crypto/v1/keys/{kid}", delete, {}, synopsis="Destroy a key."),
 ]

@@ -20,11 +20,14 @@ from strongroomd.audit import AuditFailing
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
+from strongroomd.plugin_audit import OWN_RECORDS, granted
 from strongroomd.router import F, Route
 
 
 async def list_(req: Request) -> list[dict[str, Any]]:
-    require_admin(req.caller)
+    p = req.caller
+    if p.kind != "plugin":
+        require_admin(p)
     b = req.body
     limit, offset = b.get("limit", 100), b.get("offset", 0)
     if not 0 < limit <= 10000 or offset < 0:
@@ -34,6 +37,11 @@ async def list_(req: Request) -> list[dict[str, Any]]:
         if name in b:
             where.append(f"{name} = ?")
             args.append(b[name])
+    if p.kind == "plugin":  # Lua's AuditLog.get_all (plugin_audit.py says what it may read)
+        row = req.services.store.plugins.get(p.id)
+        if row is None or not granted(row.limits):
+            where.append(OWN_RECORDS)
+            args += [p.id, p.id]
     # Every record of every answered request, unless the log cannot be written now:
     # then what is on disk (verify says how many are still queued).
     with contextlib.suppress(AuditFailing):

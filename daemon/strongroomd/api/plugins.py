@@ -12,7 +12,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
-from strongroomd import _sandbox
+from strongroomd import _sandbox, outbound
 from strongroomd.api.groups import membership
 from strongroomd.auth import Principal, require_admin
 from strongroomd.context import Owner, Request, Services
@@ -25,17 +25,25 @@ from strongroomd.errors import (
     NotFound,
     PluginError,
     TooLarge,
-    Unsupported,
     from_code,
 )
 from strongroomd.keyspec import check_name
+from strongroomd.plugin_audit import granted, shown, with_grant
 from strongroomd.router import F, Route
 from strongroomd.store import PluginRow, now_stamp
 
 LIMIT_FIELDS = {"memory_bytes": int, "instructions": int, "wall_seconds": (int, float)}
+#: DSM's PluginType values. Strongroom runs STANDARD plugins: the plugin acts with
+#: its own groups (IMPERSONATING would act as the invoker; CUSTOMALGORITHM plugs
+#: into crypto calls); the others are refused rather than run as something else.
+PLUGIN_TYPES = ("STANDARD", "IMPERSONATING", "CUSTOMALGORITHM")
+#: DSM's Language values.
+LANGUAGES = ("LUA",)
 MAX_CODE = 512 * 1024
 #: What a running plugin may ask of the daemon (the Lua API's paths).
 PLUGIN_PATHS = ("/crypto/v1/",)
+#: What it may read (GET) besides: its groups and audit records (Group{}, AuditLog.get_all).
+PLUGIN_READS = ("/sys/v1/groups", "/sys/v1/logs")
 
 
 def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) -> dict[str, Any]:
@@ -50,10 +58,15 @@ def view(row: PluginRow, *, with_code: bool, viewer: Principal | None = None) ->
         "groups": groups,
         "default_group": row.default_group,
         "enabled": row.enabled,
+        "plugin_type": "STANDARD",
         "version": row.version,
-        "limits": dict(row.limits),
+        "limits": shown(row.limits),
+        "audit_read": granted(row.limits),
+        "request_allowlist": list(row.request_allowlist),
         "created_at": row.created_at,
         "updated_at": row.updated_at,
+        "lastupdated_at": row.updated_at,  # DSM's name for it
+        "legacy_access": False,  # DSM: acting on a plugin needs rights in all its groups
     }
     if with_code:
         out["source"] = {"language": "LUA", "code": row.code}
@@ -75,7 +88,7 @@ def _limits(s: Services, overrides: dict[str, Any]) -> Any:
         "instructions": cfg.plugin_instructions,
         "wall_seconds": cfg.plugin_wall_seconds,
     }
-    base.update(overrides)
+    base.update(shown(overrides))
     return _sandbox.Limits(**base)
 
 
@@ -89,15 +102,41 @@ def _check_limits(limits: dict[str, Any]) -> dict[str, Any]:
     return dict(limits)
 
 
+def _allowlist(s: Services, value: Any) -> list[str]:
+    """request_allowlist: the origins the plugin's request{} may reach (outbound.py)."""
+    return outbound.check_allowlist(value, loopback_http=s.config.plugin_request_loopback_http)
+
+
 def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[str], str]:
     return membership(s.store, groups, default, "a plugin")
 
 
+def _plugin_type(body: dict[str, Any]) -> None:
+    """DSM's ``plugin_type``: STANDARD is the one Strongroom runs."""
+    kind = body.get("plugin_type", "STANDARD")
+    if kind not in PLUGIN_TYPES:
+        raise BadRequest(
+            f"plugin_type must be one of {', '.join(PLUGIN_TYPES)}", code="invalid_value"
+        )
+    if kind != "STANDARD":
+        raise BadRequest(
+            f"plugin_type {kind} is not supported: Strongroom runs STANDARD plugins only",
+            code="invalid_value",
+        )
+
+
 def _code(body: dict[str, Any]) -> str:
     src = body["source"]
+    if "repo_url" in src:
+        raise BadRequest(
+            "plugins from a repository are not supported: give source {language, code}",
+            code="invalid_value",
+        )
     lang, code = src.get("language", "LUA"), src.get("code")
-    if not isinstance(lang, str) or lang.upper() != "LUA":
-        raise Unsupported("source.language must be LUA")
+    if not isinstance(lang, str) or lang.upper() not in LANGUAGES:
+        raise BadRequest(
+            f"source.language must be one of {', '.join(LANGUAGES)}", code="invalid_value"
+        )
     if not isinstance(code, str):
         raise BadRequest("source.code must be a string", code="invalid_field")
     if len(code.encode()) > MAX_CODE:
@@ -124,14 +163,20 @@ async def create(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
     name = check_name(b["name"])
+    _plugin_type(b)
+    if "del_groups" in b or "mod_groups" in b:
+        raise BadRequest(
+            "a new plugin takes groups and add_groups; del_groups and mod_groups change "
+            "an existing plugin's groups (PATCH)",
+            code="invalid_field",
+        )
     code = _code(b)
     await _pool(s).check_syntax(code, name)
     now = now_stamp()
     async with s.store.catalog:
         _unique(s, name)
-        groups, default = _groups(
-            s, b.get("groups") or b.get("add_groups") or [], b.get("default_group")
-        )
+        asked = [*b.get("groups", []), *b.get("add_groups", [])]
+        groups, default = _groups(s, asked, b.get("default_group"))
         row = PluginRow(
             str(uuid.uuid4()),
             name,
@@ -141,9 +186,10 @@ async def create(req: Request) -> dict[str, Any]:
             default,
             bool(b.get("enabled", True)),
             1,
-            _check_limits(b.get("limits", {})),
+            with_grant(_check_limits(b.get("limits", {})), b.get("audit_read"), {}),
             now,
             now,
+            request_allowlist=_allowlist(s, b.get("request_allowlist", [])),
         )
         req.object_id = row.id
         await s.store.insert(row)
@@ -168,11 +214,18 @@ async def update(req: Request) -> dict[str, Any]:
     require_admin(req.caller)
     b, s = req.body, req.services
     pid = _get(req).id
+    _plugin_type(b)
+    both = (set(b.get("add_groups", [])) | set(b.get("groups", []))) & set(b.get("del_groups", []))
+    if both:
+        raise BadRequest(
+            f"group(s) both given and deleted: {', '.join(sorted(both))}", code="invalid_value"
+        )
     name = check_name(b["name"]) if "name" in b else None
     code = _code(b) if "source" in b else None
     if code is not None:
         await _pool(s).check_syntax(code, name or s.store.plugins[pid].name)
     limits = _check_limits(b["limits"]) if "limits" in b else None
+    allowlist = _allowlist(s, b["request_allowlist"]) if "request_allowlist" in b else None
 
     def apply(cur: PluginRow) -> PluginRow:
         row = replace(cur)  # the row as it is now; the store bumps its version
@@ -186,12 +239,22 @@ async def update(req: Request) -> dict[str, Any]:
         groups = list(b["groups"]) if "groups" in b else list(row.groups)
         groups += [g for g in b.get("add_groups", []) if g not in groups]
         groups = [g for g in groups if g not in b.get("del_groups", [])]
+        # DSM's mod_groups (a plugin has no per-group permissions): groups it must be in.
+        outside = [g for g in b.get("mod_groups", []) if g not in groups]
+        if outside:
+            raise BadRequest(
+                f"mod_groups: the plugin is not in group(s) {', '.join(outside)}",
+                code="invalid_value",
+            )
         default = b.get("default_group", row.default_group)
         row.groups, row.default_group = _groups(s, groups, default if default in groups else None)
         if "enabled" in b:
             row.enabled = b["enabled"]
         if limits is not None:
             row.limits = limits
+        row.limits = with_grant(row.limits, b.get("audit_read"), cur.limits)
+        if allowlist is not None:
+            row.request_allowlist = allowlist
         row.updated_at = now_stamp()
         return row
 
@@ -228,11 +291,18 @@ class _Host:
         self.owner = Owner(id=inv, principal=principal, invocation_id=inv)
         self.calls = 0
         self.max_calls = req.services.config.plugin_max_api_calls
+        self.requests = outbound.Requests(
+            req.services.audit,
+            loopback_http=req.services.config.plugin_request_loopback_http,
+            plugin_id=row.id,
+            invocation_id=inv,
+        )
 
     async def request(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         # The Lua API needs keys and crypto only. A worker that escaped Lua must not
         # reach management paths, nor invoke plugins (itself included) from a plugin.
-        if not isinstance(path, str) or not path.startswith(PLUGIN_PATHS):
+        reads = method == "GET" and isinstance(path, str) and path.startswith(PLUGIN_READS)
+        if not isinstance(path, str) or not (path.startswith(PLUGIN_PATHS) or reads):
             err: ApiError = Forbidden("plugins may call /crypto/v1/ paths only")
             return err.status, err.body()
         self.calls += 1
@@ -250,6 +320,23 @@ class _Host:
                 self.row, self.principal = row, plugin_principal(row)
                 self.owner.principal = self.principal
         return await self.dispatcher.handle(self.owner, method, path, body)
+
+    async def http(self, msg: dict[str, Any], timeout: float) -> tuple[int, Any]:
+        """request{}: made here, to the origins in the plugin's request_allowlist only."""
+        if self.stored:  # the allowlist as it is now: an admin's change holds at once
+            row = self.store.plugins.get(self.row.id)
+            if row is None or not row.enabled:
+                err = Forbidden("the plugin was disabled or deleted during this invocation")
+                return err.status, err.body()
+            if row is not self.row:
+                self.row, self.principal = row, plugin_principal(row)
+                self.owner.principal = self.principal
+        return await self.requests.handle(
+            msg,
+            allowlist=list(self.row.request_allowlist),
+            principal=self.principal,
+            timeout=timeout,
+        )
 
     def log(self, message: str, severity: str) -> None:
         self.audit.record(
@@ -287,6 +374,7 @@ async def _run(
             discard=test,  # a test run's worker is never reused
         )
     finally:
+        await host.requests.close()
         await s.keyring.drop_owner(host.owner)
     return inv, outcome
 
@@ -349,6 +437,7 @@ async def test(req: Request) -> dict[str, Any]:
         _check_limits(b.get("limits", {})),
         now,
         now,
+        request_allowlist=_allowlist(s, b.get("request_allowlist", [])),
     )
     invoker = req.caller.describe()
     if "invoker" in b:
@@ -375,6 +464,7 @@ async def test(req: Request) -> dict[str, Any]:
 
 
 _MANAGE = {
+    "audit_read": F(bool),
     "name": F(str),
     "description": F(str),
     "source": F(dict),
@@ -384,6 +474,9 @@ _MANAGE = {
     "default_group": F(str),
     "enabled": F(bool),
     "limits": F(dict),
+    "request_allowlist": F(list, items=str),
+    "plugin_type": F(str),
+    "mod_groups": F((list, dict)),  # DSM: a list of group ids; a map's keys count
 }
 
 ROUTES = [
@@ -397,6 +490,7 @@ ROUTES = [
             "groups": F(list, items=str),
             "invoker": F(str),
             "limits": F(dict),
+            "request_allowlist": F(list, items=str),
         },
         synopsis="Run unsaved code in the sandbox with mock input (admins).",
     ),

@@ -611,7 +611,7 @@ def test_rsa_oaep_wrap(admin_raw: Raw, rsa_key: dict) -> None:
         ({"obj_type": "AES", "key_size": "256"}, "invalid_field"),
         ({"obj_type": "AES", "key_ops": ["FLY"]}, "invalid_value"),
         ({"obj_type": "AES", "key_ops": ["SIGN"]}, "invalid_value"),
-        ({"obj_type": "AES", "colour": "red"}, "unknown_field"),
+        ({"obj_type": "AES", "colour": "red", "key_size": 100}, "invalid_key_size"),
     ],
 )
 def test_bad_key_creation(admin_raw: Raw, body: dict, code: str) -> None:

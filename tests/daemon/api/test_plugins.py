@@ -58,7 +58,7 @@ def test_syntax_error_names_the_line(world) -> None:
     e = err(admin.call("POST", "/sys/v1/plugins", body), "syntax_error")
     assert ":2:" in e["message"]
     bad_lang = {**body, "source": {"language": "PYTHON", "code": "x"}}
-    err(admin.call("POST", "/sys/v1/plugins", bad_lang), "unsupported_algorithm")
+    err(admin.call("POST", "/sys/v1/plugins", bad_lang), "invalid_value")
 
 
 def test_only_admins_manage_plugins(world) -> None:

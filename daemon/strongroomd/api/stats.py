@@ -1,0 +1,249 @@
+"""/sys/v1/stats/*: DSM's transaction statistics, counted from the audit log.
+
+A transaction is what the audit log records as a key *use* (see
+``strongroomd.audit.kind_of``: crypto operations, per-key and batch forms,
+plugin invocations) that succeeded; a batch counts once per item. Nothing is
+counted twice: the audit trail is the only counter, so these figures agree with
+``GET /sys/v1/logs``. Records are group-committed every 50 ms, so the newest
+uses may be missing after a ``kill -9``, as they are from the log.
+
+DSM's answer (``EsStatsCountQueryResponse``) is an Elasticsearch date
+histogram: ``time.buckets`` are ``num_points`` equal slices of
+[``range_from``, ``range_to``) (Unix seconds; the last 24 hours by default),
+each with its ``doc_count`` and, under ``total_txn.buckets``, the
+``top_count`` busiest entities of the slice: apps for ``stats/apps``, groups for
+``stats/groups``, the keys an app used for ``stats/{app_id}/app``, the apps
+that used a group's keys for ``stats/{group_id}/group`` or one key for
+``stats/{key_id}/key``. A key's group is the group it is in now; keys that are
+gone, transient keys and batches over several keys count for their app only.
+
+Administrators only: the figures describe every app and group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from strongroomd.audit import AuditFailing, Kind, kind_of
+from strongroomd.auth import require_admin
+from strongroomd.context import Request
+from strongroomd.errors import BadRequest, NotFound
+from strongroomd.router import F, Route
+
+DAY = 86400
+#: Widest range one request may ask about, and most slices.
+MAX_RANGE = 366 * DAY
+MAX_POINTS = 1000
+MAX_TOP = 1000
+
+
+def _stamp(t: float) -> str:
+    """The audit log's time format (sortable as text)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".000Z"
+
+
+def _params(b: dict[str, Any]) -> tuple[int, int, int, int]:
+    now = int(time.time())
+    to = b.get("range_to", now + 1)
+    frm = b.get("range_from", to - DAY)
+    points = b.get("num_points", 24)
+    top = b.get("top_count", 10)
+    if not 0 <= frm < to or to - frm > MAX_RANGE:
+        raise BadRequest(
+            "range_from < range_to (Unix seconds), at most 366 days apart", code="invalid_value"
+        )
+    if not 0 < points <= MAX_POINTS or not 0 <= top <= MAX_TOP:
+        raise BadRequest(
+            f"0 < num_points <= {MAX_POINTS} and 0 <= top_count <= {MAX_TOP}",
+            code="invalid_value",
+        )
+    return frm, to, points, top
+
+
+#: One aggregated row: slice, actor kind, actor id, key id, action, transactions.
+_SQL = """
+SELECT CAST((CAST(strftime('%s', substr(time, 1, 19)) AS INTEGER) - :frm) / :width AS INTEGER),
+       actor_kind, actor_id, object_id, action,
+       sum(CASE WHEN action LIKE '%/batch/%'
+                THEN coalesce(json_extract(detail, '$.items'), 1) ELSE 1 END)
+FROM audit
+WHERE time >= :lo AND time < :hi AND status IN (200, 204) AND action LIKE 'POST %'
+GROUP BY 1, 2, 3, 4, 5
+"""
+
+
+async def _uses(req: Request, frm: int, to: int, width: int) -> list[tuple[Any, ...]]:
+    """(slice, actor kind, actor id, key id, action, count) for every successful use."""
+    with contextlib.suppress(AuditFailing):  # while failing: what is on disk
+        await req.services.audit.flush()
+    rows = await req.services.store.query(
+        _SQL, {"frm": frm, "width": width, "lo": _stamp(frm), "hi": _stamp(to)}
+    )
+    out = []
+    for r in rows:
+        method, _, route = r[4].partition(" ")
+        if kind_of(method, route) is Kind.USE:
+            out.append(tuple(r))
+    return out
+
+
+def _histogram(
+    rows: list[tuple[Any, ...]],
+    frm: int,
+    width: int,
+    points: int,
+    top: int,
+    entity: Callable[[tuple[Any, ...]], str | None],
+    keep: Callable[[tuple[Any, ...]], bool],
+) -> dict[str, Any]:
+    """DSM's EsStatsCountQueryResponse from the aggregated rows."""
+    count = [0] * points
+    per: list[dict[str, dict[str, Any]]] = [defaultdict(dict) for _ in range(points)]
+    for row in rows:
+        i, _kind, actor, kid, action, n = row
+        if not 0 <= i < points or not keep(row):
+            continue
+        count[i] += n
+        who = entity(row)
+        if who is None:
+            continue
+        e = per[i][who]
+        e["n"] = e.get("n", 0) + n
+        e.setdefault("ops", set()).add(action)
+        if kid:
+            e.setdefault("keys", set()).add(kid)
+        if actor:
+            e.setdefault("apps", set()).add(actor)
+    buckets = []
+    for i in range(points):
+        start = frm + i * width
+        inner = sorted(per[i].items(), key=lambda kv: (-kv[1]["n"], kv[0]))[:top]
+        buckets.append(
+            {
+                "key": start * 1000,
+                "key_as_string": _stamp(start),
+                "doc_count": count[i],
+                "total_txn": {
+                    "buckets": [
+                        {
+                            "key": who,
+                            "doc_count": e["n"],
+                            "unique_operations_count": {"value": len(e["ops"])},
+                            "unique_active_sobj_count": {"value": len(e.get("keys", ()))},
+                            "unique_active_app_count": {"value": len(e.get("apps", ()))},
+                        }
+                        for who, e in inner
+                    ]
+                },
+            }
+        )
+    return {"time": {"buckets": buckets}}
+
+
+async def _stats(
+    req: Request,
+    entity: Callable[[tuple[Any, ...]], str | None],
+    keep: Callable[[tuple[Any, ...]], bool] = lambda _r: True,
+) -> dict[str, Any]:
+    require_admin(req.caller)
+    frm, to, points, top = _params(req.body)
+    width = max(1, math.ceil((to - frm) / points))
+    rows = await _uses(req, frm, to, width)
+    return _histogram(rows, frm, width, points, top, entity, keep)
+
+
+def _app(row: tuple[Any, ...]) -> str | None:
+    return row[2] if row[1] == "app" else None
+
+
+def _key_group(req: Request) -> Callable[[tuple[Any, ...]], str | None]:
+    keys = req.services.store.keys
+
+    def group(row: tuple[Any, ...]) -> str | None:
+        key = keys.get(row[3]) if row[3] else None
+        return key.group_id if key is not None else None
+
+    return group
+
+
+async def apps(req: Request) -> dict[str, Any]:
+    """Transactions per app."""
+    return await _stats(req, _app, lambda r: r[1] == "app")
+
+
+async def groups(req: Request) -> dict[str, Any]:
+    """Transactions per group of the key used."""
+    return await _stats(req, _key_group(req))
+
+
+async def app(req: Request) -> dict[str, Any]:
+    """One app's transactions, per key it used."""
+    require_admin(req.caller)
+    app_id = req.params["app_id"]
+    p = req.services.store.principals.get(app_id)
+    if p is None or p.kind != "app":
+        raise NotFound(f"no app {app_id}")
+    req.object_id = app_id
+    return await _stats(req, lambda r: r[3], lambda r: r[1] == "app" and r[2] == app_id)
+
+
+async def group(req: Request) -> dict[str, Any]:
+    """Transactions with one group's keys, per app."""
+    require_admin(req.caller)
+    gid = req.params["group_id"]
+    if gid not in req.services.store.groups:
+        raise NotFound(f"no group {gid}")
+    req.object_id = gid
+    of = _key_group(req)
+    return await _stats(req, _app, lambda r: of(r) == gid)
+
+
+async def key(req: Request) -> dict[str, Any]:
+    """Transactions with one key, per app."""
+    require_admin(req.caller)
+    kid = req.params["key_id"]
+    if kid not in req.services.store.keys:
+        raise NotFound("no such key")
+    req.object_id = kid
+    return await _stats(req, _app, lambda r: r[3] == kid)
+
+
+_PARAMS = {
+    "num_points": F(int, doc="slices of the range (default 24)"),
+    "top_count": F(int, doc="entities listed per slice (default 10)"),
+    "range_from": F(int, doc="Unix seconds (default: range_to - 1 day)"),
+    "range_to": F(int, doc="Unix seconds (default: now)"),
+}
+
+ROUTES = [
+    Route("GET", "/sys/v1/stats/apps", apps, _PARAMS, synopsis="Transactions per app (admin)."),
+    Route(
+        "GET", "/sys/v1/stats/groups", groups, _PARAMS, synopsis="Transactions per group (admin)."
+    ),
+    Route(
+        "GET",
+        "/sys/v1/stats/{app_id}/app",
+        app,
+        _PARAMS,
+        synopsis="One app's transactions, per key (admin).",
+    ),
+    Route(
+        "GET",
+        "/sys/v1/stats/{group_id}/group",
+        group,
+        _PARAMS,
+        synopsis="Transactions with a group's keys, per app (admin).",
+    ),
+    Route(
+        "GET",
+        "/sys/v1/stats/{key_id}/key",
+        key,
+        _PARAMS,
+        synopsis="Transactions with one key, per app (admin).",
+    ),
+]
