@@ -7,6 +7,10 @@ strongroomd audit verify [--state-dir DIR | --db FILE]   (database_url: that dat
 strongroomd backup --out FILE [--passphrase-file FILE]
 strongroomd restore --in FILE --state-dir DIR [--force] [--passphrase-file FILE]
 strongroomd admin rotate
+strongroomd migrate --to postgresql://USER@HOST:PORT/DB
+
+The URL of migrate should carry no password: libpq reads one from ~/.pgpass
+(PGPASSFILE) or $PGPASSWORD, as it does for the daemon's database_url.
 
 A backup's passphrase comes from --passphrase-file, else
 $STRONGROOM_BACKUP_PASSPHRASE, else a prompt on a terminal; never from argv.
@@ -89,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--in", dest="in_", required=True, help="the backup file to read")
     restore.add_argument("--force", action="store_true", help="replace a non-empty state dir")
     restore.add_argument("--passphrase-file", metavar="FILE", help=file_help)
+    mig = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy this state directory's SQLite data into an empty PostgreSQL (daemon stopped)",
+    )
+    mig.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB")
     admin = sub.add_parser("admin", parents=[common], help="administrator credential")
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
     admin_sub.add_parser(
@@ -257,6 +267,25 @@ def main(argv: list[str] | None = None) -> int:
                 passphrase=lambda: _passphrase(args.passphrase_file, confirm=False),
             )
             print(f"strongroomd: restored into {cfg.state_dir}")
+            return EXIT_OK
+        if command == "migrate":
+            from strongroomd import migrate
+            from strongroomd.server import StartupError, _lock_state
+
+            try:
+                lock = _lock_state(cfg)  # the daemon must not write meanwhile
+            except StartupError as exc:
+                raise ConfigError(f"{exc}: stop the daemon first") from None
+            try:
+                done = migrate.migrate(cfg, args.to)
+            finally:
+                os.close(lock)
+            print(f"strongroomd: SQLite copy kept in {done.pop('backup')}")
+            print("strongroomd: copied " + ", ".join(f"{n} {t}" for t, n in done.items()))
+            print(
+                "strongroomd: now set database_url in the configuration "
+                "(docs/architecture.md, 'Several nodes') and start the daemon"
+            )
             return EXIT_OK
         if command == "admin":
             from strongroomd import admin
