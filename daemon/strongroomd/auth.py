@@ -169,6 +169,13 @@ class Authenticator:
                 if hashlib.sha256(tok.encode()).hexdigest() == msg["s"]:
                     del self._sessions[tok]
 
+    async def settle(self) -> None:
+        """Shared database: wait for the session writes a request started (the
+        dispatcher calls it before answering, so a logout is answered once every
+        node dropped the session)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
     def _later(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
         self._writes.add(task)

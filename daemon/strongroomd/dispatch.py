@@ -88,6 +88,8 @@ class Dispatcher:
                 sink: list[str] = []
                 unconfirmed.set(sink)
             result = await route.handler(req)
+            if self.services.store.shared:
+                await self.services.auth.settle()  # sessions ended on every node first
             if self.services.store.shared and sink:
                 # A change that some live nodes have not confirmed applying.
                 result = {} if result is None else result

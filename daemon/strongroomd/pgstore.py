@@ -545,6 +545,11 @@ class PgStore(Store):
     async def _apply(self, msg: dict[str, Any]) -> None:
         confirmed = True
         for table, pk in msg["r"]:
+            if table in ("sessions", "principal_sessions"):
+                msg_ = {"s": pk} if table == "sessions" else {"p": pk}
+                for fn in self.session_observers:
+                    fn(msg_)
+                continue
             if table not in _TABLE_ROWS:
                 continue
             cls, col = _TABLE_ROWS[table]
@@ -635,26 +640,21 @@ class PgStore(Store):
         )
 
     async def session_drop(self, token: str | None = None, principal_id: str | None = None) -> None:
-        """End a session, or every session of a principal, on every node."""
+        """End a session, or every session of a principal, on every node: like a row
+        change, answered once every live node dropped it from its cache."""
         if token is not None:
             h = token_hash(token)
-            sql, arg, msg = "DELETE FROM sessions WHERE token_hash = %s", h, {"s": h.hex()}
+            sql, arg, note = "DELETE FROM sessions WHERE token_hash = %s", h, ("sessions", h.hex())
         else:
-            sql, arg, msg = (
+            sql, arg, note = (
                 "DELETE FROM sessions WHERE principal_id = %s",
                 principal_id,
-                {"p": principal_id},
+                ("principal_sessions", principal_id or ""),
             )
-        payload = json.dumps({"n": self.node, **msg}, separators=(",", ":"))
-
-        def tx() -> None:
-            db = self._ensure()
-            with db.transaction():
-                db.execute(sql, (arg,))
-                db.execute("DELETE FROM sessions WHERE expires < %s", (time.time(),))
-                db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
-
-        await self._run(tx)
+        await self.execute(
+            [(sql, (arg,)), ("DELETE FROM sessions WHERE expires < %s", (time.time(),))],
+            notes=[note],
+        )
 
     # -- key reservations (start-up reconcile) ------------------------------------------
     async def reserve_kid(self, kid: str) -> None:

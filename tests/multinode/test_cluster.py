@@ -203,3 +203,25 @@ def test_the_audit_chain_is_one_across_nodes(cluster: Cluster) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "audit chain intact" in proc.stdout
+
+
+def test_a_logout_on_one_node_ends_the_session_on_every_node(cluster: Cluster) -> None:
+    from tests.conftest import Raw
+
+    c = conns(cluster)
+    gid = ok(c["A"].call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+    app = ok(c["A"].call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": [gid]}))
+    key = new_key(c["A"], group_id=gid)
+    b = cluster["B"].connect(app["credential"]["api_key"])
+    token = ok(b.call("POST", "/sys/v1/session/auth", {"api_key": app["credential"]["api_key"]}))[
+        "access_token"
+    ]
+    others = {n: Raw(cluster[n].socket) for n in "AC"}
+    for r in others.values():  # A and C have it cached now
+        ok(r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}, auth=token))
+    resp = b.call("POST", "/sys/v1/session/terminate", auth=token)
+    assert resp["status"] in (200, 204), resp
+    for r in others.values():  # as soon as B answered
+        resp = r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}, auth=token)
+        assert resp["status"] == 401, resp
+        r.close()
