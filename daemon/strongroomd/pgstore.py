@@ -72,6 +72,8 @@ CHANNEL = "strongroom"
 MAX_INBOX = 10_000
 #: Seconds between heartbeats (a node is dead to the others after node_timeout).
 HEARTBEAT = 1.0
+#: A connection idle this long is checked (SELECT 1) before it is used again.
+IDLE_CHECK = 1.0
 
 
 _TABLE_ROWS: dict[str, tuple[type, str]] = {
@@ -241,6 +243,7 @@ class PgStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening = False  # the listening connection is up and caught up
         self._beat_ok = 0.0  # monotonic time of the last heartbeat written
+        self._used = 0.0  # monotonic time the connection was last handed out
         self._inbox: deque[dict[str, Any]] = deque()
         self._resync = False
         self._wake = asyncio.Event()
@@ -264,13 +267,32 @@ class PgStore(Store):
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
-        db = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        db = psycopg.connect(
+            self.url, autocommit=True, connect_timeout=5, application_name=self.app_name
+        )
         db.row_factory = _rows
         return db
 
+    @property
+    def app_name(self) -> str:
+        """How this node's connections show in pg_stat_activity."""
+        return f"strongroomd:{self.node}"[:63]
+
     def _ensure(self) -> psycopg.Connection[Any]:
+        """The node's connection. One idle for a second is checked first (a
+        restarted server or a cut connection shows up here, and is replaced,
+        instead of failing the next request's write half-way)."""
+        now = time.monotonic()
+        if self._db is not None and not self._db.closed and now - self._used > IDLE_CHECK:
+            try:
+                self._db.execute("SELECT 1")
+            except psycopg.OperationalError:
+                with contextlib.suppress(Exception):
+                    self._db.close()
+                self._db = None
         if self._db is None or self._db.closed:
             self._db = self._connect()
+        self._used = now
         return self._db
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -461,7 +483,9 @@ class PgStore(Store):
         assert loop is not None
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=5, application_name=self.app_name
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Anything missed while not listening: re-read it all.
                     loop.call_soon_threadsafe(self._need_resync)
