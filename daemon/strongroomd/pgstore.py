@@ -244,9 +244,14 @@ class PgStore(Store):
         self._listening = False  # the listening connection is up and caught up
         self._beat_ok = 0.0  # monotonic time of the last heartbeat written
         self._used = 0.0  # monotonic time the connection was last handed out
+        self._lead_on: Any = None  # the connection holding the clock-work lock
         self._inbox: deque[dict[str, Any]] = deque()
         self._resync = False
         self._wake = asyncio.Event()
+        self._caught_up = asyncio.Event()
+        #: Changes heard of but dropped before they were applied (a full re-read
+        #: took their place): confirmed once it is done. Bounded by MAX_INBOX.
+        self._owed: set[str] = set()
         self._acks: dict[str, set[str]] = {}
         self._ack_wake: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -368,6 +373,10 @@ class PgStore(Store):
             asyncio.create_task(self._apply_loop(), name="pg-apply"),
             asyncio.create_task(self._heartbeat_loop(), name="pg-heartbeat"),
         ]
+        # Serve once listening and caught up (or, failing that, start anyway: the
+        # node refuses key use with 503 until it is).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._caught_up.wait(), 10.0)
 
     async def close(self) -> None:
         self._stop.set()
@@ -519,18 +528,20 @@ class PgStore(Store):
                 acks.add(msg["n"])
                 self._ack_wake[msg["ack"]].set()
             return
-        if msg.get("n") == self.node:
-            return
-        if "r" not in msg:
-            for fn in self.session_observers:
-                fn(msg)
+        if msg.get("n") == self.node or "r" not in msg:
             return
         if len(self._inbox) >= MAX_INBOX:
-            self._inbox.clear()
+            self._drop_inbox()
             self._resync = True
         else:
             self._inbox.append(msg)
         self._wake.set()
+
+    def _drop_inbox(self) -> None:
+        """Forget queued notifications (a full re-read replaces them); the changes
+        among them that wait for confirmations are confirmed after it."""
+        self._owed.update(m["c"] for m in self._inbox if m.get("w"))
+        self._inbox.clear()
 
     async def _apply_loop(self) -> None:
         while True:
@@ -539,10 +550,14 @@ class PgStore(Store):
             try:
                 if self._resync:
                     self._resync = False
-                    self._inbox.clear()
+                    self._drop_inbox()
                     await self._reload()
                     self._listening = True
+                    self._caught_up.set()
                     log.info("caught up with the database: every cached row re-read")
+                    owed, self._owed = self._owed, set()
+                    for change in owed:
+                        await self._ack(change)
                 while self._inbox:
                     await self._apply(self._inbox.popleft())
             except Exception as exc:
@@ -596,10 +611,11 @@ class PgStore(Store):
                 continue  # this node already holds a newer one
             confirmed &= await self._replace(table, pk, old, row)
         if msg.get("w") and confirmed:
-            ack = json.dumps({"ack": msg["c"], "n": self.node}, separators=(",", ":"))
-            await self._run(
-                lambda: self._ensure().execute("SELECT pg_notify(%s, %s)", (CHANNEL, ack))
-            )
+            await self._ack(msg["c"])
+
+    async def _ack(self, change: str) -> None:
+        ack = json.dumps({"ack": change, "n": self.node}, separators=(",", ":"))
+        await self._run(lambda: self._ensure().execute("SELECT pg_notify(%s, %s)", (CHANNEL, ack)))
 
     async def _replace(self, table: str, pk: str, old: Any, new: Any) -> bool:
         """Put the row read from the database in the cache, after the observers
@@ -631,6 +647,21 @@ class PgStore(Store):
                 await self._run(lambda: self._beat(self._ensure()))
             except Exception as exc:
                 log.debug("heartbeat failed: %s", exc)
+
+    async def leads(self) -> bool:
+        """Whether this node does the clock's work (scheduled deletions and
+        rotations): the holder of a session advisory lock on its connection,
+        released by PostgreSQL when that connection ends (the node died or
+        reconnected; another node takes over at its next tick)."""
+
+        def q() -> bool:
+            db = self._ensure()
+            if self._lead_on is not db:  # not taken on this connection yet
+                got = db.execute("SELECT pg_try_advisory_lock(4242002)").fetchone()[0]
+                self._lead_on = db if got else None
+            return self._lead_on is db
+
+        return await self._run(q)
 
     # -- sessions -------------------------------------------------------------------------
     async def session_put(self, token: str, principal_id: str, expires: float) -> None:

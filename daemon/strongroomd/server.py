@@ -297,6 +297,9 @@ class Server:
         while True:
             await asyncio.sleep(self.config.lifecycle_interval)
             try:
+                store = self.services.store
+                if store.shared and not await store.leads():  # type: ignore[attr-defined]
+                    continue  # several nodes: one does the clock's work
                 done = await keyring.tick()
             except Exception:
                 log.exception("key lifecycle pass failed")

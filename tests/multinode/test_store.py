@@ -90,3 +90,21 @@ def test_compare_and_set_and_name_conflicts_between_two_stores(postgres: Postgre
     asyncio.run(run())
     with psycopg.connect(url) as db:
         assert db.execute("SELECT count(*) FROM groups").fetchone()[0] == 0
+
+
+def test_one_node_does_the_clocks_work_and_another_takes_over(postgres: Postgres) -> None:
+    url = fresh(postgres)
+
+    async def run() -> None:
+        a, b = PgStore(url, "a"), PgStore(url, "b")
+        await a.open()
+        await b.open()
+        try:
+            assert await a.leads() and await a.leads()
+            assert not await b.leads()
+            await a.close()  # its connection ends: the lock is free
+            assert await b.leads()
+        finally:
+            await b.close()
+
+    asyncio.run(run())
