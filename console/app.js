@@ -202,15 +202,29 @@ async function createGroup(event) {
   flash("Group created.", "info");
 }
 
+// DSM's AppPermissions: how many there are, to show a group with all of them as "all".
+const ALL_APP_PERMISSIONS = 33;
+
+// An app's groups: DSM's map of group id -> the app's permissions in that group.
+function appGroups(groups) {
+  return Object.entries(groups || {})
+    .map(([gid, perms]) => `${groupName(gid)}: ${perms.length >= ALL_APP_PERMISSIONS ? "all" : perms.join(" ") || "none"}`)
+    .join("; ");
+}
+
 async function loadApps() {
   const apps = state.kind === "admin" ? await api("GET", "/sys/v1/apps") : [];
-  fillTable($("#apps-table"), apps, (a) => [a.name, (a.groups || []).map(groupName).join(", "), a.enabled ? "yes" : "no", short(a.app_id)]);
+  fillTable($("#apps-table"), apps, (a) => [a.name, appGroups(a.groups), a.enabled ? "yes" : "no", short(a.app_id)]);
 }
 
 async function createApp(event) {
   const f = event.target;
-  const groups = pickedGroups(f.querySelector(".group-picks"));
-  const app = await api("POST", "/sys/v1/apps", { name: f.name.value, description: f.description.value, groups });
+  const picked = pickedGroups(f.querySelector(".group-picks"));
+  // Blank: every permission in each picked group (the list form); else the same
+  // permissions in each (DSM's map form).
+  const perms = f.permissions.value.split(/[\s,]+/).filter(Boolean).map((p) => p.toUpperCase());
+  const groups = perms.length ? { add_groups: Object.fromEntries(picked.map((g) => [g, perms])) } : { groups: picked };
+  const app = await api("POST", "/sys/v1/apps", { name: f.name.value, description: f.description.value, ...groups });
   f.reset();
   $("#app-secret-name").textContent = app.name;
   $("#app-secret-key").textContent = app.credential.api_key;

@@ -9,6 +9,9 @@ need_apt=()
 command -v pkcs11-tool >/dev/null 2>&1 || need_apt+=(opensc)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)  # the web console's editor
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)  # verifies the unit in tests
+# The sandbox worker's seccomp filter (no network) is built with libseccomp.
+compgen -G "/usr/lib/*/libseccomp.so.2" >/dev/null || [ -e /usr/lib/libseccomp.so.2 ] \
+  || need_apt+=(libseccomp2)
 # The PKCS#11 provider (pkcs11/): its build needs, and the tools its tests drive.
 [ -e /usr/include/msgpack.h ] || need_apt+=(libmsgpack-dev)
 [ -e /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || need_apt+=(libp11-kit-dev)

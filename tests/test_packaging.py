@@ -174,6 +174,16 @@ def test_cli_runs_with_msgpack_and_click(client_wheel: Path, tmp_path: Path) -> 
         [cli, "--version"], capture_output=True, text=True, timeout=60, env=_clean_env()
     )
     assert r.returncode == 0 and "0.1.0" in r.stdout, r
+    # Envelope files need the envelope extra; without it the command says so, before
+    # asking the daemon for anything (there is no daemon here).
+    (tmp_path / "f").write_bytes(b"data")
+    args = [cli, "envelope", "encrypt", "--key", "k", "--in", "f", "--out", "f.env"]
+    r = subprocess.run(
+        args, capture_output=True, text=True, timeout=60, env=_clean_env(), cwd=tmp_path
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r
+    assert r.stderr.startswith("error: missing_dependency: ") and "strongroom[envelope]" in r.stderr
+    assert not (tmp_path / "f.env").exists()
 
 
 # -- the daemon's wheel carries the console -------------------------------------------------

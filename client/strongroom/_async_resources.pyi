@@ -7,7 +7,7 @@ awaitables when the client is an AsyncClient.
 
 import builtins
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from strongroom._client import BaseClient
 from strongroom._models import (
@@ -31,7 +31,7 @@ from strongroom._models import (
     VerifyResult,
     WrapResult,
 )
-from strongroom._types import IdLike, KeyLike, Mode
+from strongroom._types import AppGroups, IdLike, KeyLike, Mode
 
 class AsyncSession:
     "``/sys/v1/session``. The client authenticates by itself; these are for explicit use."
@@ -57,14 +57,22 @@ class AsyncApps:
         self,
         name: str,
         *,
-        groups: Sequence[IdLike],
+        groups: AppGroups,
         default_group: IdLike | None = None,
         description: str | None = None,
         **extra: Any,
     ) -> App: ...
     async def list(self) -> builtins.list[App]: ...
     async def get(self, app_id: IdLike) -> App: ...
-    async def update(self, app_id: IdLike, **fields: Any) -> App: ...
+    async def update(
+        self,
+        app_id: IdLike,
+        *,
+        add_groups: AppGroups | None = None,
+        mod_groups: AppGroups | None = None,
+        del_groups: Sequence[IdLike] | None = None,
+        **fields: Any,
+    ) -> App: ...
     async def delete(self, app_id: IdLike) -> None: ...
     async def reset_secret(self, app_id: IdLike) -> App: ...
 
@@ -103,13 +111,41 @@ class AsyncKeys:
     ) -> Sobject: ...
     async def update(self, kid: IdLike, **fields: Any) -> Sobject: ...
     async def delete(self, kid: IdLike | None = None, *, name: str | None = None) -> None: ...
+    @overload
     async def public(
         self,
         key: KeyLike | None = None,
         *,
         kid: str | None = None,
         name: str | None = None,
-        format: str = "PEM",
+        format: Literal["PEM", "pem", "OpenSSH", "OPENSSH", "openssh"] = "PEM",
+    ) -> str: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["DER", "der"],
+    ) -> bytes: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["JWK", "jwk"],
+    ) -> dict[str, Any]: ...
+    @overload
+    async def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: str,
     ) -> str | bytes | dict[str, Any]: ...
     async def export(
         self, key: KeyLike | None = None, *, kid: str | None = None, name: str | None = None
@@ -299,6 +335,7 @@ class AsyncPlugins:
         description: str | None = None,
         enabled: bool | None = None,
         language: str = "LUA",
+        plugin_type: str | None = None,
         **extra: Any,
     ) -> Plugin: ...
     async def list(self) -> builtins.list[Plugin]: ...

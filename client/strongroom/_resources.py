@@ -12,7 +12,7 @@ fails until then).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from strongroom._models import (
     App,
@@ -37,7 +37,7 @@ from strongroom._models import (
     WrapResult,
 )
 from strongroom._pubkey import public_key
-from strongroom._types import IdLike, KeyLike, Mode
+from strongroom._types import AppGroups, IdLike, KeyLike, Mode
 
 if TYPE_CHECKING:
     from strongroom._client import BaseClient
@@ -63,6 +63,13 @@ def _ident(value: IdLike | None, field: str) -> str:
     if any(c in v for c in "/?#") or not v.isprintable():
         raise ValueError(f"not a valid {field}: {v!r}")
     return v
+
+
+def _app_groups(value: AppGroups | None) -> list[str] | dict[str, list[str]] | None:
+    # A Group record is a Mapping too: only a map without group_id is DSM's map form.
+    if isinstance(value, Mapping) and "group_id" not in value:
+        return {_ident(g, "group_id"): [str(p).upper() for p in ps] for g, ps in value.items()}
+    return _idents(value, "group_id")  # type: ignore[arg-type]
 
 
 def _idents(values: Sequence[IdLike] | None, field: str) -> list[str] | None:
@@ -153,20 +160,32 @@ class Groups(_Namespace):
 
 
 class Apps(_Namespace):
-    """``/sys/v1/apps``. ``create`` and ``reset_secret`` return ``credential.api_key`` once."""
+    """``/sys/v1/apps``. ``create`` and ``reset_secret`` return ``credential.api_key`` once.
+
+    ``groups`` (and ``add_groups`` / ``mod_groups`` of ``update``) take DSM's
+    AppGroups: a list of groups, where the app gets every permission, or a map
+    of group id to DSM permissions (``{"<gid>": ["ENCRYPT", "DECRYPT"]}``).
+    """
 
     def create(
         self,
         name: str,
         *,
-        groups: Sequence[IdLike],
+        groups: AppGroups,
         default_group: IdLike | None = None,
         description: str | None = None,
         **extra: Any,
     ) -> App:
+        asked = _app_groups(groups)
+        more = _app_groups(extra.pop("add_groups", None))  # besides a list in groups
+        if isinstance(asked, dict) and more:
+            raise ValueError("give a permission map in groups or in add_groups, not both")
         body = _fields(
             name=name,
-            groups=_idents(groups, "group_id"),
+            # a list goes as ``groups`` (what every Strongroom version takes), a map
+            # as DSM's ``add_groups``
+            groups=asked if isinstance(asked, list) else None,
+            add_groups=asked if isinstance(asked, dict) else more,
             default_group=None if default_group is None else _ident(default_group, "group_id"),
             description=description,
             **extra,
@@ -179,9 +198,25 @@ class Apps(_Namespace):
     def get(self, app_id: IdLike) -> App:
         return self._c._call("GET", f"/sys/v1/apps/{_ident(app_id, 'app_id')}", None, App)
 
-    def update(self, app_id: IdLike, **fields: Any) -> App:
+    def update(
+        self,
+        app_id: IdLike,
+        *,
+        add_groups: AppGroups | None = None,
+        mod_groups: AppGroups | None = None,
+        del_groups: Sequence[IdLike] | None = None,
+        **fields: Any,
+    ) -> App:
+        """PATCH: ``add_groups`` / ``mod_groups`` as DSM's AppGroups, ``del_groups``
+        group ids; other fields (name, description, default_group, enabled) as given."""
+        body = _fields(
+            add_groups=_app_groups(add_groups),
+            mod_groups=_app_groups(mod_groups),
+            del_groups=_idents(del_groups, "group_id"),
+            **fields,
+        )
         path = f"/sys/v1/apps/{_ident(app_id, 'app_id')}"
-        return self._c._call("PATCH", path, _fields(**fields), App)
+        return self._c._call("PATCH", path, body, App)
 
     def delete(self, app_id: IdLike) -> None:
         return self._c._call("DELETE", f"/sys/v1/apps/{_ident(app_id, 'app_id')}")
@@ -268,6 +303,46 @@ class Keys(_Namespace):
         if name is None:
             return self._c._call("DELETE", f"/crypto/v1/keys/{_ident(kid, 'kid')}")
         return self._c._chain(lambda: self.info(name=name), lambda info: self.delete(info["kid"]))
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["PEM", "pem", "OpenSSH", "OPENSSH", "openssh"] = "PEM",
+    ) -> str: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["DER", "der"],
+    ) -> bytes: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: Literal["JWK", "jwk"],
+    ) -> dict[str, Any]: ...
+
+    @overload
+    def public(
+        self,
+        key: KeyLike | None = None,
+        *,
+        kid: str | None = None,
+        name: str | None = None,
+        format: str,
+    ) -> str | bytes | dict[str, Any]: ...
 
     def public(
         self,
@@ -693,11 +768,14 @@ class Plugins(_Namespace):
         description: str | None = None,
         enabled: bool | None = None,
         language: str = "LUA",
+        plugin_type: str | None = None,
         **extra: Any,
     ) -> Plugin:
+        """``plugin_type`` is DSM's (Strongroom runs ``STANDARD``, the default)."""
         body = _fields(
             name=name,
             source={"language": language, "code": code},
+            plugin_type=plugin_type,
             groups=_idents(groups, "group_id"),
             default_group=None if default_group is None else _ident(default_group, "group_id"),
             description=description,

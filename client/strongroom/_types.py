@@ -18,6 +18,10 @@ Mode: TypeAlias = "str | Mapping[str, Any]"
 #: An id given as a string, or a record holding it (``group``, ``app``...).
 IdLike: TypeAlias = "str | Mapping[str, Any]"
 
+#: DSM's AppGroups: groups (the app gets every permission in each), or a map of
+#: group id to DSM permission names (``{"<gid>": ["ENCRYPT", "DECRYPT"]}``).
+AppGroups: TypeAlias = "Sequence[IdLike] | Mapping[str, Sequence[str]]"
+
 #: One request for :meth:`Client.pipeline`: ``(method, path)`` or ``(method, path, body)``.
 RequestSpec: TypeAlias = "tuple[str, str] | tuple[str, str, Any]"
 RequestSpecs: TypeAlias = "Sequence[RequestSpec]"

@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from strongroom._exceptions import EnvelopeError
 
@@ -48,6 +48,8 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "Header",
+    "Readable",
+    "Writable",
     "decrypt",
     "decrypt_file",
     "encrypt",
@@ -62,6 +64,18 @@ MAX_HEADER = 65536
 CHUNK = 1 << 20
 #: GCM's own limit for one message: 2**39 - 256 bits.
 MAX_PLAIN = (1 << 36) - 32
+
+
+class Readable(Protocol):
+    """A binary input: a file opened "rb", ``sys.stdin.buffer``, ``io.BytesIO``..."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class Writable(Protocol):
+    """A binary output: a file opened "wb", ``sys.stdout.buffer``, ``io.BytesIO``..."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 def _aead() -> Any:
@@ -120,7 +134,7 @@ class Header:
         )
 
 
-def read_header(src: BinaryIO) -> Header:
+def read_header(src: Readable) -> Header:
     """Read and check the header; ``src`` is left at the first ciphertext byte."""
     head = src.read(10)
     if len(head) < 10 or head[:5] != MAGIC:
@@ -150,7 +164,7 @@ def read_header(src: BinaryIO) -> Header:
     return header
 
 
-def encrypt(datakey: Mapping[str, Any], src: BinaryIO, dst: BinaryIO) -> Header:
+def encrypt(datakey: Mapping[str, Any], src: Readable, dst: Writable) -> Header:
     """Write ``src`` to ``dst`` as an envelope file under ``datakey`` (a :class:`DataKey`
     with its plaintext) -> the header written."""
     Cipher, algorithms, modes = _aead()
@@ -173,7 +187,7 @@ def encrypt(datakey: Mapping[str, Any], src: BinaryIO, dst: BinaryIO) -> Header:
     return header
 
 
-def decrypt(header: Header, key: bytes, src: BinaryIO, dst: BinaryIO) -> int:
+def decrypt(header: Header, key: bytes, src: Readable, dst: Writable) -> int:
     """Decrypt the rest of ``src`` (after :func:`read_header`) into ``dst`` -> bytes written.
 
     What reaches ``dst`` is unauthenticated until this returns: on
@@ -207,8 +221,8 @@ def decrypt(header: Header, key: bytes, src: BinaryIO, dst: BinaryIO) -> int:
 
 def encrypt_file(
     client: Client,
-    src: str | os.PathLike[str] | BinaryIO,
-    dst: str | os.PathLike[str] | BinaryIO,
+    src: str | os.PathLike[str] | Readable,
+    dst: str | os.PathLike[str] | Writable,
     *,
     kek: Any = None,
     kid: str | None = None,
@@ -220,24 +234,25 @@ def encrypt_file(
     A path ``dst`` is written under a temporary name and renamed when whole.
     """
     _aead()  # fail before asking the daemon for a key
-    datakey = client.datakey(kek, kid=kid, name=name, bits=bits)
-    with _reader(src) as fin, _writer(dst) as fout:
-        return encrypt(datakey, fin, fout)
+    with _reader(src) as fin:  # and before it, when the input cannot be read
+        datakey = client.datakey(kek, kid=kid, name=name, bits=bits)
+        with _writer(dst) as fout:
+            return encrypt(datakey, fin, fout)
 
 
 def decrypt_file(
     client: Client,
-    src: str | os.PathLike[str] | BinaryIO,
-    dst: str | os.PathLike[str] | BinaryIO,
+    src: str | os.PathLike[str] | Readable,
+    dst: str | os.PathLike[str] | Writable,
     *,
     kek: Any = None,
     kid: str | None = None,
     name: str | None = None,
 ) -> Header:
     """Decrypt an envelope file -> its header. The KEK is the one the file names
-    unless given. A path ``dst`` appears only once the tag checked; a stream
-    ``dst`` gets nothing before then either (the plaintext waits in a
-    temporary file)."""
+    unless given. A path ``dst`` appears only once the tag checked (written
+    under a temporary name beside it, 0600); a stream ``dst`` gets nothing
+    before then either."""
     _aead()
     with _reader(src) as fin:
         header = read_header(fin)
@@ -255,21 +270,25 @@ def decrypt_file(
             with _writer(dst) as fout:
                 decrypt(header, key, fin, fout)
         else:
-            with tempfile.TemporaryFile() as tmp:
+            # Held until the tag checks: in memory up to 64 MiB, beyond in an
+            # unlinked temporary file.
+            with tempfile.SpooledTemporaryFile(max_size=64 << 20) as tmp:
                 decrypt(header, key, fin, tmp)
                 tmp.seek(0)
                 while chunk := tmp.read(CHUNK):
                     dst.write(chunk)
-                dst.flush()
+                flush = getattr(dst, "flush", None)
+                if flush is not None:
+                    flush()
     return header
 
 
 class _reader:
-    def __init__(self, src: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(self, src: str | os.PathLike[str] | Readable) -> None:
         self.src = src
         self.f: BinaryIO | None = None
 
-    def __enter__(self) -> BinaryIO:
+    def __enter__(self) -> Readable:
         if isinstance(self.src, str | os.PathLike):
             f = open(self.src, "rb")  # closed in __exit__
             self.f = f
@@ -285,15 +304,18 @@ class _writer:
     """A path written under a temporary name in its directory (0600), renamed when
     the block ends without error, removed otherwise; a stream is used as is."""
 
-    def __init__(self, dst: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(self, dst: str | os.PathLike[str] | Writable) -> None:
         self.dst = dst
         self.tmp: str | None = None
 
-    def __enter__(self) -> BinaryIO:
+    def __enter__(self) -> Writable:
         if not isinstance(self.dst, str | os.PathLike):
             return self.dst
         path = Path(self.dst)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        except OSError as exc:  # name the file asked for, not the temporary one
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         self.tmp = tmp
         self.f = os.fdopen(fd, "wb")
         return self.f

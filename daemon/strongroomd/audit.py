@@ -114,6 +114,8 @@ _READ_POSTS = frozenset(
 _USES = frozenset(
     {
         ("POST", "/sys/v1/plugins/{plugin_id}"),
+        ("GET", "/sys/v1/plugins/invoke/{plugin_id}"),
+        ("POST", "/sys/v1/plugins/invoke/{plugin_id}"),
         ("POST", "/sys/v1/plugins/test"),
         ("POST", "/crypto/v1/keys/kcv"),
     }
@@ -134,11 +136,12 @@ def kind_of(method: str, route: str, body: Any = None) -> Kind:
     """
     if route.endswith("/export"):
         return Kind.CHANGE  # a key's value leaves: recorded first, whatever the method
+    if (method, route) in _USES:  # a plugin invoked by GET uses keys too
+        return Kind.USE
     if method == "GET" or (method == "POST" and route in _READ_POSTS):
         return Kind.READ
     if (
-        (method, route) in _USES
-        or (route.startswith("/crypto/v1/") and not route.startswith("/crypto/v1/keys"))
+        (route.startswith("/crypto/v1/") and not route.startswith("/crypto/v1/keys"))
         or route.startswith("/crypto/v1/keys/batch/")
         or (route.startswith("/crypto/v1/keys/{kid}/") and route.rsplit("/", 1)[1] in _KEY_OPS)
     ):

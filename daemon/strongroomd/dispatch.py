@@ -16,7 +16,7 @@ from strongroomd._token.fair import caller as token_caller
 from strongroomd.audit import AuditFailing, Kind, kind_of
 from strongroomd.auth import OPERATION, Principal
 from strongroomd.context import Owner, Request, Services
-from strongroomd.errors import ApiError, Internal, Unauthenticated
+from strongroomd.errors import ApiError, BadRequest, Internal, Unauthenticated
 from strongroomd.router import Router, check_body
 from strongroomd.store import unconfirmed
 
@@ -66,7 +66,12 @@ class Dispatcher:
         action = f"{method} {path}"
         bucket = operation = None
         try:
-            route, params = self.router.match(method, path)
+            bare, query, _ = path.partition("?")  # a query: plugin invocations only (url.query)
+            route, params = self.router.match(method, bare)
+            if query and not route.raw_url:
+                raise BadRequest(
+                    "a query string is read only where a plugin is invoked", code="invalid_field"
+                )
             matched.append(route.path)
             action = f"{method} {route.path}"
             operation = OPERATION.set(action)  # what auth.PERMISSIONS looks up for an app

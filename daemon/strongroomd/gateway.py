@@ -8,7 +8,9 @@ permission rules and the audit trail are the socket's own.
 - Same paths, bodies and status codes as the socket, in JSON. Binary values
   are base64 strings: fields a route declares as bytes are decoded on the way
   in, every bytes value is encoded on the way out. On GET, query parameters
-  become body fields (``?limit=10`` is the integer 10).
+  become body fields (``?limit=10`` is the integer 10), except where a plugin
+  is invoked: there the path as sent and the raw query string reach the plugin
+  as ``url.path`` and ``url.query`` (any method).
 - ``Authorization: Bearer <access_token>`` authenticates a request. The API
   key itself is accepted as ``Authorization: Basic <api_key>`` (it already is
   base64("id:secret")) on ``POST /sys/v1/session/auth`` only, so a slow
@@ -168,6 +170,11 @@ class Gateway:
         if len(path) > MAX_PATH:
             return _error(400, "malformed_frame", "path too long")
         route = self._route(method, path)
+        if route is not None and route.raw_url:
+            # A plugin invocation: its url.path segments as sent and url.query, raw.
+            path = request.raw_path
+            if len(path) > MAX_PATH:
+                return _error(400, "malformed_frame", "path too long")
         owner = Owner(id=f"http-{uuid.uuid4()}")
         charged = [0]  # bytes taken from the in-flight budget, given back at the end
         close = False
@@ -246,7 +253,7 @@ class Gateway:
             except (ValueError, RecursionError):
                 raise BadRequest("the body is not valid JSON", code="malformed_frame") from None
             _check_sizes(body, self.config.max_field)
-        if request.query:
+        if request.query and not (route is not None and route.raw_url):
             if request.method != "GET":
                 raise BadRequest(
                     "query parameters are read on GET only; send a JSON body",

@@ -457,7 +457,7 @@ class Connection(asyncio.Protocol):
     def _guarded(self, method: str, path: str) -> bool:
         """Whether the request matched a route that authenticates (so an answer proves a login)."""
         try:
-            return not self.dispatcher.router.match(method, path)[0].public
+            return not self.dispatcher.router.match(method, path.partition("?")[0])[0].public
         except ApiError:
             return False
 

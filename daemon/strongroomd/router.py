@@ -42,16 +42,19 @@ class Route:
     fields: dict[str, F] | None = None  # None: the body is passed through untouched
     public: bool = False  # reachable without authentication
     synopsis: str = ""
+    #: The handler reads the URL itself (a plugin invocation's url.path and url.query):
+    #: more path segments may follow the template's, and a query string may come too.
+    raw_url: bool = False
     parts: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         self.parts = tuple(self.path.strip("/").split("/"))
 
     def match(self, parts: list[str]) -> dict[str, str] | None:
-        if len(parts) != len(self.parts):
+        if len(parts) != len(self.parts) and not (self.raw_url and len(parts) > len(self.parts)):
             return None
         params: dict[str, str] = {}
-        for want, got in zip(self.parts, parts, strict=True):
+        for want, got in zip(self.parts, parts[: len(self.parts)], strict=True):
             if want.startswith("{"):
                 if not got:
                     return None
@@ -122,6 +125,8 @@ class Router:
         route = self._static.get((method, path))
         if route is not None:
             return route, {}
+        # Routes are tried in order: a raw_url route comes after any longer route it
+        # would otherwise take (see api/plugins.py's invoke routes).
         parts = path.strip("/").split("/")
         allowed = False
         for r in self.routes:

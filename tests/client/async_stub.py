@@ -44,6 +44,10 @@ def _imports(tree: ast.Module) -> list[str]:
     return lines
 
 
+def _is_overload(fn: ast.FunctionDef) -> bool:
+    return any(ast.unparse(d) in ("overload", "typing.overload") for d in fn.decorator_list)
+
+
 def render() -> str:
     tree = ast.parse(SOURCE.read_text())
     out = [HEADER.rstrip("\n") + "\n", "import builtins", *_imports(tree), ""]
@@ -57,14 +61,18 @@ def render() -> str:
         if doc:
             out.append(f"    {ast.unparse(ast.Expr(ast.Constant(doc.splitlines()[0])))}")
         out.append("    def __init__(self, client: BaseClient) -> None: ...")
-        for item in node.body:
-            if not isinstance(item, ast.FunctionDef) or item.name.startswith("_"):
-                continue
+        methods = [
+            m for m in node.body if isinstance(m, ast.FunctionDef) and not m.name.startswith("_")
+        ]
+        overloaded = {m.name for m in methods if _is_overload(m)}
+        for item in methods:
+            if item.name in overloaded and not _is_overload(item):
+                continue  # a stub declares only the overloads
             fn = ast.AsyncFunctionDef(
                 name=item.name,
                 args=item.args,
                 body=[ast.Expr(ast.Constant(...))],
-                decorator_list=[],
+                decorator_list=[ast.Name("overload")] if _is_overload(item) else [],
                 returns=item.returns,
                 type_comment=None,
                 type_params=[],

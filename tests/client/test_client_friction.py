@@ -67,6 +67,18 @@ def test_plugin_error_has_invocation_id(c) -> None:
     assert {r.invocation_id for r in c.logs.list(invocation_id=inv)} == {inv}
 
 
+def test_a_plugin_failing_on_a_missing_key_names_it(c) -> None:
+    g = c.groups.create(unique("g"))
+    missing = unique("absent-key")
+    code = f'function run() local k = assert(Sobject{{name = "{missing}"}}) return 1 end'
+    p = c.plugins.create(unique("p"), code, groups=[g])
+    with pytest.raises(PluginError) as info:
+        c.plugins.invoke(p)
+    assert f"no such key: {missing}" in info.value.message
+    run = c.plugins.test(code, groups=[g])
+    assert f"no such key: {missing}" in run.traceback
+
+
 def test_no_api_key_says_which_variables(daemon, monkeypatch) -> None:
     monkeypatch.delenv("STRONGROOM_API_KEY", raising=False)
     monkeypatch.delenv("STRONGROOM_API_KEY_FILE", raising=False)

@@ -249,4 +249,40 @@ def test_cli_envelope_round_trip_and_failures(sr, c, kek, tmp_path: Path) -> Non
     assert "error: bad_tag" in r.stderr and "hint:" in r.stderr and not out.exists()
     r = sr("--json", "envelope", "decrypt", "--in", str(plain), "--out", str(out), code=1)
     assert json.loads(r.stderr)["error"] == "not_envelope" and not out.exists()
+    # Files that cannot be read or written are named as given.
+    missing, nowhere = tmp_path / "missing", tmp_path / "no" / "dir" / "x.env"
+    r = sr(
+        "envelope", "encrypt", "--key", key.name, "--in", str(missing), "--out", str(out), code=2
+    )
+    assert f"{missing}: No such file" in r.stderr and not out.exists()
+    r = sr(
+        "envelope", "encrypt", "--key", key.name, "--in", str(plain), "--out", str(nowhere), code=2
+    )
+    assert f"{nowhere}: No such file" in r.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_app_permissions_a_data_key_needs(c, daemon, kek) -> None:
+    """DSM app permissions: WRAPKEY in the KEK's group, and where the transient key is
+    made (the app's default group) CREATE_SOBJECTS and EXPORT; DELETE_SOBJECTS lets it
+    go at once (else it goes with the connection)."""
+    key, value, group = kek
+    wrap_only = c.apps.create(unique("app"), groups={group.group_id: ["WRAPKEY"]})
+    with Client(daemon.socket, api_key=wrap_only.credential.api_key) as app:
+        with pytest.raises(Forbidden) as err:
+            app.datakey(kid=key.kid)
+        assert err.value.code == "app_permission_denied" and "CREATE_SOBJECTS" in str(err.value)
+    enough = ["WRAPKEY", "UNWRAPKEY", "CREATE_SOBJECTS", "EXPORT", "DELETE_SOBJECTS"]
+    full = c.apps.create(unique("app"), groups={group.group_id: enough})
+    with Client(daemon.socket, api_key=full.credential.api_key) as app:
+        dk = app.datakey(kid=key.kid)
+        assert aes_key_unwrap(value, dk.wrapped_key) == dk.plaintext
+        assert app.unwrap_datakey(dk) == dk.plaintext
+        assert _transients(app) == []
+    no_unwrap = [p for p in enough if p != "UNWRAPKEY"]
+    limited = c.apps.create(unique("app"), groups={group.group_id: no_unwrap})
+    with Client(daemon.socket, api_key=limited.credential.api_key) as app:
+        dk = app.datakey(kid=key.kid, plaintext=False)
+        with pytest.raises(Forbidden) as err:
+            app.unwrap_datakey(dk)
+        assert err.value.code == "app_permission_denied" and "UNWRAPKEY" in str(err.value)

@@ -89,6 +89,30 @@ def _app_id(state: State, value: str) -> str:
     return resolve(state.client.apps.list(), value, "app_id", "app")["app_id"]
 
 
+_GROUP_HELP = (
+    "Group name or id, with the app's DSM permissions there after a colon "
+    "(ops:ENCRYPT,DECRYPT; ops: for none); without a colon, every permission. Repeatable."
+)
+
+
+def _app_groups(state: State, values: tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--group NAME[:PERM,...]`` -> (groups with every permission, {group id: permissions}).
+
+    The permissions follow the last colon, so a group whose name has a colon is
+    given by its id (ids have none)."""
+    plain: list[str] = []
+    granted: dict[str, list[str]] = {}
+    for value in values:
+        name, colon, perms = value.rpartition(":")
+        if not colon:
+            plain.append(group_id(state, value))
+        elif not name:
+            raise click.UsageError(f"--group {value!r}: the group comes before the colon")
+        else:
+            granted[group_id(state, name)] = [p.strip() for p in perms.split(",") if p.strip()]
+    return plain, granted
+
+
 def _show_credential(state: State, app: Any) -> None:
     if state.json:
         print_json(app)
@@ -108,7 +132,7 @@ def apps_list(state: State) -> None:
 
 @apps.command("create")
 @click.argument("name")
-@click.option("--group", "groups_", multiple=True, required=True, help="Group name or id.")
+@click.option("--group", "groups_", multiple=True, required=True, help=_GROUP_HELP)
 @click.option("--default-group", help="Group name or id (default: the first --group).")
 @click.option("--description", help="Free text shown with the app.")
 @pass_state
@@ -119,13 +143,69 @@ def apps_create(
     default_group: str | None,
     description: str | None,
 ) -> None:
-    """Create an app; prints its API key once."""
-    gids = [group_id(state, g) for g in groups_]
+    """Create an app; prints its API key once.
+
+    \b
+    strongroom apps create billing --group payments:ENCRYPT,DECRYPT --group audit:VERIFY
+    """
+    plain, granted = _app_groups(state, groups_)
     default = group_id(state, default_group) if default_group else None
     app = state.client.apps.create(
-        name, groups=gids, default_group=default, description=description
+        name,
+        groups=plain or granted,
+        add_groups=granted if plain and granted else None,
+        default_group=default,
+        description=description,
     )
     _show_credential(state, app)
+
+
+@apps.command("update")
+@click.argument("app")
+@click.option("--add-group", "add", multiple=True, help=_GROUP_HELP)
+@click.option(
+    "--mod-group", "mod", multiple=True, help="GROUP:PERM,... : new permissions in a group."
+)
+@click.option("--del-group", "del_", multiple=True, help="Group name or id to leave.")
+@click.option("--default-group", help="Group name or id.")
+@click.option("--description", help="Free text shown with the app.")
+@click.option("--enable/--disable", "enabled", default=None, help="Let it log in, or not.")
+@pass_state
+def apps_update(
+    state: State,
+    app: str,
+    add: tuple[str, ...],
+    mod: tuple[str, ...],
+    del_: tuple[str, ...],
+    default_group: str | None,
+    description: str | None,
+    enabled: bool | None,
+) -> None:
+    """Change an app's groups, permissions, description or state.
+
+    \b
+    strongroom apps update billing --mod-group payments:ENCRYPT --del-group audit
+    """
+    aid = _app_id(state, app)
+    add_plain, add_granted = _app_groups(state, add)
+    mod_plain, mod_granted = _app_groups(state, mod)
+    if mod_plain:
+        raise click.UsageError("--mod-group takes GROUP:PERM,... (the new permissions)")
+    fields: dict[str, Any] = {}
+    if add_plain or add_granted:  # the list form gives every permission
+        fields["add_groups"] = add_granted or add_plain
+        if add_plain and add_granted:
+            raise click.UsageError("give every --add-group with permissions, or none with them")
+    updated = state.client.apps.update(
+        aid,
+        mod_groups=mod_granted or None,
+        del_groups=[group_id(state, g) for g in del_] or None,
+        default_group=group_id(state, default_group) if default_group else None,
+        description=description,
+        enabled=enabled,
+        **fields,
+    )
+    show(state, updated)
 
 
 @apps.command("show")

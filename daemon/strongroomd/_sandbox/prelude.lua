@@ -1476,7 +1476,7 @@ end
 -- Sign a TBSCertificate spec with the issuer key; a transient CERTIFICATE Sobject.
 local function issue(spec, issuer_key, hash, what, level)
   local key = key_info(issuer_key, what, level + 1)
-  hash = hash or "SHA256"
+  if hash == nil or rawequal(hash, null) then hash = "SHA256" end
   if type(hash) ~= "string" then error(what .. ": the hash is a name such as SHA256", level + 1) end
   spec.alg = tostring(key.obj_type) .. ":" .. hash
   local ok, packed = pcall(mp_encode, spec, MAX_CALL, "certificate too large")
@@ -1529,7 +1529,7 @@ function TbsCertificate.new(subject_key, name, skid, lifetime)
   local key = key_info(subject_key, "TbsCertificate.new", 2)
   if BYTES[key.pub_key] == nil then error("TbsCertificate.new: the subject key has no public key", 2) end
   local id = nil
-  if skid ~= nil then
+  if skid ~= nil and not rawequal(skid, null) then
     id = BYTES[skid]
     if id == nil and type(skid) == "string" then id = pycall_or_raise(2, "b64d", skid) end
     if type(id) ~= "string" or #id == 0 or #id > 64 then
@@ -1546,7 +1546,10 @@ function tbs_methods.add_extension(t, oid, critical, der)
   if st == nil then error("TbsCertificate:add_extension: not a TbsCertificate", 2) end
   if #st.exts >= 64 then error("TbsCertificate:add_extension: at most 64", 2) end
   local v = bytes_of(der, "TbsCertificate:add_extension", 2)
-  if #v > DER_MAX_BYTES then error("TbsCertificate:add_extension: too large", 2) end
+  st.size = (st.size or 0) + #v
+  if st.size > DER_MAX_BYTES then
+    error("TbsCertificate:add_extension: too large (" .. DER_MAX_BYTES .. " bytes in all)", 2)
+  end
   st.exts[#st.exts + 1] = { oid_of(oid, "TbsCertificate:add_extension", 2), critical and true or false,
     new_blob(v) }
   return t
@@ -1555,6 +1558,7 @@ end
 function tbs_methods.sign(t, issuer_cert, issuer_key, serial_bits, hash)
   local st = TBS[t]
   if st == nil then error("TbsCertificate:sign: not a TbsCertificate", 2) end
+  if rawequal(serial_bits, null) then serial_bits = nil end
   serial_bits = m_toint(serial_bits or 128)
   if serial_bits == nil or serial_bits < 32 or serial_bits > 160 then
     error("TbsCertificate:sign: serial_number_bits is 32 to 160", 2)

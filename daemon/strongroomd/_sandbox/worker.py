@@ -6,6 +6,8 @@ msgpack frames, as in :mod:`strongroom.wire`. It holds no keys, opens no
 database and no socket; it never imports pkcs11. Before anything else it
 caps itself with rlimits, so a Lua escape is still a small, short-lived
 process that can only ask the daemon for what the plugin may already do.
+Before any Lua runs, a seccomp filter takes the network away for good
+(:func:`no_network`): a plugin's ``request{}`` is made by the daemon.
 
 Messages (daemon -> worker, worker -> daemon)::
 
@@ -14,6 +16,8 @@ Messages (daemon -> worker, worker -> daemon)::
                                                   <- {"t": "bound", "message"?}
     -> {"t": "run", "args": bin, "limits": {...}} <- {"t": "call", "method", "path", "body"}*
                                                   -> {"t": "reply", "status", "body"}
+                                                  <- {"t": "http", "method", "url", "headers",
+                                                      "body"}* (request{}; answered by a reply)
                                                   <- {"t": "log", "message", "severity"}*
                                                   <- {"t": "done", "kind", ...}
 
@@ -73,6 +77,108 @@ def _confine() -> None:
     # serving other requests while a plugin computes, and the next Lua state
     # (built after each reply) does not compete with the reply's delivery.
     os.nice(NICE)
+
+
+# -- no network (issue 11) ------------------------------------------------------------
+# A plugin's request{} is made by the daemon (strongroomd/outbound.py). The worker
+# itself may not create a socket of any family, nor connect, bind, listen or accept
+# on one it somehow holds (it holds none: its channel is two pipes), nor use
+# io_uring, which opens sockets without socket(2). Each fails with EPERM. A seccomp
+# filter cannot be removed and survives execve. libseccomp builds it; the worker
+# loads it with prctl(PR_SET_SECCOMP), because the systemd unit's
+# SystemCallFilter=@system-service refuses seccomp(2) (libseccomp's own loader may
+# pick that call and fail). Network namespaces are no option: the unit's
+# RestrictNamespaces=yes and PrivateUsers=yes rule them out.
+DENIED_SYSCALLS = (
+    "socket",
+    "socketpair",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+)
+_SCMP_ACT_ALLOW = 0x7FFF0000
+_SCMP_ACT_ERRNO = 0x00050000
+
+
+def no_network() -> None:
+    """Install the filter (see above); OSError when it cannot be installed."""
+    import errno
+
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError as exc:
+        raise OSError(f"libseccomp.so.2 is missing (install libseccomp2): {exc}") from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.restype = ctypes.c_int
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    # the array form: seccomp_rule_add() is variadic, which ctypes cannot call portably
+    lib.seccomp_rule_add_array.restype = ctypes.c_int
+    lib.seccomp_rule_add_array.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
+    lib.seccomp_export_bpf.restype = ctypes.c_int
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    ctx = lib.seccomp_init(_SCMP_ACT_ALLOW)
+    if not ctx:
+        raise OSError("seccomp_init failed")
+    try:
+        for name in DENIED_SYSCALLS:
+            nr = lib.seccomp_syscall_resolve_name(name.encode())
+            if nr == -1:  # __NR_SCMP_ERROR: no such call on this architecture
+                continue
+            rc = lib.seccomp_rule_add_array(ctx, _SCMP_ACT_ERRNO | errno.EPERM, nr, 0, None)
+            if rc < 0:
+                raise OSError(-rc, f"seccomp rule for {name}: {os.strerror(-rc)}")
+        r, w = os.pipe()  # the program is a few hundred bytes: it fits in the pipe
+        try:
+            rc = lib.seccomp_export_bpf(ctx, w)
+            if rc < 0:
+                raise OSError(-rc, f"seccomp_export_bpf: {os.strerror(-rc)}")
+            os.close(w)
+            w = -1
+            program = b""
+            while chunk := os.read(r, 65536):
+                program += chunk
+        finally:
+            os.close(r)
+            if w >= 0:
+                os.close(w)
+    finally:
+        lib.seccomp_release(ctx)
+    if not program or len(program) % 8:
+        raise OSError("seccomp: libseccomp exported no usable program")
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [
+        ctypes.c_int,
+        ctypes.c_ulong,
+        ctypes.c_void_p,
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_SECCOMP): {os.strerror(err)}")
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
 
 
 # -- channel -------------------------------------------------------------------
@@ -995,7 +1101,8 @@ def _read_prelude() -> bytes:
         return f.read()
 
 
-def main() -> None:
+def setup() -> None:
+    """Everything the worker does to itself before it reads a frame; tests run it too."""
     _confine()
     global base64, datetime, hashlib, json, lupa, msgpack
     import base64
@@ -1008,6 +1115,15 @@ def main() -> None:
 
     # A 16,384-bit BigNum has 4,933 decimal digits (Python's default cap is 4,300).
     sys.set_int_max_str_digits(5000)
+    try:
+        no_network()  # last, with everything imported: from here on, no socket at all
+    except OSError as exc:
+        sys.stderr.write(f"sandbox worker: cannot take the network away: {exc}\n")
+        os._exit(4)  # fail closed: the pool reports that the worker failed to start
+
+
+def main() -> None:
+    setup()
 
     # fd 1 is the channel; anything printed by mistake goes to stderr instead.
     wfd = os.dup(1)

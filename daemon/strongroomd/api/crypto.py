@@ -87,8 +87,12 @@ async def derive(req: Request) -> dict[str, Any]:
         return await bip32.derive(req)
     obj_type = b["key_type"].upper()
     spec = key_spec(b, obj_type, key_size=b.get("key_size"))
-    row = await req.services.keyring.derive(req.owner, req.caller, b["key"], spec, b["mechanism"])
+    kr = req.services.keyring
+    # The audit record names the new key and the key it came from.
+    base = kr.find(req.owner, req.caller, b["key"]).kid
+    row = await kr.derive(req.owner, req.caller, b["key"], spec, b["mechanism"])
     req.object_id = row.kid
+    req.audit_detail = {"base_kid": base, "mechanism": next(iter(b["mechanism"]))}
     return sobject(row)
 
 

@@ -361,7 +361,7 @@ async def _run(
         "principal": invoker,
         "this_plugin": {"id": row.id, "name": row.name, "groups": list(row.groups)},
     }
-    url = {"path": ["sys", "v1", "plugins", row.id], "query": None}
+    url = invocation_url(req.path) if not test else {"path": ["sys", "v1", "plugins", row.id]}
     try:
         outcome = await _pool(s).invoke(
             code,
@@ -377,6 +377,16 @@ async def _run(
         await host.requests.close()
         await s.keyring.drop_owner(host.owner)
     return inv, outcome
+
+
+def invocation_url(path: str) -> dict[str, Any]:
+    """DSM's ``url`` argument: the path's segments as sent (extra ones included) and the
+    raw query string, absent when the URL has none."""
+    bare, sep, query = path.partition("?")
+    url: dict[str, Any] = {"path": bare.strip("/").split("/")}
+    if sep:
+        url["query"] = query
+    return url
 
 
 async def invoke(req: Request) -> Any:
@@ -509,6 +519,24 @@ ROUTES = [
         synopsis="Store a plugin; its code is compiled first (admins).",
     ),
     Route("GET", "/sys/v1/plugins", list_, {}, synopsis="List plugins you can invoke."),
+    # Before the routes they would otherwise fall into (POST .../{plugin_id} takes
+    # extra segments too): DSM's invoke form, by GET (url.path, url.query) or POST.
+    Route(
+        "GET",
+        "/sys/v1/plugins/invoke/{plugin_id}",
+        invoke,
+        None,
+        synopsis="Invoke a plugin by GET; extra path segments and the query reach it as url.",
+        raw_url=True,
+    ),
+    Route(
+        "POST",
+        "/sys/v1/plugins/invoke/{plugin_id}",
+        invoke,
+        None,
+        synopsis="Invoke a plugin; the body is its input, extra segments and query its url.",
+        raw_url=True,
+    ),
     Route("GET", "/sys/v1/plugins/{plugin_id}", get, {}, synopsis="Show a plugin."),
     Route(
         "PATCH",
@@ -524,5 +552,6 @@ ROUTES = [
         invoke,
         None,
         synopsis="Invoke a plugin; the body is its input.",
+        raw_url=True,
     ),
 ]

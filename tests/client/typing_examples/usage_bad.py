@@ -13,7 +13,8 @@ def sync_misuse(c: strongroom.Client) -> None:
     c.crypto.encrypt(name="k", plain="text")  # error
     c.keys.create("k", "AES", key_size="256")  # error
     flag: str = c.crypto.verify(name="k", data=b"", signature=b"").result  # error
-    del n, k, flag
+    der: str = c.keys.public(name="k", format="DER")  # error
+    del n, k, flag, der
 
 
 async def async_misuse(ac: strongroom.AsyncClient) -> None:

@@ -31,7 +31,11 @@ def sync_use(c: strongroom.Client) -> tuple[bytes, bool, str]:
     wrapped: bytes = dk.wrapped_key
     key_bytes: bytes = c.unwrap_datakey(dk)
     header: envelope.Header = envelope.encrypt_file(c, "in", "out.env", name="kek")
+    pem: str = c.keys.public(name="signer")
+    der: bytes = c.keys.public(name="signer", format="DER")
+    jwk: dict[str, object] = c.keys.public(name="signer", format="jwk")
     c.keys.delete(name="k1")
+    del pem, der, jwk
     del size, plain, sig, keys, groups, version, printed, action, wrapped, key_bytes
     return cipher, ok, header.kek
 
@@ -41,6 +45,8 @@ async def async_use(ac: strongroom.AsyncClient) -> bytes:
     outs = await asyncio.gather(*(ac.crypto.encrypt(key, plain=m) for m in (b"a", b"b")))
     first: bytes = outs[0].cipher
     back = await ac.crypto.decrypt(key, cipher=first, iv=outs[0].iv, tag=outs[0].tag)
+    ssh: str = await ac.keys.public(key, format="OpenSSH")
+    del ssh
     dk = await ac.datakey(kid=key.kid, plaintext=False)
     wrapped: bytes = dk.wrapped_key
     del wrapped

@@ -171,8 +171,20 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     pg.wait_for_selector("#app-secret:not([hidden])")
     assert len(pg.text_content("#app-secret-key").strip()) > 40
     pg.wait_for_selector(f"#apps-table td:text-is('{app}')")
+    # DSM's groups map, shown per group; no permissions typed: every permission
+    assert pg.locator(f"#apps-table td:text-is('{group}: all')").count() >= 1
     app_key = pg.text_content("#app-secret-key").strip()
     shot(pg, "1-app-key")
+    pg.click("#app-secret-done")
+    # An app with chosen permissions: DSM's map form, shown as given.
+    narrow = unique("capp")
+    pg.fill("#app-form [name=name]", narrow)
+    pg.locator("#app-form label.pick", has_text=group).locator("input").check()
+    pg.fill("#app-form [name=permissions]", "encrypt, DECRYPT")
+    pg.click("#app-form button[type=submit]")
+    pg.wait_for_selector(f"#apps-table td:text-is('{narrow}')")
+    row = pg.locator("#apps-table tr", has=pg.locator(f"td:text-is('{narrow}')"))
+    assert row.locator("td").nth(1).text_content() == f"{group}: ENCRYPT DECRYPT"
     pg.click("#app-secret-done")
 
     # A new plugin in the editor, in that group only.

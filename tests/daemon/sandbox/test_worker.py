@@ -587,6 +587,7 @@ def test_environment_is_a_whitelist(worker: Worker) -> None:
             "DerEncoder",
             "IpAddr",
             "Pkcs10Csr",
+            "request",
             "run",
         ]
     )

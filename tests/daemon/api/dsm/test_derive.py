@@ -8,6 +8,8 @@ data under that value, or with cryptography's HKDF.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 import pytest
@@ -220,3 +222,78 @@ def test_bad_derive_requests(admin: Dual, change: dict, code: str) -> None:
         **change,
     }
     err(admin.call("POST", "/crypto/v1/derive", body), code)
+
+
+def test_a_revoked_base_key_derives_nothing(admin: Dual) -> None:
+    """Deriving protects new data: refused once the base key is deactivated."""
+    g = _group(admin)
+    kid, _ = _base(admin, g)
+    body = {
+        "key_type": "AES",
+        "group_id": g,
+        "mechanism": {"encrypt_data": {"mode": "ECB", "plain": bytes(32)}},
+    }
+    ok(admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "name": unique("d")}))
+    ok(admin.call("POST", f"/crypto/v1/keys/{kid}/revoke", {"code": "Superseded"}))
+    r = admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "name": unique("d")})
+    assert r["status"] == 403, r
+
+
+def test_hmac_key_derived_in_the_token(admin: Dual) -> None:
+    g = _group(admin)
+    kid, value = _base(admin, g)
+    data = os.urandom(32)
+    new = ok(
+        admin.call(
+            "POST",
+            f"/crypto/v1/keys/{kid}/derive",
+            {
+                "name": unique("h"),
+                "key_type": "HMAC",
+                "key_size": 256,
+                "group_id": g,
+                "key_ops": ["MACGENERATE", "EXPORT"],
+                "mechanism": {"encrypt_data": {"mode": "ECB", "plain": data}},
+            },
+        )
+    )
+    secret = _ecb(value, data)
+    assert _export(admin, new["kid"]) == secret
+    out = ok(
+        admin.call("POST", f"/crypto/v1/keys/{new['kid']}/mac", {"alg": "SHA256", "data": b"m"})
+    )
+    assert blob(out["mac"]) == hmac.new(secret, b"m", hashlib.sha256).digest()
+    # Not padded as an imported HMAC key is (the value never leaves the token):
+    # SoftHSM wants an HMAC-SHA512 key of at least 64 bytes (docs/protocol.md).
+    err(
+        admin.call("POST", f"/crypto/v1/keys/{new['kid']}/mac", {"alg": "SHA512", "data": b"m"}),
+        "invalid_value",
+    )
+
+
+def test_transient_result_and_the_audit_record(admin: Dual) -> None:
+    """The audit record names both keys; a transient derived key lives on its
+    connection (the socket; the gateway refuses transient keys)."""
+    g = _group(admin)
+    kid, value = _base(admin, g)
+    data = os.urandom(16)
+    body = {
+        "key_type": "AES",
+        "key_size": 128,
+        "group_id": g,
+        "key_ops": ["ENCRYPT", "DECRYPT"],
+        "mechanism": {"encrypt_data": {"mode": "ECB", "plain": data}},
+    }
+    new = ok(admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "name": unique("d")}))
+    (rec,) = ok(admin.call("GET", "/sys/v1/logs", {"object_id": new["kid"]}))
+    assert rec["action"] == "POST /crypto/v1/keys/{kid}/derive"
+    assert rec["detail"] == {"base_kid": kid, "mechanism": "encrypt_data"}
+    r = admin.call("POST", f"/crypto/v1/keys/{kid}/derive", {**body, "transient": True})
+    if admin.kind == "http":
+        err(r, "invalid_value")
+        return
+    t = ok(r)
+    assert t["transient"] is True
+    out = ok(admin.call("POST", "/crypto/v1/encrypt", {"key": {"kid": t["kid"]}, "plain": b"t"}))
+    key = _ecb(value, data)[:16]
+    assert AESGCM(key).decrypt(out["iv"], out["cipher"] + out["tag"], None) == b"t"
