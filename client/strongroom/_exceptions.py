@@ -13,7 +13,7 @@
           |                          syntax_error | malformed_frame
           +-- BadTag            400  bad_tag (decrypt/verify failed; no detail, on purpose)
           +-- Unauthenticated   401  unauthenticated | bad_credentials | token_expired
-          +-- Forbidden         403  forbidden | key_op_not_permitted
+          +-- Forbidden         403  forbidden | key_op_not_permitted | app_permission_denied
           +-- NotFound          404  not_found | no_such_route
           +-- MethodNotAllowed  405  method_not_allowed
           +-- Conflict          409  conflict | name_exists | group_not_empty
@@ -229,6 +229,7 @@ _BY_CODE: dict[str, type[ApiError]] = {
     "token_expired": Unauthenticated,
     "forbidden": Forbidden,
     "key_op_not_permitted": Forbidden,
+    "app_permission_denied": Forbidden,
     "not_found": NotFound,
     "no_such_route": NotFound,
     "method_not_allowed": MethodNotAllowed,

@@ -47,6 +47,7 @@ CODES: dict[str, int] = {
     "token_expired": 401,
     "forbidden": 403,
     "key_op_not_permitted": 403,
+    "app_permission_denied": 403,
     "not_found": 404,
     "no_such_route": 404,
     "method_not_allowed": 405,

@@ -120,9 +120,21 @@ _USES = frozenset(
         ("POST", "/crypto/v1/keys/kcv"),
     }
 )
-#: The per-key forms of the crypto operations (/crypto/v1/keys/{kid}/<op>) are uses.
+#: The per-key forms of the crypto operations (/crypto/v1/keys/{kid}/<op>[/<step>]) are uses.
 _KEY_OPS = frozenset(
     {"encrypt", "decrypt", "sign", "verify", "mac", "macverify", "wrapkey", "unwrapkey"}
+)
+#: Crypto routes that use one key to make another. The new key is stored, so the
+#: request is a change (its record is durable before the reply: a kill -9 cannot
+#: keep the key and lose the record), unless the new key is transient.
+KEY_MAKERS = frozenset(
+    {
+        "/crypto/v1/unwrapkey",
+        "/crypto/v1/agree",
+        "/crypto/v1/derive",
+        "/crypto/v1/keys/{kid}/unwrapkey",
+        "/crypto/v1/keys/{kid}/derive",
+    }
 )
 
 
@@ -138,17 +150,23 @@ def kind_of(method: str, route: str, body: Any = None) -> Kind:
         return Kind.CHANGE  # a key's value leaves: recorded first, whatever the method
     if (method, route) in _USES:  # a plugin invoked by GET uses keys too
         return Kind.USE
+    if route in KEY_MAKERS:
+        return Kind.USE if _transient(body) else Kind.CHANGE
     if method == "GET" or (method == "POST" and route in _READ_POSTS):
         return Kind.READ
     if (
         (route.startswith("/crypto/v1/") and not route.startswith("/crypto/v1/keys"))
         or route.startswith("/crypto/v1/keys/batch/")
-        or (route.startswith("/crypto/v1/keys/{kid}/") and route.rsplit("/", 1)[1] in _KEY_OPS)
+        or (route.startswith("/crypto/v1/keys/{kid}/") and route.split("/")[5] in _KEY_OPS)
     ):
         return Kind.USE
-    if route == "/crypto/v1/keys" and isinstance(body, dict) and body.get("transient") is True:
+    if route == "/crypto/v1/keys" and _transient(body):
         return Kind.USE
     return Kind.CHANGE
+
+
+def _transient(body: Any) -> bool:
+    return isinstance(body, dict) and body.get("transient") is True
 
 
 class AuditFailing(Unavailable):

@@ -371,17 +371,26 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "POST /crypto/v1/keys/{kid}/unwrapkey": {"UNWRAPKEY": "UNWRAPKEY", "create": "CREATE_SOBJECTS"},
     "POST /crypto/v1/agree": {"AGREEKEY": "AGREEKEY", "create": "CREATE_SOBJECTS"},
     # (BIP32 derivations read the parent's value in the daemon: key_op EXPORT.)
+    # An exportable BIP32 weak child put in another group carries the parent out
+    # (its private key and the parent's xpub give the parent's): EXPORT there.
     "POST /crypto/v1/derive": {
         "DERIVEKEY": "DERIVEKEY",
         "EXPORT": "DERIVEKEY",
         "create": "CREATE_SOBJECTS",
+        "weak_child": "EXPORT",
     },
     "POST /crypto/v1/keys/{kid}/derive": {
         "DERIVEKEY": "DERIVEKEY",
         "EXPORT": "DERIVEKEY",
         "create": "CREATE_SOBJECTS",
+        "weak_child": "EXPORT",
     },
-    "POST /crypto/v1/keys/transform": {"EXPORT": "TRANSFORM", "create": "CREATE_SOBJECTS"},
+    "POST /crypto/v1/keys/transform": {
+        "EXPORT": "TRANSFORM",
+        "DERIVEKEY": "TRANSFORM",
+        "create": "CREATE_SOBJECTS",
+        "weak_child": "EXPORT",
+    },
     # TR-31 key blocks: opening one is an unwrap, sealing one exports the subject.
     "POST /crypto/v1/keys/tr31/open": {"EXPORT": "UNWRAPKEY"},
     "POST /crypto/v1/keys/tr31/seal": {"EXPORT": "EXPORT"},

@@ -301,6 +301,14 @@ class Keyring(Lifecycle):
         row = self.use(owner, principal, base, "DERIVEKEY")
         d = mechanisms.derive_spec(row.obj_type, spec.obj_type, spec.key_size, mechanism)
         ops = choose_ops(spec.obj_type, spec.key_ops, imported=False)
+        if "EXPORT" in ops and "EXPORT" not in row.key_ops:
+            # An exportable key derived from a sensitive one would read out
+            # AES(base, chosen data): an encryption oracle under a key the caller
+            # may not read or encrypt with. Derived keys keep the base's
+            # sensitivity, as PKCS#11 tokens keep CKA_SENSITIVE.
+            raise KeyOpNotPermitted(
+                "the base key's key_ops lack EXPORT: a key derived from it cannot have EXPORT"
+            )
         make: Callable[[NewKey], Awaitable[KeyMaterial]]
         if d.kind == "ENCRYPT_DATA":
 

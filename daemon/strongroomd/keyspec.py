@@ -59,7 +59,8 @@ DEFAULT_OPS: dict[str, list[str]] = {
     "SECRET": ["DERIVEKEY", "APPMANAGEABLE"],
     "RSA": ["SIGN", "VERIFY", "ENCRYPT", "DECRYPT", "APPMANAGEABLE"],
     "EC": ["SIGN", "VERIFY", "APPMANAGEABLE"],
-    "CERTIFICATE": ["VERIFY", "APPMANAGEABLE"],
+    # Public operations only (a certificate holds no secret), as DSM allows them.
+    "CERTIFICATE": ["VERIFY", "ENCRYPT", "WRAPKEY", "APPMANAGEABLE"],
 }
 DEFAULT_SIZE = {"AES": 256, "DES3": 168, "DES": 56, "HMAC": 256, "SECRET": 256, "RSA": 2048}
 PRIVATE_OPS = frozenset({"SIGN", "DECRYPT", "UNWRAPKEY", "AGREEKEY", "DERIVEKEY"})

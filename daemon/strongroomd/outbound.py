@@ -220,10 +220,15 @@ def refused_address(addr: str, *, loopback_http: bool) -> bool:
         ip = ipaddress.ip_address(addr.split("%", 1)[0])
     except ValueError:
         return True
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        # An IPv4 address inside an IPv6 one (mapped, 6to4, Teredo's client) is
+        # judged as that IPv4 address.
+        teredo = ip.teredo[1] if ip.teredo else None
+        ip = ip.ipv4_mapped or ip.sixtofour or teredo or ip
     if loopback_http and str(ip) == LOOPBACK:
         return False
+    if ip in _METADATA:
+        return True
     return bool(
         ip.is_loopback
         or ip.is_link_local
@@ -235,6 +240,10 @@ def refused_address(addr: str, *, loopback_http: bool) -> bool:
 
 
 _BROADCAST = ipaddress.IPv4Network("255.255.255.255/32")
+#: Cloud metadata services outside link-local: AWS's IPv6 one, Alibaba's.
+_METADATA = frozenset(
+    {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+)
 
 
 class _RefusedAddress(OSError):

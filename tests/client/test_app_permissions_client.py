@@ -80,6 +80,13 @@ def test_cli_group_permissions(sr) -> None:
     assert {groups[g]: p for g, p in out["groups"].items()} == {g1: ["SIGN"]}
     out = json.loads(sr("--json", "apps", "update", name, "--add-group", f"{g2}:").stdout)
     assert {groups[g]: p for g, p in out["groups"].items()} == {g1: ["SIGN"], g2: []}
+    listed = [line for line in sr("apps", "list").stdout.splitlines() if name in line]
+    assert len(listed) == 1 and f"{g1}:SIGN,{g2}:-" in listed[0], listed
+    ok_all = unique("app")
+    sr("apps", "create", ok_all, "--group", g2)
+    assert any(
+        ok_all in line and f"{g2}:*" in line for line in sr("apps", "list").stdout.splitlines()
+    )
     r = sr("apps", "update", name, "--mod-group", f"{g1}:FLY", code=1)
     assert "invalid_value" in r.stderr and "FLY" in r.stderr
     r = sr("apps", "update", name, "--mod-group", g1, code=2)

@@ -193,12 +193,17 @@ def test_online_verify_catches_removed_newest_records(tmp_path) -> None:
 def test_every_route_has_the_audit_kind_it_should() -> None:
     """Reads stay served while the log cannot be written; uses and changes do not."""
     from strongroomd.api import ROUTES
-    from strongroomd.audit import Kind, kind_of
+    from strongroomd.audit import KEY_MAKERS, Kind, kind_of
 
     kinds = {(r.method, r.path): kind_of(r.method, r.path) for r in ROUTES}
     for (method, path), kind in kinds.items():
-        if method == "GET" and not path.endswith("/export"):
+        if (method, path) == ("GET", "/sys/v1/plugins/invoke/{plugin_id}"):
+            assert kind is Kind.USE, path  # a plugin invoked by GET uses keys
+        elif method == "GET" and not path.endswith("/export"):
             assert kind is Kind.READ, path
+        elif path in KEY_MAKERS:  # a stored key is made: durable first
+            assert kind is Kind.CHANGE, path
+            assert kind_of(method, path, {"transient": True}) is Kind.USE, path
         elif path.startswith("/crypto/v1/") and not path.startswith("/crypto/v1/keys"):
             assert kind is Kind.USE, path
     assert kinds[("POST", "/crypto/v1/keys/info")] is Kind.READ
@@ -217,6 +222,12 @@ def test_every_route_has_the_audit_kind_it_should() -> None:
     assert kinds[("GET", "/crypto/v1/keys/{kid}/export")] is Kind.CHANGE
     assert kinds[("POST", "/crypto/v1/keys/kcv")] is Kind.USE
     assert kinds[("POST", "/crypto/v1/keys/rekey")] is Kind.CHANGE
+    assert {"/crypto/v1/agree", "/crypto/v1/keys/{kid}/derive"} <= KEY_MAKERS
+    # Streaming steps are uses in both forms.
+    for step in ("init", "update", "final"):
+        for op in ("encrypt", "decrypt"):
+            assert kinds[("POST", f"/crypto/v1/{op}/{step}")] is Kind.USE
+            assert kinds[("POST", f"/crypto/v1/keys/{{kid}}/{op}/{step}")] is Kind.USE
 
 
 def test_failed_logins_from_many_sources_make_a_bounded_number_of_records(tmp_path) -> None:

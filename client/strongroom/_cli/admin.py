@@ -126,8 +126,24 @@ def _show_credential(state: State, app: Any) -> None:
 @apps.command("list")
 @pass_state
 def apps_list(state: State) -> None:
-    """List apps (admins)."""
-    show(state, state.client.apps.list(), ["app_id", "name", "groups", "default_group"])
+    """List apps (admins): each group as NAME:PERMISSIONS (* for all of them)."""
+    apps_ = state.client.apps.list()
+    if not state.json:
+        names = {g["group_id"]: g["name"] for g in state.client.groups.list()}
+        apps_ = [
+            {**a, "groups": [_perms_cell(names, g, p) for g, p in a["groups"].items()]}
+            for a in apps_
+        ]
+    show(state, apps_, ["app_id", "name", "groups", "default_group"])
+
+
+#: How many permissions DSM defines: a group holding them all is shown as "*".
+_ALL_PERMISSIONS = 33
+
+
+def _perms_cell(names: dict[str, str], gid: str, perms: list[str]) -> str:
+    shown = "*" if len(perms) >= _ALL_PERMISSIONS else "+".join(perms) or "-"
+    return f"{names.get(gid, gid)}:{shown}"
 
 
 @apps.command("create")

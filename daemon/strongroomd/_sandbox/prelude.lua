@@ -104,7 +104,9 @@ local Blob = {}
 local blob_methods = {}
 -- blob[1] is the Blob's bytes as a string (DSM's published kvp plugin reads a
 -- value that way); any other key is a method name.
-local Blob_mt = { __metatable = "Blob", __index = function(b, k)
+-- getmetatable(b) is Blob itself, as in DSM: published plugins check a Blob
+-- with `getmetatable(key) == Blob` (the AWS ones, before signing a request).
+local Blob_mt = { __metatable = Blob, __index = function(b, k)
   if k == 1 then return BYTES[b] end
   return blob_methods[k]
 end }
@@ -176,10 +178,14 @@ function blob_methods.base64_urlsafe(b)
 end
 function blob_methods.slice(b, i, j)
   local s = self_bytes(b, "slice")
-  if m_type(i) ~= "integer" or (j ~= nil and m_type(j) ~= "integer") then
+  -- A float with an integral value counts (DSM's plugins pass n / 2 and the like).
+  local ii, jj = m_toint(i), -1
+  if j ~= nil then jj = m_toint(j) end
+  if ii == nil or jj == nil then
     error("Blob:slice: indices must be integers", 2)
   end
-  return new_blob(s_sub(s, i, j or -1))
+  i, j = ii, jj
+  return new_blob(s_sub(s, i, j))
 end
 
 local function blob_bitop(op)
@@ -562,7 +568,8 @@ function bn_methods.to_bytes_be(b)
   return new_blob(bn_op(2, "tobytes", bn_hex(b, "BigNum:to_bytes_be", 2)))
 end
 function bn_methods.to_bytes_be_zero_pad(b, n)
-  if m_type(n) ~= "integer" or n < 0 or n > MAX_BN_BYTES then
+  n = m_toint(n) -- 4.0 counts as 4 (DSM's plugins pass size / 2)
+  if n == nil or n < 0 or n > MAX_BN_BYTES then
     error(s_format("BigNum:to_bytes_be_zero_pad: give a length from 0 to %d", MAX_BN_BYTES), 2)
   end
   return new_blob(bn_op(2, "tobytes", bn_hex(b, "BigNum:to_bytes_be_zero_pad", 2), tostring(n)))

@@ -16,6 +16,7 @@ import binascii
 from typing import Any
 
 from strongroomd import bip32
+from strongroomd.auth import check_app_permission
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest
 from strongroomd.keyspec import ALLOWED_OPS, check_metadata, key_spec, sobject
@@ -89,7 +90,7 @@ async def _derive(req: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
             f"mechanism {kind!r} is not one of {', '.join(allowed)} here", code="invalid_value"
         )
     kr = req.services.keyring
-    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")
+    row = kr.use(req.owner, req.caller, b["key"], "EXPORT")  # the value is read
     req.object_id = row.kid
     if kind == "bip32_master_key":
         if row.obj_type not in SEED_TYPES:
@@ -106,6 +107,15 @@ async def _derive(req: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
     for op in ("SIGN", "VERIFY"):
         if op not in ops:
             ops.append(op)
+    target = b.get("group_id") or req.caller.default_group
+    if (
+        kind == "bip32_weak_child"
+        and "EXPORT" in (b.get("key_ops") or ops)
+        and target != row.group_id
+    ):
+        # A weak child's private key and the parent's xpub (its pub_key) give the
+        # parent's private key: an exportable one elsewhere is an export of the parent.
+        check_app_permission(req.caller, row.group_id, "weak_child")
     return await _store(req, b, node, ops)
 
 
@@ -132,7 +142,7 @@ async def import_(req: Request) -> dict[str, Any]:
     else:
         raw = v
     b.pop("obj_type", None)
-    return await _store(req, b, bip32.parse_private(raw), b.get("key_ops"))
+    return await _store(req, b, bip32.parse_private(raw), b.get("key_ops", list(DERIVED_OPS)))
 
 
 async def export(req: Request) -> dict[str, Any]:

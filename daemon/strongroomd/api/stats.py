@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from strongroomd.audit import AuditFailing, Kind, kind_of
+from strongroomd.audit import KEY_MAKERS, AuditFailing, Kind, kind_of
 from strongroomd.auth import require_admin
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest, NotFound
@@ -99,7 +99,7 @@ def _uses(db_path: Path, frm: int, to: int, width: int) -> list[tuple[Any, ...]]
     out = []
     for r in rows:
         method, _, route = r[4].partition(" ")
-        if kind_of(method, route) is Kind.USE:
+        if kind_of(method, route) is Kind.USE or route in KEY_MAKERS:
             out.append(tuple(r))
     return out
 

@@ -89,7 +89,8 @@ def test_api_objects_expose_no_metatables_or_internals(worker: Worker) -> None:
       local objs = {Blob.from_bytes("x"), Error.new("x"), Time.at(0), null, Sobject, ""}
       local r = {}
       for i, o in ipairs(objs) do
-        r[i] = tostring(getmetatable(o))
+        -- a Blob's is the public Blob table (as in DSM), never its real metatable
+        r[i] = getmetatable(o) == Blob and "Blob" or tostring(getmetatable(o))
         assert(not pcall(setmetatable, o, {}))
       end
       -- the API objects are plain tables with no fields of their own

@@ -1,0 +1,85 @@
+"""Red team: a BIP32 weak child must not carry its parent out of the parent's group.
+
+A non-hardened (weak) child's private key and the parent's extended public key
+(its chain code: every key view's pub_key) give the parent's private key:
+k_parent = k_child - HMAC-SHA512(chain_code, K_parent || index)[:32] (mod n).
+So an app holding only DERIVEKEY (or TRANSFORM) in the parent's group, which may
+not EXPORT there, must not put an exportable weak child in another group where
+it (or anyone) may export it. Checked: refused with 403 app_permission_denied;
+allowed once the app holds EXPORT in the parent's group, and the parent's key
+recovered from the child independently (hmac, integer arithmetic) to show what
+the refusal protects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import pytest
+from strongroomd.auth import APP_PERMISSIONS
+
+from tests.conftest import Daemon, Raw, unique
+from tests.daemon.api.helpers import new_group, ok
+from tests.daemon.api.test_app_permissions import XPRV_0H, denied, make_app
+
+N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def _b58(text: str) -> bytes:
+    n = 0
+    for ch in text:
+        n = n * 58 + B58.index(ch)
+    raw = n.to_bytes(82, "big")
+    assert hashlib.sha256(hashlib.sha256(raw[:78]).digest()).digest()[:4] == raw[78:]
+    return raw[:78]
+
+
+def _parent_from_child(xpub_parent: bytes, xprv_child: bytes, index: int) -> int:
+    chain, pub = xpub_parent[13:45], xpub_parent[45:78]
+    il = hmac.new(chain, pub + index.to_bytes(4, "big"), hashlib.sha512).digest()[:32]
+    k_child = int.from_bytes(xprv_child[46:78], "big")
+    return (k_child - int.from_bytes(il, "big")) % N
+
+
+@pytest.mark.parametrize("route", ["/crypto/v1/derive", "/crypto/v1/keys/transform"])
+def test_weak_child_into_another_group_needs_export_in_the_parents(
+    daemon: Daemon, admin_raw: Raw, route: str
+) -> None:
+    parent_group, other = new_group(admin_raw), new_group(admin_raw)
+    body = {
+        "name": unique("bip"),
+        "value": XPRV_0H,
+        "group_id": parent_group,
+        "key_ops": ["SIGN", "VERIFY", "DERIVEKEY", "EXPORT", "APPMANAGEABLE"],
+    }
+    parent = ok(admin_raw.call("POST", "/crypto/v1/keys/bip32/import", body))
+    ask = {
+        "key": {"kid": parent["kid"]},
+        "key_type": "BIP32",
+        "mechanism": {"bip32_weak_child": {"index": 1}},
+        "group_id": other,
+        "key_ops": ["SIGN", "EXPORT"],
+    }
+    perms = ["DERIVEKEY", "TRANSFORM", "CREATE_SOBJECTS"]
+    # Both apps may do anything in the other group, EXPORT included.
+    everything = list(APP_PERMISSIONS)
+    weak = make_app(daemon, admin_raw, {parent_group: perms, other: everything})
+    strong = make_app(daemon, admin_raw, {parent_group: [*perms, "EXPORT"], other: everything})
+    try:
+        denied(weak.call("POST", route, {**ask, "name": unique("c")}), "EXPORT")
+        # Same group: exporting the child needs EXPORT there anyway, so it is allowed.
+        same = {**ask, "name": unique("c"), "group_id": parent_group}
+        assert ok(weak.call("POST", route, same))["group_id"] == parent_group
+        child = ok(strong.call("POST", route, {**ask, "name": unique("c")}))
+        xprv = ok(
+            admin_raw.call("POST", "/crypto/v1/keys/bip32/export", {"key": {"kid": child["kid"]}})
+        )["value"]
+        xpub = parent["pub_key"]
+        xpub = xpub if isinstance(xpub, bytes) else _b58(xpub)
+        got = _parent_from_child(xpub, _b58(xprv.decode()), 1)
+        assert got == int.from_bytes(_b58(XPRV_0H)[46:78], "big")
+    finally:
+        weak.conn.close()
+        strong.conn.close()
