@@ -59,6 +59,7 @@ from strongroomd.store import (
     Note,
     PluginRow,
     PrincipalRow,
+    Stale,
     Store,
     _from_db,
     unconfirmed,
@@ -323,8 +324,9 @@ class PgStore(Store):
 
     @staticmethod
     def _migrate_pg(db: psycopg.Connection[Any]) -> None:
-        """Apply the steps not applied yet, each in its own transaction; an advisory
-        lock keeps two nodes starting at once from both applying one."""
+        """Apply the steps not applied yet, all in one transaction (PostgreSQL's DDL
+        is transactional: all or nothing); an advisory lock keeps two nodes
+        starting at once from both applying one."""
         with db.transaction():
             db.execute("SELECT pg_advisory_xact_lock(4242001)")
             db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY)")
@@ -399,8 +401,6 @@ class PgStore(Store):
 
     # -- writes -------------------------------------------------------------------------
     def _tx(self, statements: list[tuple[str, Any]], checked: list[str] | None = None) -> list[int]:
-        from strongroomd.store import Stale
-
         db = self._ensure()
         checked = checked or []
         counts = []
@@ -635,8 +635,17 @@ class PgStore(Store):
         return ok
 
     async def _heartbeat_loop(self) -> None:
+        beats = 0
         while True:
             await asyncio.sleep(HEARTBEAT)
+            beats += 1
+            if beats % 60 == 0:  # expired sessions go (any node may do it)
+                with contextlib.suppress(Exception):
+                    await self._run(
+                        lambda: self._ensure().execute(
+                            "DELETE FROM sessions WHERE expires < %s", (time.time(),)
+                        )
+                    )
             if time.monotonic() - self._beat_ok >= self.node_timeout / 2 and self._listening:
                 # Not live for a while (stopped, starved, cut off): the others may have
                 # stopped waiting for this node; catch up on everything before serving.
