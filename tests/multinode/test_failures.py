@@ -147,3 +147,72 @@ def test_a_node_that_missed_notifications_rereads_what_it_caches(cluster: Cluste
     finally:
         os.kill(pid, signal.SIGCONT)
     assert until_served(conns["C"], kid) == 403
+
+
+MAKE_OBJECTS = """
+import sys, pkcs11
+from pkcs11 import Attribute, KeyType
+lib = pkcs11.lib("/usr/lib/softhsm/libsofthsm2.so")
+with lib.get_token(token_label="strongroom").open(rw=True, user_pin=sys.argv[1]) as s:
+    for kid in sys.argv[2:]:
+        s.generate_key(KeyType.AES, 128, store=True, label="bare",
+                       template={Attribute.ID: kid.encode(), Attribute.TOKEN: True})
+"""
+
+
+def token_ids(cluster: Cluster) -> str:
+    import subprocess
+
+    return subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "strongroom",
+            "--login",
+            "--pin",
+            "env:SR_PIN",
+            "--list-objects",
+        ],
+        env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_reconcile_spares_objects_another_node_is_writing(cluster: Cluster) -> None:
+    """Token objects without rows, as B's start-up finds them: one reserved by a live
+    node X (its row is being written: kept), one reserved by B before a crash and
+    one reserved by nobody (orphans: removed)."""
+    import subprocess
+    import sys
+    import uuid
+
+    import psycopg
+
+    busy, own, bare = (str(uuid.uuid4()) for _ in range(3))
+    subprocess.run(
+        [sys.executable, "-c", MAKE_OBJECTS, "test-user-pin-1234", busy, own, bare],
+        env={**os.environ, **cluster.env},
+        check=True,
+        capture_output=True,
+    )
+    with psycopg.connect(cluster.url, autocommit=True) as db:
+        db.execute(
+            "INSERT INTO nodes (id) VALUES ('X') ON CONFLICT (id) DO UPDATE SET heartbeat = now()"
+        )
+        db.execute("INSERT INTO pending_keys (kid, node) VALUES (%s, 'X'), (%s, 'B')", (busy, own))
+    assert cluster["B"].stop() == 0
+    cluster["B"].start()
+    listed = token_ids(cluster)
+    assert busy.encode().hex() in listed  # kept: X is writing its row
+    assert own.encode().hex() not in listed and bare.encode().hex() not in listed
+    log = cluster["B"].log.read_text()
+    assert f"removing token object {own}" in log and f"removing token object {bare}" in log
+    assert f"removing token object {busy}" not in log
+    with psycopg.connect(cluster.url, autocommit=True) as db:
+        left = {r[0] for r in db.execute("SELECT kid FROM pending_keys")}
+        db.execute("DELETE FROM nodes WHERE id = 'X'")  # no later change waits for it
+    assert busy in left and own not in left
