@@ -61,10 +61,10 @@ def test_kill9_during_a_burst_loses_no_acknowledged_key(cluster: Cluster) -> Non
     cluster["B"].kill9()  # mid-creation, most likely
     b_dead_at = len(on_b)
     # B restarts while A goes on creating: its reconcile must spare A's fresh keys.
-    a_before = len(on_a)
+    # (A's creations in flight meanwhile wait for B's confirmation: B counts as live
+    # until its heartbeat is node_timeout old, or its next run confirms them.)
     cluster["B"].start()
     a_at_start = len(on_a)
-    assert a_at_start > a_before  # A created keys while B started and reconciled
     assert wait_for(lambda: len(on_a) >= a_at_start + 5, timeout=60)
     stop.set()
     for t in threads:
