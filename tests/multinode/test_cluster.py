@@ -225,3 +225,37 @@ def test_a_logout_on_one_node_ends_the_session_on_every_node(cluster: Cluster) -
         resp = r.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}, auth=token)
         assert resp["status"] == 401, resp
         r.close()
+
+
+def test_a_bearer_token_from_one_node_works_over_another_nodes_http_gateway(
+    cluster: Cluster,
+) -> None:
+    import base64
+
+    from tests.daemon.gateway.conftest import Http, gateway_url
+
+    d = cluster._node("D", "http_enabled = true\nhttp_port = 0\n").start()
+    try:
+        c = conns(cluster)
+        gid = ok(c["A"].call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+        app = ok(c["A"].call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": [gid]}))
+        key = new_key(c["A"], group_id=gid)
+        b = cluster["B"].connect(app["credential"]["api_key"])
+        token = ok(
+            b.call("POST", "/sys/v1/session/auth", {"api_key": app["credential"]["api_key"]})
+        )["access_token"]
+        h = Http(gateway_url(d), token=token)  # B's session, over D's gateway
+        body = {
+            "key": {"kid": key["kid"]},
+            "alg": "AES",
+            "mode": "GCM",
+            "plain": base64.b64encode(b"over http").decode(),
+        }
+        resp = h.call("POST", "/crypto/v1/encrypt", body)
+        assert resp["status"] == 200, resp
+        other = new_key(c["A"], group_id=ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"])
+        resp = h.call("POST", "/crypto/v1/encrypt", {**body, "key": {"kid": other["kid"]}})
+        assert resp["status"] == 404, resp  # outside the app's groups: denied
+        h.close()
+    finally:
+        assert d.stop() == 0
