@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "audit":
         return _audit_verify(cfg, args.db)
     try:
+        if cfg.database_url and command in ("backup", "restore"):
+            raise ConfigError(
+                "with database_url the metadata is in PostgreSQL: back it up with its own "
+                "tools (pg_dump, base backups), and the token with the HSM vendor's"
+            )
         if command == "backup":
             from strongroomd import backup
 
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         if command == "admin":
             from strongroomd import admin
 
-            path = admin.rotate(cfg)
+            # Several nodes: only through a running node (the rows are in PostgreSQL).
+            path = admin._rotate_online(cfg) if cfg.database_url else admin.rotate(cfg)
             print(f"strongroomd: new admin API key in {path}")
             return EXIT_OK
     except ConfigError as exc:

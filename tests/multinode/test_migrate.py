@@ -97,3 +97,24 @@ def test_migrate_keeps_kids_and_what_was_encrypted_decrypts(tmp_path, postgres: 
         admin.close()
     finally:
         assert d.stop() == 0
+    # The SQLite file left behind is no longer the data: backup points elsewhere.
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "strongroomd",
+            "--config",
+            str(cfg),
+            "--state-dir",
+            str(d.state_dir),
+            "backup",
+            "--out",
+            str(tmp_path / "b.bak"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+        env={**__import__("os").environ, "STRONGROOM_BACKUP_PASSPHRASE": "x" * 16},
+    )
+    assert out.returncode == 3 and "pg_dump" in out.stderr, out
