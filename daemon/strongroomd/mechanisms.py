@@ -303,6 +303,8 @@ def cipher_spec(obj_type: str, req: dict, *, decrypt: bool) -> CipherSpec:
         raise Unsupported(f"alg {alg} cannot be used with a {obj_type} key")
     if req.get("label") is not None:
         raise BadRequest("label is only for RSA OAEP", code="invalid_field")
+    if req.get("aad") is not None:
+        raise BadRequest("associated data goes in the field 'ad' (not aad)", code="invalid_field")
     mode = _symmetric_mode(obj_type, req.get("mode"))
     block = _BLOCK[obj_type]
     iv = req.get("iv")

@@ -126,7 +126,10 @@ def _show_credential(state: State, app: Any) -> None:
 @apps.command("list")
 @pass_state
 def apps_list(state: State) -> None:
-    """List apps (admins): each group as NAME:PERMISSIONS (* for all of them)."""
+    """List apps (admins), with each group's permissions.
+
+    A group shows as NAME:PERMISSIONS, or NAME:* when the app has all of them.
+    """
     apps_ = state.client.apps.list()
     if not state.json:
         names = {g["group_id"]: g["name"] for g in state.client.groups.list()}

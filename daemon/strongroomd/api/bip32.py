@@ -111,7 +111,7 @@ async def _derive(req: Request, allowed: tuple[str, ...]) -> dict[str, Any]:
     if (
         kind == "bip32_weak_child"
         and "EXPORT" in (b.get("key_ops") or ops)
-        and target != row.group_id
+        and (target != row.group_id or b.get("transient"))  # persist moves a transient key
     ):
         # A weak child's private key and the parent's xpub (its pub_key) give the
         # parent's private key: an exportable one elsewhere is an export of the parent.

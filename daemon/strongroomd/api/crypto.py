@@ -128,6 +128,9 @@ _ENC = {
     "tag_len": F(int),
     # DSM's OAEP label: declared so that it is refused rather than ignored.
     "label": F(bytes),
+    # Not DSM's (its field is ad), but a common name for it: declared so that it is
+    # refused, never dropped (the ciphertext would silently bind no associated data).
+    "aad": F(bytes),
 }
 _SIGN = {
     "key": KEY,

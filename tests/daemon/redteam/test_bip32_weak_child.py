@@ -83,3 +83,45 @@ def test_weak_child_into_another_group_needs_export_in_the_parents(
     finally:
         weak.conn.close()
         strong.conn.close()
+
+
+def test_weak_child_made_transient_then_persisted_elsewhere_needs_export(
+    daemon: Daemon, admin_raw: Raw
+) -> None:
+    """The same hop through a transient key: made in the parent's group (where the
+    app may not EXPORT), then persisted into a group where it may."""
+    parent_group, other = new_group(admin_raw), new_group(admin_raw)
+    body = {
+        "name": unique("bip"),
+        "value": XPRV_0H,
+        "group_id": parent_group,
+        "key_ops": ["SIGN", "VERIFY", "DERIVEKEY", "EXPORT", "APPMANAGEABLE"],
+    }
+    parent = ok(admin_raw.call("POST", "/crypto/v1/keys/bip32/import", body))
+    everything = list(APP_PERMISSIONS)
+    app = make_app(
+        daemon,
+        admin_raw,
+        {parent_group: ["DERIVEKEY", "CREATE_SOBJECTS"], other: everything},
+    )
+    try:
+        ask = {
+            "key": {"kid": parent["kid"]},
+            "key_type": "BIP32",
+            "mechanism": {"bip32_weak_child": {"index": 1}},
+            "name": unique("c"),
+            "group_id": parent_group,
+            "transient": True,
+            "key_ops": ["SIGN", "EXPORT"],
+        }
+        denied(app.call("POST", "/crypto/v1/derive", ask), "EXPORT")
+        # Not exportable: allowed, and persisting cannot add EXPORT.
+        t = ok(app.call("POST", "/crypto/v1/derive", {**ask, "key_ops": ["SIGN"]}))
+        moved = app.call(
+            "POST",
+            "/crypto/v1/keys/persist",
+            {"key": {"transient_key": t["kid"]}, "group_id": other, "key_ops": ["SIGN", "EXPORT"]},
+        )
+        assert moved["status"] == 400, moved
+    finally:
+        app.conn.close()
