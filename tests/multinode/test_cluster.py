@@ -259,3 +259,29 @@ def test_a_bearer_token_from_one_node_works_over_another_nodes_http_gateway(
         h.close()
     finally:
         assert d.stop() == 0
+
+
+def test_changes_on_every_node_at_once_keep_one_chain(cluster: Cluster) -> None:
+    import threading
+
+    gid = ok(conns(cluster)["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    made: list[str] = []
+
+    def work(node: str) -> None:
+        conn = cluster[node].connect(cluster.admin_key)
+        for _ in range(8):
+            made.append(new_key(conn, group_id=gid)["kid"])
+            ok(conn.call("GET", "/sys/v1/logs/verify"))  # flushes: batches interleave
+        conn.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in "ABCABC"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(made) == 48
+    c = conns(cluster)
+    out = ok(c["C"].call("GET", "/sys/v1/logs/verify"))
+    assert out["ok"] is True and out["unwritten"] == 0, out
+    logged = {r.get("object_id") for r in ok(c["A"].call("GET", "/sys/v1/logs", {"limit": 10000}))}
+    assert set(made) <= logged  # every creation's record, whichever node wrote it
