@@ -120,6 +120,10 @@ class Keyring(Lifecycle):
         try:
             if new is None or new.state == "Destroyed":
                 await self.token.forget(kid)
+            elif old is not None and set(old.key_ops) - set(new.key_ops):
+                # Narrowed (EXPORT made unexportable in the token by the other node):
+                # session copies made before go; the next use copies the object anew.
+                await self.token.forget(kid)
             elif old is None:
                 for delay in (0.0, 0.01, 0.05, 0.1, 0.25):
                     await asyncio.sleep(delay)

@@ -285,3 +285,42 @@ def test_changes_on_every_node_at_once_keep_one_chain(cluster: Cluster) -> None:
     assert out["ok"] is True and out["unwritten"] == 0, out
     logged = {r.get("object_id") for r in ok(c["A"].call("GET", "/sys/v1/logs", {"limit": 10000}))}
     assert set(made) <= logged  # every creation's record, whichever node wrote it
+
+
+def test_export_taken_away_on_b_is_refused_everywhere_and_by_the_token(cluster: Cluster) -> None:
+    import os
+    import subprocess
+
+    c = conns(cluster)
+    gid = ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    key = new_key(c["A"], group_id=gid, key_ops=["ENCRYPT", "DECRYPT", "EXPORT"])
+    for n in "AC":  # allowed first (hot copies exist on A and C)
+        ok(c[n].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
+        ok(c[n].call("POST", "/crypto/v1/keys/export", {"kid": key["kid"]}))
+    ok(c["B"].call("PATCH", f"/crypto/v1/keys/{key['kid']}", {"key_ops": ["ENCRYPT", "DECRYPT"]}))
+    for n in "ABC":
+        err(
+            c[n].call("POST", "/crypto/v1/keys/export", {"kid": key["kid"]}), "key_op_not_permitted"
+        )
+        ok(c[n].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
+    read = subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--token-label",
+            "strongroom",
+            "--login",
+            "--pin",
+            "env:SR_PIN",
+            "--read-object",
+            "--type",
+            "secrkey",
+            "--id",
+            key["kid"].encode().hex(),
+        ],
+        env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
+        capture_output=True,
+        check=False,
+    )
+    assert read.returncode != 0 and not read.stdout  # the token will not give it either
