@@ -324,3 +324,25 @@ def test_export_taken_away_on_b_is_refused_everywhere_and_by_the_token(cluster: 
         check=False,
     )
     assert read.returncode != 0 and not read.stdout  # the token will not give it either
+
+
+def test_a_revoke_on_b_is_honoured_everywhere_at_once(cluster: Cluster) -> None:
+    c = conns(cluster)
+    gid = ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
+    key = new_key(c["C"], group_id=gid)
+    ct = ok(c["A"].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
+    ok(c["B"].call("POST", f"/crypto/v1/keys/{key['kid']}/revoke", {"code": "KeyCompromise"}))
+    dec = {
+        "key": {"kid": key["kid"]},
+        "alg": "AES",
+        "mode": "GCM",
+        **{k: ct[k] for k in ("cipher", "iv", "tag")},
+    }
+    for n in "ABC":
+        err(
+            c[n].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}),
+            "forbidden",
+        )  # protects nothing new
+        assert ok(c[n].call("POST", "/crypto/v1/decrypt", dec))["plain"] == ENC["plain"]
+        got = ok(c[n].call("GET", f"/crypto/v1/keys/{key['kid']}"))
+        assert got["state"] == "Compromised"
