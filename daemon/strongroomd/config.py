@@ -143,9 +143,10 @@ class Config:
     #: Seconds without a heartbeat after which the other nodes stop waiting for a
     #: node (and the node itself stops serving key use: it fails closed first).
     node_timeout: float = 10.0
-    #: Seconds a change that takes a right away waits for every live node to
-    #: confirm it; past that it is answered with ``unconfirmed_nodes``.
-    confirm_timeout: float = 5.0
+    #: Seconds a change waits for every live node to confirm it; past that it is
+    #: answered with ``unconfirmed_nodes``. At least ``node_timeout / 2 + 1``: a
+    #: node named there has stopped serving by itself by then.
+    confirm_timeout: float = 6.0
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -265,6 +266,11 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     _check_http(cfg)
     if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError("database_url must be a postgresql:// URL")
+    if cfg.confirm_timeout < cfg.node_timeout / 2 + 1:
+        raise ConfigError(
+            "confirm_timeout must be at least node_timeout / 2 + 1 (a node named as not "
+            "confirming must have stopped serving by itself by the time it is named)"
+        )
     return cfg
 
 

@@ -232,7 +232,7 @@ class PgStore(Store):
         node: str,
         *,
         node_timeout: float = 10.0,
-        confirm_timeout: float = 5.0,
+        confirm_timeout: float = 6.0,
     ) -> None:
         super().__init__(path=None)  # type: ignore[arg-type]
         self.url = url
@@ -243,7 +243,9 @@ class PgStore(Store):
         self.boot = uuid.uuid4().hex[:12]
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listening = False  # the listening connection is up and caught up
-        self._beat_ok = 0.0  # monotonic time of the last heartbeat written
+        #: Monotonic time this node last heard its own ping: its heartbeat was
+        #: written and its listening connection delivers (both work, recently).
+        self._ping_ok = 0.0
         self._used = 0.0  # monotonic time the connection was last handed out
         self._lead_on: Any = None  # the connection holding the clock-work lock
         self._inbox: deque[dict[str, Any]] = deque()
@@ -267,9 +269,17 @@ class PgStore(Store):
     # -- health ----------------------------------------------------------------------
     @property
     def live(self) -> bool:
-        """Whether this node may serve key use and changes: it hears every change,
-        has caught up, and the others count it as live (a recent heartbeat)."""
-        return self._listening and time.monotonic() - self._beat_ok < self.node_timeout / 2
+        """Whether this node may serve key use and changes: it has caught up, and
+        heard its own ping (sent with each heartbeat, through the database, to its
+        listening connection) within ``node_timeout / 2``.
+
+        A node out of touch longer than that refuses by itself. Since another
+        node waits ``confirm_timeout`` (> ``node_timeout / 2`` + a heartbeat) for
+        confirmations, a node named in ``unconfirmed_nodes`` has stopped serving
+        by the time that answer is given, and serves again only after re-reading
+        every row.
+        """
+        return self._listening and time.monotonic() - self._ping_ok < self.node_timeout / 2
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -339,11 +349,15 @@ class PgStore(Store):
                 db.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
 
     def _beat(self, db: psycopg.Connection[Any]) -> None:
-        db.execute(
-            "INSERT INTO nodes (id) VALUES (%s) ON CONFLICT (id) DO UPDATE SET heartbeat = now()",
-            (self.node,),
-        )
-        self._beat_ok = time.monotonic()
+        """The heartbeat, and a ping to this node's own listening connection."""
+        ping = json.dumps({"ping": self.node, "b": self.boot}, separators=(",", ":"))
+        with db.transaction():
+            db.execute(
+                "INSERT INTO nodes (id) VALUES (%s) ON CONFLICT (id) DO UPDATE "
+                "SET heartbeat = now()",
+                (self.node,),
+            )
+            db.execute("SELECT pg_notify(%s, %s)", (CHANNEL, ping))
 
     def _fetch_all(self, db: psycopg.Connection[Any]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -528,6 +542,12 @@ class PgStore(Store):
                 acks.add(msg["n"])
                 self._ack_wake[msg["ack"]].set()
             return
+        if "ping" in msg:
+            if msg["ping"] == self.node and msg.get("b") == self.boot:
+                self._ping_ok = time.monotonic()
+                if self._listening:
+                    self._caught_up.set()
+            return
         if msg.get("n") == self.node or "r" not in msg:
             return
         if len(self._inbox) >= MAX_INBOX:
@@ -553,8 +573,9 @@ class PgStore(Store):
                     self._drop_inbox()
                     await self._reload()
                     self._listening = True
-                    self._caught_up.set()
                     log.info("caught up with the database: every cached row re-read")
+                    with contextlib.suppress(Exception):  # live again once heard
+                        await self._run(lambda: self._beat(self._ensure()))
                     owed, self._owed = self._owed, set()
                     for change in owed:
                         await self._ack(change)
@@ -646,10 +667,12 @@ class PgStore(Store):
                             "DELETE FROM sessions WHERE expires < %s", (time.time(),)
                         )
                     )
-            if time.monotonic() - self._beat_ok >= self.node_timeout / 2 and self._listening:
-                # Not live for a while (stopped, starved, cut off): the others may have
-                # stopped waiting for this node; catch up on everything before serving.
-                log.warning("no heartbeat for %.1f s: re-reading every row", self.node_timeout / 2)
+            if time.monotonic() - self._ping_ok >= self.node_timeout / 2 and self._listening:
+                # Not live for a while (stopped, starved, cut off): changes may have
+                # been answered without this node; catch up on everything first.
+                log.warning(
+                    "out of touch for %.1f s or more: re-reading every row", self.node_timeout / 2
+                )
                 self._listening = False
                 self._need_resync()
             try:

@@ -82,7 +82,7 @@ class Cluster:
         cfg.write_text(
             f'pkcs11_module = "{MODULE}"\npin_file = "{self.pin_file}"\n'
             f'database_url = "{self.url}"\nnode_name = "{name}"\n'
-            "node_timeout = 6.0\nconfirm_timeout = 2.0\n" + extra
+            "node_timeout = 4.0\nconfirm_timeout = 3.0\n" + extra
         )
         return Node(self.tmp / name, cfg, self.env)
 

@@ -111,12 +111,9 @@ def test_a_node_that_does_not_confirm_is_named_and_never_serves_stale(cluster: C
     pid = cluster["C"].proc.pid
     os.kill(pid, signal.SIGSTOP)
     try:
-        t0 = time.monotonic()
         out = ok(conns["A"].call("PATCH", f"/crypto/v1/keys/{kid}", {"enabled": False}))
-        assert out["unconfirmed_nodes"] == ["C"], out  # after confirm_timeout (2 s)
+        assert out["unconfirmed_nodes"] == ["C"], out  # after confirm_timeout (3 s)
         assert encrypt(conns["B"], kid)["status"] == 403
-        # Out of touch for more than node_timeout / 2 (3 s): C must not trust its cache.
-        time.sleep(max(0.0, 3.5 - (time.monotonic() - t0)))
     finally:
         os.kill(pid, signal.SIGCONT)
     # C, resumed, refuses (503 while it catches up), and never serves the disabled key
