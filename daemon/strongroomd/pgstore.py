@@ -249,6 +249,8 @@ class PgStore(Store):
         self._used = 0.0  # monotonic time the connection was last handed out
         self._lead_on: Any = None  # the connection holding the clock-work lock
         self._inbox: deque[dict[str, Any]] = deque()
+        #: When the notification being applied now was heard (None: none is).
+        self._applying: float | None = None
         self._resync = False
         self._wake = asyncio.Event()
         self._caught_up = asyncio.Event()
@@ -279,7 +281,15 @@ class PgStore(Store):
         by the time that answer is given, and serves again only after re-reading
         every row.
         """
-        return self._listening and time.monotonic() - self._ping_ok < self.node_timeout / 2
+        now, window = time.monotonic(), self.node_timeout / 2
+        if not self._listening or now - self._ping_ok >= window:
+            return False
+        # Hearing is not enough: a change heard and not applied for that long (the
+        # token thread or the database busy) makes this node as stale as a deaf one.
+        oldest = self._inbox[0]["_t"] if self._inbox else None
+        if self._applying is not None and (oldest is None or self._applying < oldest):
+            oldest = self._applying
+        return oldest is None or now - oldest < window
 
     # -- connections -------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection[Any]:
@@ -554,6 +564,7 @@ class PgStore(Store):
             self._drop_inbox()
             self._resync = True
         else:
+            msg["_t"] = time.monotonic()  # when heard: see live
             self._inbox.append(msg)
         self._wake.set()
 
@@ -580,7 +591,12 @@ class PgStore(Store):
                     for change in owed:
                         await self._ack(change)
                 while self._inbox:
-                    await self._apply(self._inbox.popleft())
+                    msg = self._inbox.popleft()
+                    self._applying = msg["_t"]
+                    try:
+                        await self._apply(msg)
+                    finally:
+                        self._applying = None
             except Exception as exc:
                 log.error("applying changes from other nodes failed: %s", exc)
                 self._listening = False
