@@ -161,6 +161,8 @@ def read_header(src: Readable) -> Header:
         raise EnvelopeError("not_envelope", "the envelope header is damaged") from None
     if header.alg not in ("AES-128-GCM", "AES-192-GCM", "AES-256-GCM") or header.tag_len != 128:
         raise EnvelopeError("not_envelope", f"unknown envelope algorithm {header.alg!r}")
+    if len(header.iv) != 12:  # what encrypt writes; anything else is a damaged header
+        raise EnvelopeError("not_envelope", "the envelope header is damaged (iv)")
     return header
 
 

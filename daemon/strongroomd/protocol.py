@@ -297,7 +297,7 @@ class Connection(asyncio.Protocol):
         and the partial-frame deadline to match."""
         if self._closing:
             return
-        while not self._held():
+        while not (held := self._held()):
             try:
                 payload = self.reader.next()
             except FrameError as exc:
@@ -308,7 +308,6 @@ class Connection(asyncio.Protocol):
             self._on_frame(payload)
             if self._closing:
                 return
-        held = self._held()
         if not self.authenticated and self.reader.buffered > self.limits.max_unauth_bytes:
             self._fail(
                 "too_large",
@@ -445,7 +444,8 @@ class Connection(asyncio.Protocol):
             _AUTH_TIMEOUTS.note()
             self._fail("unauthenticated", f"authenticate within {self.limits.auth_timeout:g} s")
             return
-        self.pump()
+        if not self._reading:  # frames wait only while reading is off (see pump)
+            self.pump()
 
     async def _run(self, rid: int, method: str, path: str, body: Any, auth: str | None) -> None:
         status, out = await self.dispatcher.handle(self.owner, method, path, body, auth)

@@ -21,6 +21,7 @@ import asyncio
 import calendar
 import contextlib
 import contextvars
+import functools
 import json
 import sqlite3
 import time
@@ -118,8 +119,13 @@ def now_stamp(t: float | None = None) -> str:
     return time.strftime(STAMP, time.gmtime(t))
 
 
+@functools.lru_cache(maxsize=4096)
 def stamp_time(stamp: str) -> float:
-    """Seconds since the epoch of a DSM timestamp (ValueError if it is not one)."""
+    """Seconds since the epoch of a DSM timestamp (ValueError if it is not one).
+
+    Cached: every key use compares its dates with the clock, and ``strptime``
+    took 7.7 us of the event loop's time per request.
+    """
     return float(calendar.timegm(time.strptime(stamp, STAMP)))
 
 
