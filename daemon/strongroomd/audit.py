@@ -360,17 +360,18 @@ class Audit:
     # -- taking records --------------------------------------------------------------
     def admit(self, kind: Kind) -> None:
         """Refuse (503) a request whose record could not be kept; see the module doc."""
-        if kind is not Kind.READ and not self.store.live:
-            raise Unavailable(
-                "this node is not in touch with the shared database (or is catching up); "
-                "key use and changes are refused until it is",
-            )
-        if kind is not Kind.READ and self.stats.failing:
-            self.stats.refused_failing += 1
-            raise AuditFailing(
-                "the audit log cannot be written (storage failing); key use and changes "
-                "are refused until it can",
-            )
+        if kind is not Kind.READ:
+            if self.stats.failing:
+                self.stats.refused_failing += 1
+                raise AuditFailing(
+                    "the audit log cannot be written (storage failing); key use and changes "
+                    "are refused until it can",
+                )
+            if not self.store.live:  # several nodes: this one may not know every change
+                raise Unavailable(
+                    "this node is not in touch with the shared database (or is catching "
+                    "up); key use and changes are refused until it is",
+                )
         if self.pending >= self.max_pending:
             self.stats.refused_full += 1
             raise AuditFailing(f"the audit queue is full ({self.max_pending} records)")
