@@ -405,7 +405,8 @@ PERMISSIONS: dict[str, dict[str, str]] = {
     "POST /crypto/v1/keys": {"create": "CREATE_SOBJECTS"},
     "PUT /crypto/v1/keys": {"create": "CREATE_SOBJECTS"},
     "POST /crypto/v1/keys/persist": {"create": "CREATE_SOBJECTS"},
-    "POST /crypto/v1/keys/rekey": {"manage": "ROTATE_SOBJECTS"},
+    # A new version with key_ops its predecessor lacked is a key_ops change too.
+    "POST /crypto/v1/keys/rekey": {"manage": "ROTATE_SOBJECTS", "widen": "UPDATE_KEY_OPS"},
     # One PATCH may rename, enable/disable and narrow key_ops at once: MANAGE.
     "PATCH /crypto/v1/keys/{kid}": {"manage": "MANAGE"},
     "POST /crypto/v1/keys/{kid}/activate": {"manage": "ACTIVATE_SOBJECTS"},

@@ -114,6 +114,11 @@ class Config:
     #: in a plugin's ``request_allowlist``, plain HTTP to this host's loopback. For
     #: tests and development only; otherwise only ``https://`` origins are allowed.
     plugin_request_loopback_http: bool = False
+    #: Let tools running as the daemon's user (gdb, py-spy, /proc/PID/fd and
+    #: /proc/PID/mem) inspect the daemon and its plugin workers. Off: both are
+    #: made non-dumpable, so a worker that escaped its sandbox cannot read the
+    #: daemon's memory (the PIN, hot keys) nor a sibling's. For debugging only.
+    inspectable: bool = False
     #: Audit records queued in memory, at most (~250 bytes each; ~2 s of the
     #: fastest operation). Full, or the log failing to write: see docs/protocol.md.
     audit_max_pending: int = 100_000

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from strongroomd.auth import Principal, check_key_manage, state_of
+from strongroomd.auth import Principal, check_app_permission, check_key_manage, state_of
 from strongroomd.context import Owner
 from strongroomd.errors import BadRequest, Conflict
 from strongroomd.keyref import NewKey
@@ -220,6 +220,8 @@ class Lifecycle:
     ) -> tuple[KeyRow, KeyRow]:
         now = self.clock()
         ops = choose_ops(cur.obj_type, changes.get("key_ops", cur.key_ops), imported=False)
+        if set(ops) - set(cur.key_ops):  # rights the old version did not give
+            check_app_permission(principal, cur.group_id, "widen")
         size = changes.get("key_size", cur.key_size if cur.obj_type != "EC" else None)
         curve = changes.get("elliptic_curve", cur.elliptic_curve)
         policy = (

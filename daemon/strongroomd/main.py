@@ -221,6 +221,9 @@ def _passphrase(file: str | None, *, confirm: bool) -> str:
 def _serve(cfg: config_mod.Config) -> int:
     from strongroomd.server import Server, StartupError
 
+    if not cfg.inspectable:
+        _not_dumpable()
+
     try:
         asyncio.run(Server(cfg).run())
     except (StartupError, ConfigError) as exc:
@@ -229,6 +232,16 @@ def _serve(cfg: config_mod.Config) -> int:
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
     return EXIT_OK
+
+
+def _not_dumpable() -> None:
+    """No /proc/PID/mem (nor ptrace, nor core dump) for other processes of this
+    user, plugin workers included: before the PIN is read or a key is used."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
 def main(argv: list[str] | None = None) -> int:

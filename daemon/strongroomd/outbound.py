@@ -82,6 +82,10 @@ _REFUSED_HEADERS = frozenset(
         "upgrade",
     }
 )
+#: The plugin's headers that follow a redirect to another (allowlisted) origin.
+_KEPT_ACROSS = frozenset(
+    {"accept", "accept-language", "content-language", "content-type", "user-agent"}
+)
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _ORIGIN = re.compile(
     r"^(?P<scheme>https?)://(?P<wild>\*\.)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)"
@@ -447,10 +451,10 @@ class Requests:
                 method, body = ("GET" if method != "HEAD" else "HEAD"), b""
                 headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
             if (nxt.scheme, nxt.host, nxt.port) != (url.scheme, url.host, url.port):
-                # credentials meant for one origin never follow a redirect to another
-                headers = {
-                    k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")
-                }
+                # Credentials meant for one origin never follow a redirect to another:
+                # not only Authorization and Cookie, any header may carry one (X-Api-Key,
+                # a signature over this request), so only content negotiation goes on.
+                headers = {k: v for k, v in headers.items() if k.lower() in _KEPT_ACROSS}
             url = nxt
         raise AssertionError("unreachable")
 

@@ -86,6 +86,40 @@ def _is(value: Any, types: type | tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+def misspelt(name: str, declared: dict[str, Any]) -> str | None:
+    """The declared field an unknown one is a slip of, if any.
+
+    Ignoring unknown fields (DSM's rule) turns ``keyops`` into "no change" and
+    ``transiant`` into a stored key. A slip is the same name up to case,
+    ``_`` and ``-``, or one letter wrong (or two swapped) in a declared name of
+    six letters or more. Not a letter more or less: DSM's own distinct fields
+    differ that way (``enable``/``enabled``, ``group``/``groups``).
+    """
+    if not isinstance(name, str):
+        return None
+    bare = _bare(name)
+    for known in declared:
+        kb = _bare(known)
+        if bare == kb or (len(kb) >= 6 and _one_edit(bare, kb)):
+            return known
+    return None
+
+
+def _bare(name: str) -> str:
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether ``a`` is ``b`` with one letter replaced or two neighbours swapped."""
+    if len(a) != len(b):
+        return False
+    diff = [i for i in range(len(a)) if a[i] != b[i]]
+    if len(diff) == 1:
+        return True
+    i = diff[0] if len(diff) == 2 else -1
+    return diff == [i, i + 1] and a[i] == b[i + 1] and a[i + 1] == b[i]
+
+
 def check_body(route: Route, body: Any) -> Any:
     if route.fields is None:
         return body
@@ -97,6 +131,12 @@ def check_body(route: Route, body: Any) -> Any:
     for name, value in body.items():
         f = spec.get(name)
         if f is None:
+            if (near := misspelt(name, spec)) is not None:
+                raise BadRequest(
+                    f"unknown field {name!r}: did you mean {near!r}? (fields a route does "
+                    "not know are ignored, so a misspelt one would silently do nothing)",
+                    code="unknown_field",
+                )
             continue  # as DSM (serde's default): a field a route does not know is ignored
         if value is None and not f.required:
             continue

@@ -97,7 +97,11 @@ class Server:
         audit = Audit(store, cfg.audit_max_pending)
         await audit.start()
         keyring = Keyring(cfg, store, token)
-        pool = _sandbox.Pool(warm=cfg.plugin_warm_workers, max_workers=cfg.plugin_max_workers)
+        pool = _sandbox.Pool(
+            warm=cfg.plugin_warm_workers,
+            max_workers=cfg.plugin_max_workers,
+            inspectable=cfg.inspectable,
+        )
         services = Services(
             cfg, store, token, Authenticator(store, cfg.session_ttl), audit, keyring, pool
         )

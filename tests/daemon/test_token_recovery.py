@@ -45,7 +45,7 @@ def no_descriptors_left(pid: int) -> Iterator[None]:
 
 
 def test_a_delete_without_descriptors_leaves_later_creations_working(tmp_path) -> None:
-    d = start_daemon(tmp_path)
+    d = start_daemon(tmp_path, config="inspectable = true\n")  # its /proc/PID/fd is read
     try:
         r = Raw(d.socket)
         r.login(d.admin_key)

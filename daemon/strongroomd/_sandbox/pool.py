@@ -162,7 +162,7 @@ class _Worker:
         return f"the worker process exited with status {rc}"
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(inspectable: bool = False) -> dict[str, str]:
     paths = {
         os.path.dirname(os.path.dirname(os.path.abspath(strongroomd.__file__))),
         os.path.dirname(os.path.dirname(os.path.abspath(strongroom.__file__))),
@@ -173,6 +173,7 @@ def _child_env() -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join(sorted(paths)),
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        **({"STRONGROOM_INSPECTABLE": "1"} if inspectable else {}),
     }
 
 
@@ -180,14 +181,19 @@ class Pool:
     """Warm, supervised Lua workers; see the module docstring."""
 
     def __init__(
-        self, *, warm: int = 2, max_workers: int = 8, python: str = sys.executable
+        self,
+        *,
+        warm: int = 2,
+        max_workers: int = 8,
+        python: str = sys.executable,
+        inspectable: bool = False,
     ) -> None:
         if max_workers < 1 or warm < 0:
             raise ValueError("need max_workers >= 1 and warm >= 0")
         self.warm = min(warm, max_workers)
         self.max_workers = max_workers
         self.python = python
-        self._env = _child_env()
+        self._env = _child_env(inspectable)
         self._blank: list[_Worker] = []
         self._idle: OrderedDict[_Worker, None] = OrderedDict()  # bound and idle, LRU first
         self._workers: set[_Worker] = set()

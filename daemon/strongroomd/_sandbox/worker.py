@@ -56,6 +56,8 @@ def _limit(which: int, soft: int, hard: int | None = None) -> None:
 
 
 NICE = 5
+#: Set to "1" by the pool when the daemon's ``inspectable`` setting is on.
+INSPECTABLE = "STRONGROOM_INSPECTABLE"
 
 
 def _confine() -> None:
@@ -70,6 +72,8 @@ def _confine() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the daemon
+        if os.environ.get(INSPECTABLE) != "1":
+            libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE: no /proc/PID/mem for siblings
     except (OSError, AttributeError):
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -264,6 +264,15 @@ def _setup_ec(c: Ctx) -> None:
     c.extra["ec"] = ec_key(c.admin, c.group)
 
 
+NARROW_OPS = ["ENCRYPT", "DECRYPT", "APPMANAGEABLE"]
+
+
+def _setup_narrow(c: Ctx) -> None:
+    """A key without EXPORT: a rekey that adds it widens key_ops."""
+    body = {"name": unique("k"), "obj_type": "AES", "group_id": c.group, "key_ops": NARROW_OPS}
+    c.aes = ok(c.admin.call("POST", "/crypto/v1/keys", body))
+
+
 def _kid(c: Ctx) -> str:
     return c.aes["kid"]
 
@@ -659,6 +668,19 @@ CASES = [
         setup_aes,
         lambda a, c: a.call("POST", "/crypto/v1/keys/rekey", {"name": c.aes["name"]}),
         lambda c, b: _eq(b["name"], c.aes["name"]),
+    ),
+    Case(
+        "rekey-widening-key_ops",
+        "POST /crypto/v1/keys/rekey",
+        "UPDATE_KEY_OPS",
+        ("ROTATE_SOBJECTS",),
+        _setup_narrow,
+        lambda a, c: a.call(
+            "POST",
+            "/crypto/v1/keys/rekey",
+            {"name": c.aes["name"], "key_ops": [*NARROW_OPS, "EXPORT"]},
+        ),
+        lambda c, b: _eq(sorted(b["key_ops"]), sorted([*NARROW_OPS, "EXPORT"])),
     ),
     Case(
         "update",

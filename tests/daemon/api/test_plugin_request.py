@@ -339,6 +339,27 @@ def test_redirects_followed_only_within_the_allowlist(admin, upstream, other) ->
     assert out["loop"]["error"]["status"] == 502 and "redirects" in out["loop"]["error"]["message"]
 
 
+def test_a_redirect_to_another_origin_carries_no_credentials(admin, upstream, other) -> None:
+    code = (
+        SHOW
+        + """
+    function run(input)
+      local r, e = request { method = 'POST', url = input.url, body = 'x', headers = {
+        Authorization = 'Bearer secret', ['X-Api-Key'] = 'k3y', Cookie = 'c=1',
+        Accept = 'application/json', ['Content-Type'] = 'text/plain' } }
+      return show(r, e)
+    end"""
+    )
+    url = f"{upstream.origin}/redirect?code=307&to={other.origin}/echo"
+    out = result(run(admin, code, [upstream.origin, other.origin], {"url": url}))
+    echoed = json.loads(base64.b64decode(out["body"]))
+    assert out["status"] == 200 and echoed["method"] == "POST"
+    assert base64.b64decode(echoed["body"]) == b"x"  # 307: the body goes on
+    sent = {k.lower() for k in echoed["headers"]}
+    assert {"accept", "content-type"} <= sent
+    assert not sent & {"authorization", "x-api-key", "cookie"}, echoed["headers"]
+
+
 def test_oversized_responses_and_request_bodies(admin, upstream) -> None:
     code = (
         SHOW

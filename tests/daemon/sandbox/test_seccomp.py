@@ -181,7 +181,7 @@ def _status(pid: int) -> dict[str, str]:
 
 def test_real_workers_run_filtered_and_hold_no_socket() -> None:
     async def go() -> list[int]:
-        pool = Pool(warm=2, max_workers=2)
+        pool = Pool(warm=2, max_workers=2, inspectable=True)  # its /proc/PID/fd is read
         await pool.start()
         try:
             pids = [w.pid for w in pool._workers]

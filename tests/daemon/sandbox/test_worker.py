@@ -37,8 +37,9 @@ def pack(obj: Any) -> bytes:
 
 class Worker:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # inspectable: the tests read its /proc files
             [sys.executable, "-m", "strongroomd._sandbox.worker"],
+            env={**os.environ, "STRONGROOM_INSPECTABLE": "1"},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

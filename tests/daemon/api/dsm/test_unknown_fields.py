@@ -74,3 +74,39 @@ def test_an_oaep_label_is_refused_not_ignored(admin: Dual) -> None:
         admin.call("POST", f"/crypto/v1/keys/{rsa['kid']}/encrypt", {"plain": b"x", "label": b"l"}),
         "unsupported_algorithm",
     )
+
+
+def test_a_slip_of_a_known_field_is_refused_not_ignored(admin: Dual) -> None:
+    """Ignored, ``keyops`` would leave a key's rights unchanged and ``transiant``
+    would store a key meant to die with the connection."""
+    g = ok(admin.call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+    key = ok(
+        admin.call(
+            "POST",
+            "/crypto/v1/keys",
+            {"name": unique("k"), "obj_type": "AES", "group_id": g, "key_ops": ["ENCRYPT"]},
+        )
+    )
+    for body, near in (
+        ({"keyops": ["ENCRYPT", "EXPORT"]}, "key_ops"),
+        ({"Key_Ops": ["ENCRYPT", "EXPORT"]}, "key_ops"),
+        ({"kye_ops": ["ENCRYPT", "EXPORT"]}, "key_ops"),
+    ):
+        e = err(admin.call("PATCH", f"/crypto/v1/keys/{key['kid']}", body), "unknown_field")
+        assert f"did you mean '{near}'" in e["message"]
+    assert ok(admin.call("GET", f"/crypto/v1/keys/{key['kid']}"))["key_ops"] == ["ENCRYPT"]
+    name = unique("t")
+    e = err(
+        admin.call(
+            "POST",
+            "/crypto/v1/keys",
+            {"name": name, "obj_type": "AES", "group_id": g, "transiant": True},
+        ),
+        "unknown_field",
+    )
+    assert "transient" in e["message"]
+    listed = ok(admin.call("GET", "/crypto/v1/keys"))
+    assert name not in {k["name"] for k in listed}  # nothing was stored
+    # A letter more or less is another field (DSM has enable and enabled): ignored.
+    ok(admin.call("PATCH", f"/crypto/v1/keys/{key['kid']}", {"enable": False}))
+    assert ok(admin.call("GET", f"/crypto/v1/keys/{key['kid']}"))["enabled"] is True
