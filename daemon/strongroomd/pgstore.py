@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pge
 
-from strongroomd.errors import Unavailable
+from strongroomd.errors import Conflict, Unavailable
 from strongroomd.store import (
     MIGRATIONS,
     GroupRow,
@@ -134,6 +134,12 @@ SHARED = [
         FROM audit;
     ALTER TABLE audit ADD COLUMN node TEXT;
     ALTER TABLE audit ADD COLUMN origin TEXT UNIQUE
+    """,
+    # 2: a key's group exists, across nodes: one node's "the group is empty" check
+    # and another's key creation in it cannot both succeed.
+    """
+    ALTER TABLE keys ADD CONSTRAINT keys_group_exists FOREIGN KEY (group_id)
+        REFERENCES groups(id)
     """,
 ]
 
@@ -326,6 +332,13 @@ class PgStore(Store):
             try:
                 self._ensure()
                 return fn(*args)
+            except pge.ForeignKeyViolation:
+                # Another node deleted the group a key goes into, or made a key in
+                # the group being deleted (keys_group_exists).
+                raise Conflict(
+                    "the group was deleted, or holds keys, on another node meanwhile",
+                    code="group_not_empty",
+                ) from None
             except psycopg.OperationalError as exc:
                 db, self._db = self._db, None
                 if db is not None:

@@ -108,3 +108,52 @@ def test_one_node_does_the_clocks_work_and_another_takes_over(postgres: Postgres
             await b.close()
 
     asyncio.run(run())
+
+
+def test_a_group_and_a_key_in_it_cannot_cross_between_nodes(postgres: Postgres) -> None:
+    """One node's emptiness check and another's key creation are not serialized by
+    the nodes' locks; the database's foreign key refuses whichever comes second."""
+    from dataclasses import replace
+
+    from strongroomd.store import KeyRow
+
+    url = fresh(postgres)
+
+    def key(kid: str, group: str) -> KeyRow:
+        return KeyRow(
+            kid,
+            unique("k"),
+            "AES",
+            256,
+            None,
+            ["ENCRYPT"],
+            group,
+            "",
+            {},
+            now_stamp(),
+            {"user": "x"},
+            True,
+            None,
+            False,
+        )
+
+    async def run() -> None:
+        a, b = PgStore(url, "a"), PgStore(url, "b")
+        await a.open()
+        await b.open()
+        try:
+            await a.insert(GroupRow("g-1", "one", "", now_stamp()))
+            await b.insert(key("k-1", "g-1"))
+            with pytest.raises(Conflict) as exc:  # a group that holds keys stays
+                await a.delete(a.groups["g-1"])
+            assert exc.value.code == "group_not_empty"
+            await b.delete(b.keys["k-1"])
+            await a.delete(a.groups["g-1"])
+            with pytest.raises(Conflict):  # and no key goes into a group that is gone
+                await b.insert(replace(key("k-2", "g-1")))
+            assert "k-2" not in b.keys
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(run())
