@@ -225,6 +225,25 @@ class Authenticator:
 
 # -- app permissions (DSM's AppPermissions, per group) ---------------------------
 
+#: DSM's finer key-management permissions; MANAGE grants every one of them.
+_MANAGING: tuple[str, ...] = (
+    "CREATE_SOBJECTS",
+    "COPY_SOBJECTS",
+    "ROTATE_SOBJECTS",
+    "ACTIVATE_SOBJECTS",
+    "REVOKE_SOBJECTS",
+    "REVERT_SOBJECTS",
+    "MOVE_SOBJECTS",
+    "UPDATE_SOBJECTS_PROFILE",
+    "UPDATE_SOBJECTS_ENABLED_STATE",
+    "UPDATE_SOBJECT_POLICIES",
+    "UPDATE_KEY_OPS",
+    "DELETE_KEY_MATERIAL",
+    "DELETE_SOBJECTS",
+    "DESTROY_SOBJECTS",
+    "RESTORE_EXTERNAL_SOBJECTS",
+)
+
 #: DSM's AppPermissions, in DSM's order: what an app may do in one of its groups.
 APP_PERMISSIONS: tuple[str, ...] = (
     "SIGN",
@@ -242,21 +261,7 @@ APP_PERMISSIONS: tuple[str, ...] = (
     "MASKDECRYPT",
     "AUDIT",
     "TRANSFORM",
-    "CREATE_SOBJECTS",
-    "COPY_SOBJECTS",
-    "ROTATE_SOBJECTS",
-    "ACTIVATE_SOBJECTS",
-    "REVOKE_SOBJECTS",
-    "REVERT_SOBJECTS",
-    "MOVE_SOBJECTS",
-    "UPDATE_SOBJECTS_PROFILE",
-    "UPDATE_SOBJECTS_ENABLED_STATE",
-    "UPDATE_SOBJECT_POLICIES",
-    "UPDATE_KEY_OPS",
-    "DELETE_KEY_MATERIAL",
-    "DELETE_SOBJECTS",
-    "DESTROY_SOBJECTS",
-    "RESTORE_EXTERNAL_SOBJECTS",
+    *_MANAGING,
     "CALCULATE_DIGEST",
     "ENCAPSULATE",
     "DECAPSULATE",
@@ -271,25 +276,7 @@ DEFAULT_PERMISSIONS: tuple[str, ...] = APP_PERMISSIONS
 #: activating, revoking, updating, deleting and destroying keys. A caller that
 #: may read a key's value may also have its digest.
 IMPLIES: dict[str, frozenset[str]] = {
-    "MANAGE": frozenset(
-        {
-            "CREATE_SOBJECTS",
-            "COPY_SOBJECTS",
-            "ROTATE_SOBJECTS",
-            "ACTIVATE_SOBJECTS",
-            "REVOKE_SOBJECTS",
-            "REVERT_SOBJECTS",
-            "MOVE_SOBJECTS",
-            "UPDATE_SOBJECTS_PROFILE",
-            "UPDATE_SOBJECTS_ENABLED_STATE",
-            "UPDATE_SOBJECT_POLICIES",
-            "UPDATE_KEY_OPS",
-            "DELETE_KEY_MATERIAL",
-            "DELETE_SOBJECTS",
-            "DESTROY_SOBJECTS",
-            "RESTORE_EXTERNAL_SOBJECTS",
-        }
-    ),
+    "MANAGE": frozenset(_MANAGING),
     "EXPORT": frozenset({"CALCULATE_DIGEST"}),
 }
 
