@@ -128,3 +128,33 @@ def wait_for(fn, timeout: float = 20.0, step: float = 0.05):
         if out or time.monotonic() > deadline:
             return out
         time.sleep(step)
+
+
+def token_ids(cluster: Cluster) -> str:
+    """pkcs11-tool's listing of the shared token (a fresh process, the user PIN), once
+    it lists keys: SoftHSM's listing can come back empty while the nodes hold the
+    token's files, so an empty one is read again (bounded)."""
+
+    def listing() -> str:
+        out = subprocess.run(
+            [
+                "pkcs11-tool",
+                "--module",
+                MODULE,
+                "--token-label",
+                "strongroom",
+                "--login",
+                "--pin",
+                "env:SR_PIN",
+                "--list-objects",
+            ],
+            env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return out if "Object" in out else ""
+
+    out = wait_for(listing, timeout=30)
+    assert out, "pkcs11-tool lists no object"
+    return out

@@ -11,7 +11,7 @@ import time
 
 from tests.conftest import Raw, unique
 from tests.daemon.api.helpers import ok
-from tests.multinode.conftest import Cluster, wait_for
+from tests.multinode.conftest import Cluster, token_ids, wait_for
 
 ENC = {"alg": "AES", "mode": "GCM", "plain": b"secret data"}
 
@@ -155,28 +155,6 @@ with lib.get_token(token_label="strongroom").open(rw=True, user_pin=sys.argv[1])
         s.generate_key(KeyType.AES, 128, store=True, label="bare",
                        template={Attribute.ID: kid.encode(), Attribute.TOKEN: True})
 """
-
-
-def token_ids(cluster: Cluster) -> str:
-    import subprocess
-
-    return subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            "--list-objects",
-        ],
-        env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
 
 
 def test_reconcile_spares_objects_another_node_is_writing(cluster: Cluster) -> None:
