@@ -21,6 +21,11 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v p11tool >/dev/null 2>&1 || need_apt+=(gnutls-bin)
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
+# PostgreSQL for the multi-node tests (tests/multinode/pg.py runs initdb and postgres
+# itself, as an unprivileged user, in a temporary directory): the binaries only.
+# policy-rc.d below keeps the package from starting a server; its default cluster
+# is not created (create_main_cluster = false).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need_apt+=(postgresql)
 for extra in ${STRONGROOM_APT_EXTRA:-}; do
   dpkg -s "$extra" >/dev/null 2>&1 || need_apt+=("$extra")
 done
@@ -28,7 +33,19 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]} (apt)" >&2
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq >&2
+  made_policy=""
+  if [[ " ${need_apt[*]} " == *" postgresql "* ]]; then
+    # No cluster made at install, and no service started (invoke-rc.d asks policy-rc.d).
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+      $SUDO chmod 755 /usr/sbin/policy-rc.d
+      made_policy=1
+    fi
+  fi
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >&2
+  [ -z "$made_policy" ] || $SUDO rm -f /usr/sbin/policy-rc.d
 fi
 
 extras="${STRONGROOM_PIP_EXTRAS:-}"

@@ -285,6 +285,10 @@ class Audit:
         self._prev = GENESIS
         #: (seq, hash) of the newest record written, for :func:`verify_file`.
         self.head: tuple[int, bytes] = (0, GENESIS)
+        #: The local number of the newest record written. Alone, it is head's seq;
+        #: with a shared database (several nodes) the chain's seq is given at write
+        #: time, and this counts this node's records.
+        self._done = 0
         self.stats = AuditStats()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -303,17 +307,21 @@ class Audit:
     @property
     def pending(self) -> int:
         """Records queued and not yet written."""
-        return self._seq - self.head[0]
+        return self._seq - self._done
 
     async def start(self) -> None:
         """Find the chain's end, note an unclean stop before it, start the writer."""
         # Python ignores SIGXFSZ already; say so here, where it matters: a write past
         # RLIMIT_FSIZE must fail with EFBIG (and be retried), not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        if self.store.shared:
+            await self._start_shared()
+            return
         rows = await self.store.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if rows:
             self._seq, self._prev = rows[0]["seq"], rows[0]["hash"]
             self.head = (self._seq, self._prev)
+            self._done = self._seq
             marks = ", ".join("?" * len(OFFLINE))
             (last,) = await self.store.query(
                 f"SELECT seq, action, time FROM audit WHERE action NOT IN ({marks}) "  # noqa: S608
@@ -335,15 +343,35 @@ class Audit:
         metrics.bind_audit(self)
         self._task = asyncio.create_task(self._loop(), name="audit-writer")
 
+    async def _start_shared(self) -> None:
+        """Several nodes, one chain: an unclean stop is this node's own last record
+        not being its ``daemon.stop``."""
+        last = await self.store.last_audit_of_node(OFFLINE)  # type: ignore[attr-defined]
+        if last is not None and last["action"] != STOP:
+            log.warning(
+                "the previous run of this node did not stop cleanly (its last audit record %d, %s)",
+                last["seq"],
+                last["time"],
+            )
+            self.record(UNCLEAN, detail={"last_seq": last["seq"], "last_time": last["time"]})
+        metrics.bind_audit(self)
+        self._task = asyncio.create_task(self._loop(), name="audit-writer")
+
     # -- taking records --------------------------------------------------------------
     def admit(self, kind: Kind) -> None:
         """Refuse (503) a request whose record could not be kept; see the module doc."""
-        if kind is not Kind.READ and self.stats.failing:
-            self.stats.refused_failing += 1
-            raise AuditFailing(
-                "the audit log cannot be written (storage failing); key use and changes "
-                "are refused until it can",
-            )
+        if kind is not Kind.READ:
+            if self.stats.failing:
+                self.stats.refused_failing += 1
+                raise AuditFailing(
+                    "the audit log cannot be written (storage failing); key use and changes "
+                    "are refused until it can",
+                )
+            if not self.store.live:  # several nodes: this one may not know every change
+                raise Unavailable(
+                    "this node is not in touch with the shared database (or is catching "
+                    "up); key use and changes are refused until it is",
+                )
         if self.pending >= self.max_pending:
             self.stats.refused_full += 1
             raise AuditFailing(f"the audit queue is full ({self.max_pending} records)")
@@ -430,7 +458,7 @@ class Audit:
         Raises :class:`AuditFailing` when they cannot be written now.
         """
         target = self._seq if upto is None else upto
-        while self.head[0] < target:
+        while self._done < target:
             if self._task is None or self._task.done():  # not started, or closed
                 failure = await self._write_round()
             else:
@@ -465,6 +493,10 @@ class Audit:
         return failure
 
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
+        if self.store.shared:
+            self.head = await self.store.append_audit(batch, _stamp)  # type: ignore[attr-defined]
+            self._done = batch[-1][0]
+            return
         rows, prev = [], self._prev
         for raw in batch:
             rec = (raw[0], _stamp(raw[1]), *raw[2:])
@@ -498,6 +530,7 @@ class Audit:
         await self.store.run_sync(write)
         self._prev = prev
         self.head = (batch[-1][0], prev)
+        self._done = batch[-1][0]
 
     def _failed(self, exc: Exception) -> str:
         st = self.stats

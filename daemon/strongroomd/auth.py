@@ -2,7 +2,10 @@
 
 An API key is ``base64("<principal_id>:<secret>")``; only a salted scrypt
 hash of the secret is stored. A successful login yields a bearer token held
-in memory (a restart logs everyone out, which costs one re-login).
+in memory (a restart logs everyone out, which costs one re-login). With a
+shared database (several nodes) the session is also stored there, under the
+token's SHA-256, so every node accepts it; each node caches the sessions it
+has seen and asks the database about one it has not.
 Every rule that decides who may touch what lives in this module.
 """
 
@@ -18,6 +21,7 @@ import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from strongroomd.errors import (
     AppPermissionDenied,
@@ -105,6 +109,10 @@ class Authenticator:
         self._sessions: dict[str, Session] = {}
         self._principals: dict[str, tuple[PrincipalRow, Principal]] = {}
         self._slots = asyncio.Semaphore(2)  # scrypt is CPU-bound: never more than the cores
+        #: Shared database: session writes that need not delay the answer.
+        self._writes: set[asyncio.Task[None]] = set()
+        if store.shared:
+            store.session_observers.append(self._heard)  # type: ignore[attr-defined]
 
     async def login(self, principal_id: str, secret: str) -> tuple[str, Principal]:
         row = self.store.principals.get(principal_id)
@@ -124,8 +132,54 @@ class Authenticator:
         if len(self._sessions) >= 4096:
             self._sweep()
         token = secrets.token_urlsafe(32)
+        if self.store.shared:  # stored before it is handed out: every node knows it
+            await self.store.session_put(token, now.id, time.time() + self.ttl)  # type: ignore[attr-defined]
         self._sessions[token] = Session(now.id, time.monotonic() + self.ttl)
         return token, principal_of(now)
+
+    async def prefetch(self, token: str | None) -> None:
+        """Shared database: load a session this node has not seen (or whose expiry
+        it holds has passed: another node may have refreshed it) before
+        :meth:`resolve`."""
+        if token is None:
+            return
+        s = self._sessions.get(token)
+        if s is not None and time.monotonic() < s.expires:
+            return
+        found = await self.store.session_get(token)  # type: ignore[attr-defined]
+        if found is None:
+            self._sessions.pop(token, None)
+            return
+        pid, expires = found
+        left = expires - time.time()
+        if left > 0:
+            if len(self._sessions) >= 4096:
+                self._sweep()
+            self._sessions[token] = Session(pid, time.monotonic() + left)
+
+    def _heard(self, msg: dict) -> None:
+        """Another node ended sessions: drop the cached ones too."""
+        if msg.get("all"):
+            self._sessions.clear()  # re-read from the database on next use
+        elif "p" in msg:
+            for tok in [t for t, s in self._sessions.items() if s.principal_id == msg["p"]]:
+                del self._sessions[tok]
+        elif "s" in msg:
+            for tok in list(self._sessions):
+                if hashlib.sha256(tok.encode()).hexdigest() == msg["s"]:
+                    del self._sessions[tok]
+
+    async def settle(self) -> None:
+        """Shared database: wait for the session writes a request started (the
+        dispatcher calls it before answering, so a logout is answered once every
+        node dropped the session)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    def _later(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     def resolve(self, token: str) -> Principal:
         session = self._sessions.get(token)
@@ -150,17 +204,23 @@ class Authenticator:
 
     def terminate(self, token: str) -> None:
         self._sessions.pop(token, None)
+        if self.store.shared:
+            self._later(self.store.session_drop(token=token))  # type: ignore[attr-defined]
 
     def refresh(self, token: str) -> None:
         """Give a live session ``ttl`` seconds from now (POST /sys/v1/session/refresh)."""
         session = self._sessions.get(token)
         if session is not None:
             session.expires = time.monotonic() + self.ttl
+            if self.store.shared:
+                self._later(self.store.session_refresh(token, time.time() + self.ttl))  # type: ignore[attr-defined]
 
     def drop_principal(self, principal_id: str) -> None:
         """End every session of a principal (deleted, or its secret was reset)."""
         for tok in [t for t, s in self._sessions.items() if s.principal_id == principal_id]:
             del self._sessions[tok]
+        if self.store.shared:
+            self._later(self.store.session_drop(principal_id=principal_id))  # type: ignore[attr-defined]
 
 
 # -- app permissions (DSM's AppPermissions, per group) ---------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import socket
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -136,11 +138,30 @@ class Config:
     #: ``console/`` (see :mod:`strongroomd._console`).
     http_console_dir: Path | None = None
 
+    #: Several nodes (docs/architecture.md, "Several nodes"): a PostgreSQL URL
+    #: (``postgresql://user@host:5432/db``) shared by every node instead of the
+    #: state directory's SQLite file. Empty: SQLite, one node.
+    database_url: str = ""
+    #: This node's name among the nodes sharing ``database_url``; unique and the
+    #: same across restarts. Default: ``<hostname>:<state_dir>``.
+    node_name: str = ""
+    #: Seconds without a heartbeat after which the other nodes stop waiting for a
+    #: node (and the node itself stops serving key use: it fails closed first).
+    node_timeout: float = 10.0
+    #: Seconds a change waits for every live node to confirm it; past that it is
+    #: answered with ``unconfirmed_nodes``. At least ``node_timeout / 2 + 1``: a
+    #: node named there has stopped serving by itself by then.
+    confirm_timeout: float = 6.0
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def socket_path(self) -> Path:
         return self.socket or self.state_dir / "strongroomd.sock"
+
+    @property
+    def node(self) -> str:
+        return self.node_name or f"{socket.gethostname()}:{self.state_dir.resolve()}"
 
     @property
     def db_path(self) -> Path:
@@ -242,10 +263,19 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         "max_inflight_bytes",
         "frame_timeout",
         "auth_timeout",
+        "node_timeout",
+        "confirm_timeout",
     ):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"setting {name!r} must be positive")
     _check_http(cfg)
+    if cfg.database_url and not cfg.database_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError("database_url must be a postgresql:// URL")
+    if cfg.confirm_timeout < cfg.node_timeout / 2 + 1:
+        raise ConfigError(
+            "confirm_timeout must be at least node_timeout / 2 + 1 (a node named as not "
+            "confirming must have stopped serving by itself by the time it is named)"
+        )
     return cfg
 
 
@@ -306,11 +336,13 @@ def describe(cfg: Config) -> list[str]:
             out.append(f"{f.name} = 0o{value:o}")
         elif value is None:
             out.append(f"# {f.name} is unset")
+        elif f.name == "database_url":
+            out.append(f"{f.name} = {_toml_value(redact_url(value))}")
         else:
             out.append(f"{f.name} = {_toml_value(value)}")
     out.append("# resolved:")
     out.append(f"#   socket path   {cfg.socket_path}")
-    out.append(f"#   database      {cfg.db_path}")
+    out.append(f"#   database      {redact_url(cfg.database_url) or cfg.db_path}")
     try:
         module = cfg.pkcs11_module or f"{find_softhsm()} (embedded SoftHSM)"
     except ConfigError:
@@ -321,6 +353,11 @@ def describe(cfg: Config) -> list[str]:
     except ConfigError:
         out.append("#   PIN file      (none)")
     return out
+
+
+def redact_url(url: str) -> str:
+    """A database URL without its password, for logs and check-config."""
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
 def _toml_value(value: Any) -> str:

@@ -18,6 +18,7 @@ from strongroomd.auth import OPERATION, Principal
 from strongroomd.context import Owner, Request, Services
 from strongroomd.errors import ApiError, BadRequest, Internal, Unauthenticated
 from strongroomd.router import Router, check_body
+from strongroomd.store import unconfirmed
 
 log = logging.getLogger("strongroomd.dispatch")
 mstate = metrics.state
@@ -30,8 +31,23 @@ class Dispatcher:
     def __init__(self, services: Services, router: Router) -> None:
         self.services = services
         self.router = router
+        #: Several nodes on a shared database (docs/architecture.md, "Several nodes").
+        self.shared = services.store.shared
         #: Audit kinds of routes whose body cannot change it, by "METHOD /template".
         self._kinds: dict[str, Kind] = {}
+
+    async def _handle_shared(self, route: Any, req: Request) -> Any:
+        """Several nodes: the handler, then its sessions ended on every node, and the
+        nodes that did not confirm its changes named in the answer."""
+        sink: list[str] = []
+        unconfirmed.set(sink)
+        result = await route.handler(req)
+        await self.services.auth.settle()
+        if sink:
+            result = {} if result is None else result
+            if isinstance(result, dict):
+                result["unconfirmed_nodes"] = sorted(set(sink))
+        return result
 
     def authenticate(self, owner: Owner, auth: str | None) -> Principal | None:
         if auth is not None:
@@ -80,6 +96,8 @@ class Dispatcher:
             action = f"{method} {route.path}"
             operation = OPERATION.set(action)  # what auth.PERMISSIONS looks up for an app
             if not route.public:
+                if self.shared:  # a session another node issued
+                    await self.services.auth.prefetch(auth or owner.token)
                 principal = self.authenticate(owner, auth)
                 if principal is None:
                     raise Unauthenticated("authenticate first (POST /sys/v1/session/auth)")
@@ -95,7 +113,10 @@ class Dispatcher:
                 if kind_of(method, route.path) is kind_of(method, route.path, _TRANSIENT):
                     self._kinds[action] = kind  # the body cannot change it: keep it
             self.services.audit.admit(kind)  # fails closed: 503 when it cannot be recorded
-            result = await route.handler(req)
+            if self.shared:
+                result = await self._handle_shared(route, req)
+            else:
+                result = await route.handler(req)
             status = 204 if result is None else 200
             seq = self._audit(action, req.principal, req, owner, status, None)
             if kind is Kind.CHANGE and seq is not None:

@@ -227,6 +227,11 @@ class Gateway:
         return min(self.config.max_unauth_bytes, self.config.max_frame)
 
     async def _body(self, request: web.Request, route: Route | None, charged: list[int]) -> Any:
+        services = self.dispatcher.services
+        if services.store.shared:  # a bearer token another node issued
+            scheme, _, cred = request.headers.get("Authorization", "").strip().partition(" ")
+            if scheme.lower() == "bearer" and cred.strip():
+                await services.auth.prefetch(cred.strip())
         limit = self._limit(request, route)
         declared = request.content_length
         if declared is not None and declared > limit:

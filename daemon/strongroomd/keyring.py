@@ -26,6 +26,7 @@ change in one place is what makes these rules hold:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -103,6 +104,37 @@ class Keyring(Lifecycle):
         self.closing: set[str] = set()
         self._changes: set[asyncio.Task[Any]] = set()
         self._retries: set[asyncio.Task[Any]] = set()
+        if store.shared:
+            store.observers.append(self._heard)  # type: ignore[attr-defined]
+
+    async def _heard(self, table: str, kid: str, old: Any, new: Any) -> bool:
+        """Another node changed a key row (several nodes, one token): a new key's
+        token object is found by its CKA_ID before its row is served here; a
+        deleted or destroyed key's session copies are dropped.
+
+        False when a new key's object cannot be found (the change is then not
+        confirmed to its node, whose answer names this one); a later use looks
+        it up again."""
+        if table != "keys":
+            return True
+        try:
+            if new is None or new.state == "Destroyed":
+                await self.token.forget(kid)
+            elif old is not None and set(old.key_ops) - set(new.key_ops):
+                # Narrowed (EXPORT made unexportable in the token by the other node):
+                # session copies made before go; the next use copies the object anew.
+                await self.token.forget(kid)
+            elif old is None:
+                for delay in (0.0, 0.01, 0.05, 0.1, 0.25):
+                    await asyncio.sleep(delay)
+                    if await self.token.learn(kid):
+                        return True
+                log.error("key %s made by another node is not found in the token", kid)
+                return False
+        except Exception as exc:
+            log.warning("token lookup of %s failed: %s", kid, exc)
+            return False
+        return True
 
     # -- lookup ---------------------------------------------------------------
     def find(self, owner: Owner, principal: Principal, descriptor: Any) -> KeyRow:
@@ -357,7 +389,10 @@ class Keyring(Lifecycle):
         self._filling[group] += 1
 
         async def run() -> KeyRow:
+            shared = self.store.shared and not transient
             try:
+                if shared:  # another node's start-up must not take it for an orphan
+                    await self.store.reserve_kid(new.kid)  # type: ignore[attr-defined]
                 mat = await make(new)
                 try:
                     row = KeyRow(
@@ -392,6 +427,9 @@ class Keyring(Lifecycle):
                     raise
                 return row
             finally:
+                if shared:
+                    with contextlib.suppress(Exception):  # a start-up clears its own
+                        await self.store.release_kid(new.kid)  # type: ignore[attr-defined]
                 if transient:
                     owner.transient_pending -= 1
                 else:
@@ -545,6 +583,10 @@ class Keyring(Lifecycle):
         on_token = self.token.kids()
         store = self.store
         orphans = on_token - set(store.keys)
+        if store.shared:
+            # Several nodes: a key whose row another node wrote since this node read
+            # the rows, or is about to write (reserved), is no orphan.
+            orphans -= await store.claimed(orphans)  # type: ignore[attr-defined]
         for kid in orphans:
             log.warning("removing token object %s that has no database row", kid)
             await self.token.remove(kid)
@@ -567,8 +609,15 @@ class Keyring(Lifecycle):
             if row.state == "Destroyed":
                 continue  # no material, on purpose
             lost = row.kid not in on_token
+            if lost and store.shared:  # made by another node after this one's index
+                lost = not await self.token.learn(row.kid)
             if lost != row.missing:
-                await store.change(KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost))
+                try:
+                    await store.change(
+                        KeyRow, row.kid, lambda r, lost=lost: replace(r, missing=lost)
+                    )
+                except (NotFound, Conflict):  # another node deleted or changed it meanwhile
+                    continue
                 marked += lost
                 if lost:
                     log.error("key %s (%s) has no token object; marked missing", row.kid, row.name)

@@ -9,6 +9,7 @@ deletion, destroy, drop a private half, rekey, and the clock-driven
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -229,6 +230,30 @@ class Lifecycle:
             else cur.rotation_policy
         )
         new_key = NewKey(new_kid, cur.name, cur.obj_type, size, curve, "EXPORT" in ops, False)
+        if self.store.shared:  # not an orphan to another node's start-up
+            await self.store.reserve_kid(new_kid)  # type: ignore[attr-defined]
+        try:
+            return await self._rotate_made(
+                cur, principal, new_key, ops, policy, changes, now, rotated, deactivate_old
+            )
+        finally:
+            if self.store.shared:
+                with contextlib.suppress(Exception):
+                    await self.store.release_kid(new_kid)  # type: ignore[attr-defined]
+
+    async def _rotate_made(
+        self: Keyring,
+        cur: KeyRow,
+        principal: Principal,
+        new_key: NewKey,
+        ops: list[str],
+        policy: Any,
+        changes: dict[str, Any],
+        now: float,
+        rotated: str,
+        deactivate_old: bool,
+    ) -> tuple[KeyRow, KeyRow]:
+        new_kid = new_key.kid
         mat = await self.token.generate(new_key)
         try:
             new = KeyRow(

@@ -3,10 +3,14 @@
 strongroomd [serve] [--config FILE] [--state-dir DIR] [--socket PATH] [--http-port N]
 strongroomd --version
 strongroomd check-config [--config FILE]
-strongroomd audit verify [--state-dir DIR | --db FILE]
+strongroomd audit verify [--state-dir DIR | --db FILE]   (database_url: that database)
 strongroomd backup --out FILE [--passphrase-file FILE]
 strongroomd restore --in FILE --state-dir DIR [--force] [--passphrase-file FILE]
 strongroomd admin rotate
+strongroomd migrate --to postgresql://USER@HOST:PORT/DB
+
+The URL of migrate should carry no password: libpq reads one from ~/.pgpass
+(PGPASSFILE) or $PGPASSWORD, as it does for the daemon's database_url.
 
 A backup's passphrase comes from --passphrase-file, else
 $STRONGROOM_BACKUP_PASSPHRASE, else a prompt on a terminal; never from argv.
@@ -89,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--in", dest="in_", required=True, help="the backup file to read")
     restore.add_argument("--force", action="store_true", help="replace a non-empty state dir")
     restore.add_argument("--passphrase-file", metavar="FILE", help=file_help)
+    mig = sub.add_parser(
+        "migrate",
+        parents=[common],
+        help="copy this state directory's SQLite data into an empty PostgreSQL (daemon stopped)",
+    )
+    mig.add_argument("--to", required=True, metavar="URL", help="postgresql://USER@HOST:PORT/DB")
     admin = sub.add_parser("admin", parents=[common], help="administrator credential")
     admin_sub = admin.add_subparsers(dest="admin_command", metavar="COMMAND", required=True)
     admin_sub.add_parser(
@@ -161,12 +171,23 @@ def _check_config(cfg: config_mod.Config) -> int:
 def _audit_verify(cfg: config_mod.Config, db: str | None) -> int:
     from strongroomd.audit import verify_file
 
-    path = Path(db) if db else cfg.db_path
-    try:
-        checked, brk = verify_file(path)
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        print(f"strongroomd: cannot read {path}: {exc}", file=sys.stderr)
-        return EXIT_STARTUP_FAILURE
+    if cfg.database_url and not db:  # several nodes: every node's records, one chain
+        from strongroomd.config import redact_url
+        from strongroomd.pgstore import verify_url
+
+        try:
+            checked, brk, _ = verify_url(cfg.database_url)
+        except Exception as exc:
+            where = redact_url(cfg.database_url)
+            print(f"strongroomd: cannot read {where}: {type(exc).__name__}", file=sys.stderr)
+            return EXIT_STARTUP_FAILURE
+    else:
+        path = Path(db) if db else cfg.db_path
+        try:
+            checked, brk = verify_file(path)
+        except (OSError, ValueError, sqlite3.Error) as exc:
+            print(f"strongroomd: cannot read {path}: {exc}", file=sys.stderr)
+            return EXIT_STARTUP_FAILURE
     if brk is None:
         print(f"audit chain intact: {checked} records")
         return EXIT_OK
@@ -242,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if command == "audit":
         return _audit_verify(cfg, args.db)
     try:
+        if cfg.database_url and command in ("backup", "restore"):
+            raise ConfigError(
+                "with database_url the metadata is in PostgreSQL: back it up with its own "
+                "tools (pg_dump, base backups), and the token with the HSM vendor's"
+            )
         if command == "backup":
             from strongroomd import backup
 
@@ -260,10 +286,30 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"strongroomd: restored into {cfg.state_dir}")
             return EXIT_OK
+        if command == "migrate":
+            from strongroomd import migrate
+            from strongroomd.server import StartupError, _lock_state
+
+            try:
+                lock = _lock_state(cfg)  # the daemon must not write meanwhile
+            except StartupError as exc:
+                raise ConfigError(f"{exc}: stop the daemon first") from None
+            try:
+                done = migrate.migrate(cfg, args.to)
+            finally:
+                os.close(lock)
+            print(f"strongroomd: SQLite copy kept in {done.pop('backup')}")
+            print("strongroomd: copied " + ", ".join(f"{n} {t}" for t, n in done.items()))
+            print(
+                "strongroomd: now set database_url in the configuration "
+                "(docs/architecture.md, 'Several nodes') and start the daemon"
+            )
+            return EXIT_OK
         if command == "admin":
             from strongroomd import admin
 
-            path = admin.rotate(cfg)
+            # Several nodes: only through a running node (the rows are in PostgreSQL).
+            path = admin._rotate_online(cfg) if cfg.database_url else admin.rotate(cfg)
             print(f"strongroomd: new admin API key in {path}")
             return EXIT_OK
     except ConfigError as exc:

@@ -32,6 +32,7 @@ from strongroomd.auth import Authenticator, api_key, new_secret
 from strongroomd.config import Config
 from strongroomd.context import Services
 from strongroomd.dispatch import Dispatcher
+from strongroomd.errors import Unavailable
 from strongroomd.keyring import Keyring
 from strongroomd.protocol import Admission, Budget, Connection, Limits, Listener, busy_frame
 from strongroomd.router import Router
@@ -73,8 +74,12 @@ class Server:
         cfg = self.config
         self._lock = _lock_state(cfg)
         token_settings = await asyncio.to_thread(state.prepare, cfg)
-        store = Store(cfg.db_path)
-        await store.open()
+        store = _store(cfg)
+        try:
+            await store.open()
+        except Unavailable as exc:
+            await store.close()
+            raise StartupError(f"cannot open the database: {exc.message}") from exc
         try:
             token = await Token.open(
                 token_settings.module,
@@ -296,6 +301,9 @@ class Server:
         while True:
             await asyncio.sleep(self.config.lifecycle_interval)
             try:
+                store = self.services.store
+                if store.shared and not await store.leads():  # type: ignore[attr-defined]
+                    continue  # several nodes: one does the clock's work
                 done = await keyring.tick()
             except Exception:
                 log.exception("key lifecycle pass failed")
@@ -345,6 +353,21 @@ class Server:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+
+def _store(cfg: Config) -> Store:
+    """SQLite in the state directory (one node), or the shared PostgreSQL (several)."""
+    if not cfg.database_url:
+        return Store(cfg.db_path)
+    from strongroomd.pgstore import PgStore  # psycopg is imported only when used
+
+    log.info("node %s on a shared database", cfg.node)
+    return PgStore(
+        cfg.database_url,
+        cfg.node,
+        node_timeout=cfg.node_timeout,
+        confirm_timeout=cfg.confirm_timeout,
+    )
 
 
 def _lock_state(cfg: Config) -> int:

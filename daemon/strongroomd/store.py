@@ -20,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import contextvars
 import functools
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -263,8 +264,31 @@ def _pk(row: Any) -> str:
     return getattr(row, _TABLES[type(row)][1])
 
 
+#: A row change, as other nodes hear of it: (table, primary key).
+Note = tuple[str, str]
+
+
+def _note(row: Any) -> Note:
+    return (_TABLES[type(row)][0], _pk(row))
+
+
+#: Nodes that did not confirm the changes of the current request
+#: (shared database only: the dispatcher sets a fresh list per request and adds
+#: it to the answer as ``unconfirmed_nodes``).
+unconfirmed: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "unconfirmed", default=None
+)
+
+
 class Store:
     """In-memory rows, written through to SQLite on a dedicated thread."""
+
+    #: Whether other daemons share this database (``strongroomd.pgstore``).
+    shared = False
+    #: Whether this node may serve key use and changes (always, alone).
+    live = True
+    #: What the database raises for a taken name (UNIQUE).
+    IntegrityError: type[Exception] | tuple[type[Exception], ...] = sqlite3.IntegrityError
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -336,21 +360,39 @@ class Store:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def _tx(self, statements: list[tuple[str, Any]]) -> list[int]:
-        """Run statements in one transaction; the row counts, in order."""
+    def _tx(self, statements: list[tuple[str, Any]], checked: list[str] | None = None) -> list[int]:
+        """Run statements in one transaction; the row counts, in order.
+
+        ``checked``: the first ``len(checked)`` statements are compare-and-sets
+        of those kinds of row: one that touches no row rolls everything back
+        (:class:`Stale`).
+        """
         db = self._db
         assert db is not None
+        checked = checked or []
         db.execute("BEGIN IMMEDIATE")
         try:
-            counts = [db.execute(sql, params).rowcount for sql, params in statements]
+            counts = []
+            for i, (sql, params) in enumerate(statements):
+                n = db.execute(sql, params).rowcount
+                if i < len(checked) and n != 1:
+                    raise Stale(checked[i])
+                counts.append(n)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         return counts
 
-    async def execute(self, statements: list[tuple[str, Any]]) -> list[int]:
-        return await self._run(self._tx, statements)
+    async def execute(
+        self,
+        statements: list[tuple[str, Any]],
+        checked: list[str] | None = None,
+        notes: Sequence[Note] = (),
+    ) -> list[int]:
+        """Statements in one transaction (see :meth:`_tx`); ``notes`` say what changed,
+        for a store that other nodes share (ignored here: one process)."""
+        return await self._run(self._tx, statements, checked)
 
     async def query(self, sql: str, params: Any = ()) -> list[sqlite3.Row]:
         def q() -> list[sqlite3.Row]:
@@ -364,6 +406,14 @@ class Store:
         assert self._db is not None
         db = self._db
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, db)
+
+    async def verify_audit(self, head: tuple[int, bytes] | None) -> tuple[int, Any, list[int]]:
+        """(records checked, first break or None, unclean stops) of the audit chain,
+        read on a connection of its own (this thread keeps writing meanwhile)."""
+        from strongroomd.audit import unclean_stops, verify_file
+
+        checked, brk = await asyncio.to_thread(verify_file, self.path, head)
+        return checked, brk, await asyncio.to_thread(unclean_stops, self.path)
 
     # -- rows: insert, compare-and-set, delete ---------------------------------
     def _cache(self, cls: type) -> dict[str, Any]:
@@ -410,8 +460,8 @@ class Store:
         cols, marks = ", ".join(d), ", ".join(f":{c}" for c in d)
         sql = f"INSERT INTO {table} ({cols}) VALUES ({marks})"  # noqa: S608
         try:
-            await self.execute([(sql, d)])
-        except sqlite3.IntegrityError:
+            await self.execute([(sql, d)], notes=[_note(row)])
+        except self.IntegrityError:
             raise Conflict(
                 f"a {_WHAT[type(row)]} named {row.name!r} exists", code="name_exists"
             ) from None
@@ -428,13 +478,11 @@ class Store:
 
     async def _write(self, old: R, new: R) -> R:
         try:
-            (n,) = await self.execute([self._update_sql(old, new)])
-        except sqlite3.IntegrityError:
+            await self.execute([self._update_sql(old, new)], [_WHAT[type(old)]], notes=[_note(old)])
+        except self.IntegrityError:
             raise Conflict(
                 f"a {_WHAT[type(old)]} named {new.name!r} exists", code="name_exists"
             ) from None
-        if n != 1:
-            raise Stale(_WHAT[type(old)])
         self._remember(new)
         return new
 
@@ -452,22 +500,10 @@ class Store:
             cols, marks = ", ".join(d), ", ".join(f":{c}" for c in d)
             statements.append((f"INSERT INTO {table} ({cols}) VALUES ({marks})", d))  # noqa: S608
 
-        def tx() -> None:
-            db = self._db
-            assert db is not None
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for i, (sql, params) in enumerate(statements):
-                    if db.execute(sql, params).rowcount != 1 and i < len(changes):
-                        raise Stale(_WHAT[type(changes[i][0])])
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
+        notes = [_note(old) for old, _ in changes] + [_note(row) for row in inserts]
         try:
-            await self._run(tx)
-        except sqlite3.IntegrityError:
+            await self.execute(statements, [_WHAT[type(old)] for old, _ in changes], notes)
+        except self.IntegrityError:
             raise Conflict("a name is taken", code="name_exists") from None
         for row in [*news, *inserts]:
             self._remember(row)
@@ -495,7 +531,5 @@ class Store:
         """Remove a row, if it is still the version the caller decided on."""
         table, pk = _TABLES[type(row)]
         sql = f"DELETE FROM {table} WHERE {pk} = ? AND version = ?"  # noqa: S608
-        (n,) = await self.execute([(sql, (_pk(row), row.version))])
-        if n != 1:
-            raise Stale(_WHAT[type(row)])
+        await self.execute([(sql, (_pk(row), row.version))], [_WHAT[type(row)]], notes=[_note(row)])
         self._forget(row)

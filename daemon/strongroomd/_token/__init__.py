@@ -175,6 +175,14 @@ class Token:
 
     # -- management ----------------------------------------------------------
 
+    async def learn(self, kid: str) -> bool:
+        """Whether the token holds ``kid``, found by CKA_ID if another node made it."""
+        return await self._run("lookup", lambda core, k: core.learn(k) is not None, kid)
+
+    async def forget(self, kid: str) -> None:
+        """Another node deleted ``kid``: drop it from the index (not from the token)."""
+        await self._run("lookup", Core.forget, kid)
+
     async def remove(self, kid: str) -> None:
         await self._run("delete", Core.remove, kid)
 

@@ -239,10 +239,40 @@ class Core:
     # -- lookup --------------------------------------------------------------
 
     def entry(self, kid: str) -> Entry:
-        e = self.index.get(kid)
+        e = self.index.get(kid) or self.learn(kid)
         if e is None:
             raise self._missing(kid)
         return e
+
+    def learn(self, kid: str) -> Entry | None:
+        """Find a token object made by another process (another node on the same
+        token) by its CKA_ID, and index it; None if the token has none.
+
+        One C_FindObjects on the ID, never a walk over the whole token; SoftHSM
+        and network HSMs alike answer it from their own index.
+        """
+        if kid in self.index:
+            return self.index[kid]
+        found = None
+        try:
+            for obj in self.session.get_objects({Attribute.ID: kid.encode()}):
+                if found is None:
+                    found = Entry(kid, True)
+                self._attach(found, obj, obj.object_class)
+        except p11e.PKCS11Error as exc:
+            log.warning("looking up token object %s failed: %s", kid, type(exc).__name__)
+            return None
+        if found is not None:
+            self.index[kid] = found
+        return found
+
+    def forget(self, kid: str) -> None:
+        """Drop a token key from the index (another node deleted it): its session
+        copies go, its token objects are the deleter's to destroy."""
+        e = self.index.get(kid)
+        if e is not None and e.token:
+            del self.index[kid]
+            e.drop_hot()
 
     def _missing(self, kid: str) -> NotFound:
         if kid in self.lost:
@@ -251,7 +281,7 @@ class Core:
 
     def hot(self, kid: str) -> Any:
         """The secret/private object to operate with (a session copy if stored)."""
-        e = self.index.get(kid)
+        e = self.index.get(kid) or self.learn(kid)
         if e is None:
             raise self._missing(kid)
         h = e.hot
@@ -272,7 +302,7 @@ class Core:
             raise
 
     def hot_public(self, kid: str) -> Any:
-        e = self.index.get(kid)
+        e = self.index.get(kid) or self.learn(kid)
         if e is None:
             raise self._missing(kid)
         h = e.hot_pub
@@ -293,7 +323,8 @@ class Core:
     # -- management ----------------------------------------------------------
 
     def remove(self, kid: str) -> None:
-        e = self.index.pop(kid, None)
+        e = self.index.get(kid) or self.learn(kid)  # made by another node: found by CKA_ID
+        self.index.pop(kid, None)
         if e is None:
             return
         e.drop_hot()
