@@ -321,6 +321,16 @@ class AsyncLogs:
         **filters: Any,
     ) -> builtins.list[AuditRecord]: ...
     async def verify(self) -> ChainCheck: ...
+    async def stats(
+        self,
+        of: str = "apps",
+        id: IdLike | None = None,
+        *,
+        num_points: int | None = None,
+        top_count: int | None = None,
+        range_from: int | None = None,
+        range_to: int | None = None,
+    ) -> dict[str, Any]: ...
 
 class AsyncPlugins:
     "``/sys/v1/plugins``. ``invoke`` returns whatever the plugin's ``run`` returned."

@@ -754,6 +754,33 @@ class Logs(_Namespace):
         """Recompute the hash chain: ``{ok, records, head, broken_at?, reason?}`` (admin)."""
         return self._c._call("GET", "/sys/v1/logs/verify", None, ChainCheck)
 
+    def stats(
+        self,
+        of: str = "apps",
+        id: IdLike | None = None,
+        *,
+        num_points: int | None = None,
+        top_count: int | None = None,
+        range_from: int | None = None,
+        range_to: int | None = None,
+    ) -> dict[str, Any]:
+        """DSM's transaction statistics, counted from this log (admin): ``of`` is
+        ``"apps"`` or ``"groups"`` (the busiest), or ``"app"``, ``"group"`` or
+        ``"key"`` with that one's ``id``. Times are Unix seconds."""
+        if of in ("apps", "groups"):
+            if id is not None:
+                raise ValueError(f"stats of {of} take no id")
+            path = f"/sys/v1/stats/{of}"
+        elif of in ("app", "group", "key"):
+            field = {"app": "app_id", "group": "group_id", "key": "kid"}[of]
+            path = f"/sys/v1/stats/{_ident(id, field)}/{of}"
+        else:
+            raise ValueError("of is apps, groups, app, group or key")
+        body = _fields(
+            num_points=num_points, top_count=top_count, range_from=range_from, range_to=range_to
+        )
+        return self._c._call("GET", path, body or None)
+
 
 class Plugins(_Namespace):
     """``/sys/v1/plugins``. ``invoke`` returns whatever the plugin's ``run`` returned."""
