@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,3 +60,29 @@ def run_lua(env: tuple[Raw, str], code: str, input_: Any = None) -> Any:
     out = lua_test_run(env, code, input_)
     assert out["status"] in (200, 204), (out.get("error"), out.get("traceback"))
     return out.get("result")
+
+
+@contextmanager
+def bystander_encrypting(daemon: Daemon, kid: str) -> Iterator[list[int]]:
+    """Another admin connection encrypts with ``kid`` in a loop while the block runs;
+    yields the statuses it got (all 200 when the daemon kept serving everyone)."""
+    bystander = Raw(daemon.socket)
+    bystander.login(daemon.admin_key)
+    results: list[int] = []
+    stop = threading.Event()
+
+    def keep_working() -> None:
+        while not stop.is_set():
+            r = bystander.call(
+                "POST", "/crypto/v1/encrypt", {"key": {"kid": kid}, "alg": "AES", "plain": b"still"}
+            )
+            results.append(r["status"])
+
+    t = threading.Thread(target=keep_working)
+    t.start()
+    try:
+        yield results
+    finally:
+        stop.set()
+        t.join(30)
+        bystander.close()

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import base64
 import os
-import threading
 
 import pytest
 
 from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import new_group, new_key, ok
+from tests.daemon.api.helpers import bystander_encrypting, new_group, new_key, ok
 
 LIMITS = {"wall_seconds": 5, "instructions": 50_000_000, "memory_bytes": 64 * 1024 * 1024}
 # Floods meet the wall clock (3 s) long before the 10,000 API calls per invocation
@@ -212,28 +211,8 @@ def test_hostile_use_is_contained(daemon, setting, name, code, status, error, te
     admin, g, key, input_, rot = setting
     if "rekey" in name:
         input_ = {**input_, "kid": rot["kid"]}
-    bystander = Raw(daemon.socket)
-    bystander.login(daemon.admin_key)
-    results: list[int] = []
-    stop = threading.Event()
-
-    def keep_working() -> None:
-        while not stop.is_set():
-            r = bystander.call(
-                "POST",
-                "/crypto/v1/encrypt",
-                {"key": {"kid": key["kid"]}, "alg": "AES", "plain": b"still"},
-            )
-            results.append(r["status"])
-
-    t = threading.Thread(target=keep_working)
-    t.start()
-    try:
+    with bystander_encrypting(daemon, key["kid"]) as results:
         resp = invoke(admin, g, code, input_, FLOOD if "flood" in name else LIMITS)
-    finally:
-        stop.set()
-        t.join(30)
-    bystander.close()
     assert resp["status"] == status, resp
     assert resp["body"]["error"] == error, resp
     assert text in resp["body"]["message"], resp

@@ -3,12 +3,10 @@ while a second client's requests keep succeeding."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from tests.conftest import Raw, unique
-from tests.daemon.api.helpers import new_group, new_key, ok
+from tests.daemon.api.helpers import bystander_encrypting, new_group, new_key, ok
 
 LIMITS = {"wall_seconds": 2, "instructions": 20_000_000, "memory_bytes": 32 * 1024 * 1024}
 
@@ -154,28 +152,8 @@ def invoke_hostile(admin: Raw, g: str, code: str) -> dict:
 )
 def test_hostile_plugin_is_contained(daemon, setting, name, code, status, error, text) -> None:
     admin, g, key = setting
-    bystander = Raw(daemon.socket)
-    bystander.login(daemon.admin_key)
-    results: list[int] = []
-    stop = threading.Event()
-
-    def keep_working() -> None:
-        while not stop.is_set():
-            r = bystander.call(
-                "POST",
-                "/crypto/v1/encrypt",
-                {"key": {"kid": key["kid"]}, "alg": "AES", "plain": b"still"},
-            )
-            results.append(r["status"])
-
-    t = threading.Thread(target=keep_working)
-    t.start()
-    try:
+    with bystander_encrypting(daemon, key["kid"]) as results:
         resp = invoke_hostile(admin, g, code)
-    finally:
-        stop.set()
-        t.join(30)
-    bystander.close()
     assert resp["status"] == status, resp
     assert resp["body"]["error"] == error, resp
     assert text in resp["body"]["message"], resp
