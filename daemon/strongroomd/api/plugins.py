@@ -309,28 +309,28 @@ class _Host:
         if self.calls > self.max_calls:
             err = Busy(f"more than {self.max_calls} API calls in one invocation")
             return err.status, err.body()
-        if self.stored:
-            # The plugin as it is now: an admin who disables it, deletes it or takes
-            # a group away is obeyed by invocations already running.
-            row = self.store.plugins.get(self.row.id)
-            if row is None or not row.enabled:
-                err = Forbidden("the plugin was disabled or deleted during this invocation")
-                return err.status, err.body()
-            if row is not self.row:
-                self.row, self.principal = row, plugin_principal(row)
-                self.owner.principal = self.principal
+        if (gone := self._refresh()) is not None:
+            return gone.status, gone.body()
         return await self.dispatcher.handle(self.owner, method, path, body)
+
+    def _refresh(self) -> ApiError | None:
+        """Take the plugin as it is now (its groups, its allowlist): an admin who
+        disables it, deletes it or changes it is obeyed by invocations already
+        running. The error when it is gone or disabled."""
+        if not self.stored:
+            return None
+        row = self.store.plugins.get(self.row.id)
+        if row is None or not row.enabled:
+            return Forbidden("the plugin was disabled or deleted during this invocation")
+        if row is not self.row:
+            self.row, self.principal = row, plugin_principal(row)
+            self.owner.principal = self.principal
+        return None
 
     async def http(self, msg: dict[str, Any], timeout: float) -> tuple[int, Any]:
         """request{}: made here, to the origins in the plugin's request_allowlist only."""
-        if self.stored:  # the allowlist as it is now: an admin's change holds at once
-            row = self.store.plugins.get(self.row.id)
-            if row is None or not row.enabled:
-                err = Forbidden("the plugin was disabled or deleted during this invocation")
-                return err.status, err.body()
-            if row is not self.row:
-                self.row, self.principal = row, plugin_principal(row)
-                self.owner.principal = self.principal
+        if (gone := self._refresh()) is not None:  # the allowlist as it is now
+            return gone.status, gone.body()
         return await self.requests.handle(
             msg,
             allowlist=list(self.row.request_allowlist),
