@@ -500,16 +500,17 @@ async function invokePlugin() {
   }
   if (inv) {
     const recs = await api("GET", `/sys/v1/logs?invocation_id=${encodeURIComponent(inv)}&limit=500`);
-    const box = $("#invoke-audit");
-    renderAudit(box.querySelector(".audit-tree"), recs, true);
-    box.hidden = false;
     // Printed output is never audited; the daemon keeps recent ones in memory.
+    // It is shown before the audit tree, so the panel is complete once it appears.
     try {
       const printed = await api("GET", `/sys/v1/plugins/invocations/${encodeURIComponent(inv)}/output`);
       $("#run-output").textContent = printed.output;
     } catch (err) {
       if (err.status !== 404) throw err; // nothing printed, or no longer kept
     }
+    const box = $("#invoke-audit");
+    renderAudit(box.querySelector(".audit-tree"), recs, true);
+    box.hidden = false;
   }
 }
 
