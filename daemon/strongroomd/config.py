@@ -131,9 +131,17 @@ class Config:
     #: The URL is logged and written to ``<state_dir>/http.url`` once the gateway
     #: listens. A port in use leaves the gateway off with a warning; the socket serves.
     http_port: int = 8480
-    #: Allow a non-loopback ``http_host``. The gateway speaks plain HTTP: only
-    #: behind a TLS-terminating proxy.
+    #: Allow a non-loopback ``http_host``. Without ``http_tls_cert_file`` the
+    #: gateway speaks plain HTTP: only behind a TLS-terminating proxy.
     http_allow_remote: bool = False
+    #: The gateway serves HTTPS itself (TLS 1.2 or later) with this certificate
+    #: chain (PEM: the server certificate first, then any intermediates). Set with
+    #: ``http_tls_key_file``; neither: plain HTTP. ``http.url`` then says https://.
+    http_tls_cert_file: Path | None = None
+    #: The certificate's private key (PEM, unencrypted). A secret: it must be owned
+    #: by the daemon's user and not readable by group or others (chmod 600), or the
+    #: daemon refuses to start.
+    http_tls_key_file: Path | None = None
     #: Web console files; default the package's bundle, else the source tree's
     #: ``console/`` (see :mod:`strongroomd._console`).
     http_console_dir: Path | None = None
@@ -154,6 +162,11 @@ class Config:
     confirm_timeout: float = 6.0
 
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def http_tls(self) -> bool:
+        """The gateway serves HTTPS itself."""
+        return self.http_tls_cert_file is not None
 
     @property
     def socket_path(self) -> Path:
@@ -203,7 +216,14 @@ class Config:
         return self.generated_pin_file
 
 
-_PATHS = {"state_dir", "socket", "pin_file", "http_console_dir"}
+_PATHS = {
+    "state_dir",
+    "socket",
+    "pin_file",
+    "http_console_dir",
+    "http_tls_cert_file",
+    "http_tls_key_file",
+}
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
@@ -282,10 +302,41 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
 def _check_http(cfg: Config) -> None:
     if not 0 <= cfg.http_port <= 65535:
         raise ConfigError("setting 'http_port' must be 0..65535")
+    if (cfg.http_tls_cert_file is None) != (cfg.http_tls_key_file is None):
+        raise ConfigError("set http_tls_cert_file and http_tls_key_file together (or neither)")
     if cfg.http_enabled and not cfg.http_allow_remote and not is_loopback(cfg.http_host):
+        if cfg.http_tls:
+            raise ConfigError(
+                f"http_host {cfg.http_host!r} is not a loopback address: set "
+                "http_allow_remote = true to serve the gateway (HTTPS) to the network"
+            )
         raise ConfigError(
             f"http_host {cfg.http_host!r} is not a loopback address; the gateway speaks plain "
-            "HTTP: set http_allow_remote = true only behind a TLS-terminating proxy"
+            "HTTP: set http_tls_cert_file and http_tls_key_file, or set "
+            "http_allow_remote = true only behind a TLS-terminating proxy"
+        )
+
+
+def check_tls_key(path: Path) -> None:
+    """Refuse a TLS private key that others could read: like the PIN and admin key,
+    it must belong to the daemon's user with no group or other access (0600).
+    A systemd credential (``$CREDENTIALS_DIRECTORY``) is systemd's to protect."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"cannot read http_tls_key_file {path}: {exc.strerror}") from None
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and path.resolve().is_relative_to(Path(creds).resolve()):
+        return
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            f"http_tls_key_file {path} is owned by uid {st.st_uid}, not by the daemon's "
+            f"user (uid {os.geteuid()}); chown it"
+        )
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"http_tls_key_file {path} is readable by others (mode {st.st_mode & 0o777:o}); "
+            "chmod 600 it"
         )
 
 
@@ -348,6 +399,9 @@ def describe(cfg: Config) -> list[str]:
     except ConfigError:
         module = "(embedded SoftHSM, not installed)"
     out.append(f"#   pkcs11 module {module}")
+    if cfg.http_enabled:
+        scheme = "https (TLS 1.2+)" if cfg.http_tls else "http (plain)"
+        out.append(f"#   gateway       {scheme} on {cfg.http_host}:{cfg.http_port}")
     try:
         out.append(f"#   PIN file      {cfg.resolve_pin_file()}")
     except ConfigError:
@@ -390,6 +444,14 @@ def check(cfg: Config) -> list[str]:
             problems.append(f"the PIN file {pin} does not exist")
     if pin is not None and pin.is_file() and not os.access(pin, os.R_OK):
         problems.append(f"the PIN file {pin} is not readable by this user")
+    if cfg.http_enabled and cfg.http_tls:
+        assert cfg.http_tls_cert_file is not None and cfg.http_tls_key_file is not None
+        if not os.access(cfg.http_tls_cert_file, os.R_OK):
+            problems.append(f"http_tls_cert_file {cfg.http_tls_cert_file} is not readable")
+        try:
+            check_tls_key(cfg.http_tls_key_file)
+        except ConfigError as exc:
+            problems.append(str(exc))
     existing = next((p for p in (cfg.state_dir, *cfg.state_dir.parents) if p.exists()), None)
     if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         problems.append(f"the state directory {cfg.state_dir} is not writable ({existing})")

@@ -28,6 +28,11 @@ permission rules and the audit trail are the socket's own.
   requests (400 ``malformed_frame``) and sent as ``null`` in responses.
   Responses carry a strict CSP and no CORS headers;
   the Host header must name the loopback address (DNS rebinding).
+- HTTPS: with ``http_tls_cert_file`` and ``http_tls_key_file`` the gateway
+  serves TLS itself (1.2 minimum, the ssl module's server defaults: forward
+  secrecy, no compression or renegotiation), answers with
+  ``Strict-Transport-Security``, and ``http.url`` says https://. DSM's own
+  clients (``sdkms-cli``) refuse plain http.
 - ``GET /openapi.json``: the gateway's OpenAPI 3.1 document;
   ``GET /metrics``: Prometheus text from :mod:`strongroomd.metrics` when that
   module exists (404 otherwise); ``/console/``: the web console's files.
@@ -43,12 +48,14 @@ import json
 import logging
 import math
 import socket
+import ssl
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from strongroomd import _console, metrics, openapi
+from strongroomd.config import ConfigError, check_tls_key
 from strongroomd.context import Owner
 from strongroomd.errors import ApiError, BadRequest, Busy, TooLarge, Unauthenticated
 from strongroomd.protocol import MAX_PATH, METHODS, Admission, Budget, Listener
@@ -103,9 +110,12 @@ class Gateway:
 
     # -- lifecycle -------------------------------------------------------------------
     async def start(self) -> str:
+        tls = tls_context(self.config) if self.config.http_tls else None
         app = web.Application(client_max_size=self.config.max_frame)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         app.on_response_prepare.append(_headers)
+        if tls is not None:
+            app.on_response_prepare.append(_hsts)
         runner = web.AppRunner(
             app,
             access_log=None,
@@ -127,12 +137,18 @@ class Gateway:
             await runner.cleanup()
             raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
         self._listener = Listener(
-            sock, server, self.admission, lambda: len(server.connections), _BUSY
+            sock,
+            server,
+            self.admission,
+            lambda: len(server.connections),
+            _BUSY,
+            tls=tls,
+            handshake_timeout=self.config.auth_timeout,
         )
         self._runner = runner
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown}:{bound}"
+        self.url = f"{'https' if tls is not None else 'http'}://{shown}:{bound}"
         self._hosts = {f"{h}:{bound}" for h in (shown, "127.0.0.1", "localhost", "[::1]")}
         return self.url
 
@@ -347,6 +363,42 @@ class Gateway:
                 "Cache-Control": "no-cache",
             },
         )
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    """The gateway's server-side TLS settings: TLS 1.2 minimum and the ssl module's
+    defaults for a server (ECDHE suites only, no compression, no renegotiation).
+
+    The key file is checked like the daemon's other secrets before it is read; a
+    problem is a :class:`ConfigError` naming the file, never its contents.
+    """
+    cert, key = config.http_tls_cert_file, config.http_tls_key_file
+    assert cert is not None and key is not None
+    check_tls_key(key)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_alpn_protocols(["http/1.1"])
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_password)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"cannot read {exc.filename or cert}: {exc.strerror}") from None
+    except OSError as exc:  # ssl.SSLError too: a bad PEM, or a key that is not the cert's
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"http_tls_cert_file {cert} and http_tls_key_file {key} cannot be used "
+            f"together ({reason}): PEM certificate chain and its unencrypted private key"
+        ) from None
+    return ctx
+
+
+def _no_password() -> bytes:
+    """An encrypted key would prompt on the terminal; the daemon has none to ask."""
+    raise ConfigError("http_tls_key_file is encrypted; give the daemon an unencrypted key")
+
+
+async def _hsts(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Strict-Transport-Security"] = "max-age=31536000"
 
 
 def _metrics() -> web.Response:

@@ -44,6 +44,8 @@ from strongroomd.context import Owner
 from strongroomd.errors import ApiError, BadRequest, Busy
 
 if TYPE_CHECKING:
+    import ssl
+
     from strongroomd.dispatch import Dispatcher
     from strongroomd.keyring import Keyring
 
@@ -157,12 +159,19 @@ class Listener:
         admission: Admission,
         count: Callable[[], int],
         refusal: bytes,
+        *,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self.sock = sock
         self.factory = factory
         self.admission = admission
         self.count = count
-        self.refusal = refusal
+        #: Sent in clear text to a connection over the cap: not over TLS (the
+        #: client expects a handshake; it is just closed).
+        self.refusal = refusal if tls is None else b""
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
         self.pending = 0  # accepted, transport not yet made
         self._loop = asyncio.get_running_loop()
         self._exhausted = Throttled(f"{admission.name}: accept() failed, out of descriptors")
@@ -191,15 +200,23 @@ class Listener:
                     self._loop.call_later(0.1, self._resume)
                 return
             if self.admission.full(self.count() + self.pending):
-                with contextlib.suppress(OSError):
-                    conn.send(self.refusal, socket.MSG_DONTWAIT)
+                if self.refusal:
+                    with contextlib.suppress(OSError):
+                        conn.send(self.refusal, socket.MSG_DONTWAIT)
                 conn.close()
                 continue
             conn.setblocking(False)
             self.pending += 1
-            made = self._loop.create_task(
-                self._loop.connect_accepted_socket(self.factory, sock=conn)
-            )
+            if self.tls is None:
+                accepted = self._loop.connect_accepted_socket(self.factory, sock=conn)
+            else:
+                accepted = self._loop.connect_accepted_socket(
+                    self.factory,
+                    sock=conn,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=self.handshake_timeout,
+                )
+            made = self._loop.create_task(accepted)
             made.add_done_callback(partial(self._made, conn))
 
     def _made(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
