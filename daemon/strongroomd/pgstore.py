@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -231,6 +231,7 @@ class PgStore(Store):
 
     shared = True
     IntegrityError = pge.UniqueViolation
+    dialect = "postgresql"
 
     def __init__(
         self,
@@ -521,6 +522,14 @@ class PgStore(Store):
 
     async def query(self, sql: str, params: Any = ()) -> list[Any]:
         return await self._run(lambda: self._ensure().execute(pg_sql(sql), params).fetchall())
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Any]:
+        """A read-only connection of its own, for a long read in a worker thread
+        (the node's own connection keeps serving its writes meanwhile)."""
+        with psycopg.connect(self.url, connect_timeout=5, application_name=self.app_name) as db:
+            db.read_only = True
+            yield db
 
     # -- hearing other nodes -------------------------------------------------------------
     def _listen(self) -> None:

@@ -25,7 +25,7 @@ import functools
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -107,6 +107,10 @@ MIGRATIONS: list[str] = [
     # plugins: the origins each one's request{} may reach (issue 11); none by default.
     """
     ALTER TABLE plugins ADD COLUMN request_allowlist TEXT NOT NULL DEFAULT '[]';
+    """,
+    # 5: statistics read a time range of the audit log (api/stats.py), not all of it.
+    """
+    CREATE INDEX IF NOT EXISTS audit_time ON audit(time);
     """,
 ]
 
@@ -289,6 +293,8 @@ class Store:
     live = True
     #: What the database raises for a taken name (UNIQUE).
     IntegrityError: type[Exception] | tuple[type[Exception], ...] = sqlite3.IntegrityError
+    #: Whose SQL :meth:`reader` speaks (``sqlite`` or ``postgresql``).
+    dialect = "sqlite"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -400,6 +406,16 @@ class Store:
             return self._db.execute(sql, params).fetchall()
 
         return await self._run(q)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Any]:
+        """A read-only connection of its own (DB-API, :attr:`dialect`'s SQL), for a
+        long read in a worker thread that must not hold up the store's writer."""
+        db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            yield db
+        finally:
+            db.close()
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Run ``fn(db)`` on the database thread (for batched audit writes)."""

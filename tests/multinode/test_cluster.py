@@ -330,3 +330,50 @@ def test_a_revoke_on_b_is_honoured_everywhere_at_once(cluster: Cluster) -> None:
         assert ok(c[n].call("POST", "/crypto/v1/decrypt", dec))["plain"] == ENC["plain"]
         got = ok(c[n].call("GET", f"/crypto/v1/keys/{key['kid']}"))
         assert got["state"] == "Compromised"
+
+
+def test_statistics_count_every_nodes_uses(cluster: Cluster) -> None:
+    """One audit log, so one node's /sys/v1/stats counts what every node served
+    (they were read from a local SQLite file that a node on PostgreSQL does not have)."""
+    import time
+
+    c = conns(cluster)
+    gid = ok(c["A"].call("POST", "/sys/v1/groups", {"name": unique("g")}))["group_id"]
+    app = ok(c["A"].call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": [gid]}))
+    key = new_key(c["B"], group_id=gid)
+    uses = {"A": 2, "B": 3, "C": 4}
+    for n, times in uses.items():
+        conn = cluster[n].connect(app["credential"]["api_key"])
+        for _ in range(times):
+            ok(conn.call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
+        items = [{"kid": key["kid"], "request": {"plain": b"z"}}] * 5
+        ok(conn.call("POST", "/crypto/v1/keys/batch/encrypt", items))  # 5 transactions
+        conn.close()
+    now = int(time.time())
+    window = {"range_from": now - 600, "range_to": now + 600, "num_points": 1}
+    total = sum(uses.values()) + 3 * 5
+
+    def count(n: str) -> dict:
+        (bucket,) = ok(c[n].call("GET", f"/sys/v1/stats/{key['kid']}/key", window))["time"][
+            "buckets"
+        ]
+        return bucket
+
+    # Uses are group-committed by the node that served them (every 50 ms): the
+    # last node's records reach the shared log a moment after its answers.
+    deadline = time.monotonic() + 30
+    while count("A")["doc_count"] < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for n in "ABC":
+        bucket = count(n)
+        assert bucket["doc_count"] == total, (n, bucket)
+        assert [(b["key"], b["doc_count"]) for b in bucket["total_txn"]["buckets"]] == [
+            (app["app_id"], total)
+        ]
+        (per_app,) = ok(c[n].call("GET", "/sys/v1/stats/apps", window))["time"]["buckets"]
+        mine = [b for b in per_app["total_txn"]["buckets"] if b["key"] == app["app_id"]]
+        assert [b["doc_count"] for b in mine] == [total]
+    # Denied: an app reads no statistics on any node.
+    conn = cluster["C"].connect(app["credential"]["api_key"])
+    err(conn.call("GET", "/sys/v1/stats/apps", window), "forbidden")
+    conn.close()

@@ -28,11 +28,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from strongroomd.audit import KEY_MAKERS, AuditFailing, Kind, kind_of
@@ -40,6 +38,7 @@ from strongroomd.auth import require_admin
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest, NotFound
 from strongroomd.router import F, Route
+from strongroomd.store import Store
 
 DAY = 86400
 #: Widest range one request may ask about, and most slices.
@@ -73,8 +72,10 @@ def _params(b: dict[str, Any]) -> tuple[int, int, int, int]:
     return frm, to, points, top
 
 
-#: One aggregated row: slice, actor kind, actor id, key id, action, transactions.
-_SQL = """
+#: One aggregated row: slice, actor kind, actor id, key id, action, transactions;
+#: in each database's SQL (the store's ``dialect``), over the audit log's time index.
+_SQL = {
+    "sqlite": """
 SELECT CAST((CAST(strftime('%s', substr(time, 1, 19)) AS INTEGER) - :frm) / :width AS INTEGER),
        actor_kind, actor_id, object_id, action,
        sum(CASE WHEN action LIKE '%/batch/%'
@@ -82,20 +83,27 @@ SELECT CAST((CAST(strftime('%s', substr(time, 1, 19)) AS INTEGER) - :frm) / :wid
 FROM audit
 WHERE time >= :lo AND time < :hi AND status IN (200, 204) AND action LIKE 'POST %'
 GROUP BY 1, 2, 3, 4, 5
-"""
+""",
+    "postgresql": """
+SELECT ((extract(epoch FROM substr(time, 1, 19)::timestamp)::bigint - %(frm)s)
+            / %(width)s)::integer,
+       actor_kind, actor_id, object_id, action,
+       sum(CASE WHEN action LIKE '%%/batch/%%'
+                THEN coalesce((detail::json ->> 'items')::bigint, 1) ELSE 1 END)::bigint
+FROM audit
+WHERE time >= %(lo)s AND time < %(hi)s AND status IN (200, 204) AND action LIKE 'POST %%'
+GROUP BY 1, 2, 3, 4, 5
+""",
+}
 
 
-def _uses(db_path: Path, frm: int, to: int, width: int) -> list[tuple[Any, ...]]:
+def _uses(store: Store, frm: int, to: int, width: int) -> list[tuple[Any, ...]]:
     """(slice, actor kind, actor id, key id, action, count) for every successful use,
-    read on a connection of its own (read-only), off the event loop and the
-    store's thread, which keep serving meanwhile."""
-    db = sqlite3.connect(f"{db_path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        rows = db.execute(
-            _SQL, {"frm": frm, "width": width, "lo": _stamp(frm), "hi": _stamp(to)}
-        ).fetchall()
-    finally:
-        db.close()
+    read on a read-only connection of its own, off the event loop and the store's
+    thread, which keep serving meanwhile."""
+    params = {"frm": frm, "width": width, "lo": _stamp(frm), "hi": _stamp(to)}
+    with store.reader() as db:
+        rows = db.execute(_SQL[store.dialect], params).fetchall()
     out = []
     for r in rows:
         method, _, route = r[4].partition(" ")
@@ -167,10 +175,10 @@ async def _stats(
     width = max(1, math.ceil((to - frm) / points))
     with contextlib.suppress(AuditFailing):  # while failing: what is on disk
         await req.services.audit.flush()
-    db_path = req.services.config.db_path
+    store = req.services.store
 
     def compute() -> dict[str, Any]:
-        rows = _uses(db_path, frm, to, width)
+        rows = _uses(store, frm, to, width)
         return _histogram(rows, frm, width, points, top, entity, keep)
 
     # A year over millions of records takes seconds of CPU: one such query at a
