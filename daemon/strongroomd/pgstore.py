@@ -24,6 +24,22 @@ The same rows, caches and compare-and-set writes as :class:`strongroomd.store.St
 - The audit chain stays one chain: a batch takes the row lock on
   ``audit_head`` (``SELECT ... FOR UPDATE``), numbers and hashes its records
   after the current head, inserts them and moves the head, in one transaction.
+- A group cannot be deleted on one node while another puts an app, a plugin
+  or a key in it. A key's group is a foreign key (shared step 2). Apps and
+  plugins hold their groups as a JSON list, which no foreign key can reference,
+  so two triggers (shared step 3) give the same guarantee with row locks, in
+  the transaction of the write itself (READ COMMITTED, PostgreSQL's default):
+  a membership write (an app or plugin inserted, or its ``groups`` changed)
+  first takes ``SELECT ... FOR SHARE`` on every group it names and fails
+  (404, as for a group that does not exist) if one is missing; a group's
+  DELETE holds the row's lock, and an AFTER trigger then looks, with a fresh
+  snapshot, for an app or plugin naming it and fails (``409
+  group_not_empty``) if there is one. Whichever locks the group's row first,
+  the other waits for its commit and then sees it: the two cannot both
+  succeed, and nothing is left naming a deleted group. Writes that leave
+  ``groups`` unchanged take no lock. (On one node the catalog lock,
+  :attr:`strongroomd.store.Store.catalog`, already serializes these checks
+  and writes; the triggers hold across nodes.)
 - ``pending_keys`` holds the kid of every key whose token object is being
   made, before it is made: a node's start-up reconcile never removes a token
   object another node is about to write the row of.
@@ -51,7 +67,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pge
 
-from strongroomd.errors import Conflict, Unavailable
+from strongroomd.errors import Conflict, NotFound, Unavailable
 from strongroomd.store import (
     MIGRATIONS,
     GroupRow,
@@ -140,6 +156,46 @@ SHARED = [
     """
     ALTER TABLE keys ADD CONSTRAINT keys_group_exists FOREIGN KEY (group_id)
         REFERENCES groups(id)
+    """,
+    # 3: an app's or plugin's groups exist, across nodes (the module's docstring says how).
+    """
+    CREATE FUNCTION strongroom_member_groups_exist() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        wanted TEXT[] := ARRAY(SELECT DISTINCT json_array_elements_text(NEW.groups::json));
+        found INTEGER;
+    BEGIN
+        SELECT count(*) INTO found
+            FROM (SELECT id FROM groups WHERE id = ANY(wanted) FOR SHARE) AS held;
+        IF found < cardinality(wanted) THEN
+            RAISE EXCEPTION 'a group of % % does not exist (deleted on another node)',
+                TG_TABLE_NAME, NEW.id
+                USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'member_groups_exist';
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE FUNCTION strongroom_group_unused() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM principals WHERE groups::jsonb ? OLD.id)
+           OR EXISTS (SELECT 1 FROM plugins WHERE groups::jsonb ? OLD.id) THEN
+            RAISE EXCEPTION 'group % still has members (added on another node)', OLD.id
+                USING ERRCODE = 'foreign_key_violation', CONSTRAINT = 'group_has_members';
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER principals_groups_exist BEFORE INSERT ON principals
+        FOR EACH ROW EXECUTE FUNCTION strongroom_member_groups_exist();
+    CREATE TRIGGER principals_groups_change BEFORE UPDATE ON principals
+        FOR EACH ROW WHEN (OLD.groups IS DISTINCT FROM NEW.groups)
+        EXECUTE FUNCTION strongroom_member_groups_exist();
+    CREATE TRIGGER plugins_groups_exist BEFORE INSERT ON plugins
+        FOR EACH ROW EXECUTE FUNCTION strongroom_member_groups_exist();
+    CREATE TRIGGER plugins_groups_change BEFORE UPDATE ON plugins
+        FOR EACH ROW WHEN (OLD.groups IS DISTINCT FROM NEW.groups)
+        EXECUTE FUNCTION strongroom_member_groups_exist();
+    CREATE TRIGGER groups_unused AFTER DELETE ON groups
+        FOR EACH ROW EXECUTE FUNCTION strongroom_group_unused()
     """,
 ]
 
@@ -333,7 +389,19 @@ class PgStore(Store):
             try:
                 self._ensure()
                 return fn(*args)
-            except pge.ForeignKeyViolation:
+            except pge.ForeignKeyViolation as exc:
+                which = exc.diag.constraint_name
+                if which == "member_groups_exist":
+                    # An app or plugin put in a group another node deleted (shared step 3):
+                    # what one node answers for a group that does not exist.
+                    raise NotFound(
+                        "a group it names does not exist (deleted on another node meanwhile)"
+                    ) from None
+                if which == "group_has_members":
+                    raise Conflict(
+                        "the group has members (added on another node meanwhile)",
+                        code="group_not_empty",
+                    ) from None
                 # Another node deleted the group a key goes into, or made a key in
                 # the group being deleted (keys_group_exists).
                 raise Conflict(
@@ -368,7 +436,10 @@ class PgStore(Store):
             for name, step in migrations():
                 if name in done:
                     continue
-                for stmt in filter(str.strip, step.split(";")):
+                # A step with a function body ($$ ... $$, semicolons inside) is sent
+                # whole (no parameters: PostgreSQL's simple protocol takes several).
+                stmts = [step] if "$$" in step else filter(str.strip, step.split(";"))
+                for stmt in stmts:
                     db.execute(stmt)
                 db.execute("INSERT INTO schema_migrations (name) VALUES (%s)", (name,))
 
