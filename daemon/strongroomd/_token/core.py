@@ -490,7 +490,9 @@ class Core:
         self._commit(entry)
         return keys.material(new, bits, keys.spki(t, curve, entry.public), public_only)
 
-    def export(self, key: KeyRef) -> bytes:
+    def export(self, key: KeyRef, *, pkcs8: bool = False) -> bytes:
+        """A key's value: raw bytes of a secret key, a certificate's DER, a public
+        key's SPKI, a private key in DSM's export form (or PKCS#8, for wrapping)."""
         e = self.entry(key.kid)
         if e.secret is not None:
             value = e.secret[Attribute.VALUE]
@@ -504,7 +506,7 @@ class Core:
         if e.private is not None and not key.public_only:
             if not e.private[Attribute.EXTRACTABLE] or e.private[Attribute.SENSITIVE]:
                 raise BadRequest("the key is not exportable", code="invalid_value")
-            return keys.pkcs8(key.obj_type, key.curve, e.private)
+            return keys.private_der(key.obj_type, key.curve, e.private, pkcs8=pkcs8)
         if e.public is not None:
             return keys.spki(key.obj_type, key.curve, e.public)
         raise NotFound("no such key in the token")

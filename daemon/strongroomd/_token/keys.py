@@ -322,8 +322,11 @@ def private_attrs(key: Any, curve_name: str | None) -> dict:
 # -- values going out ---------------------------------------------------------
 
 
-def pkcs8(obj_type: str, curve_name: str | None, private: Any) -> bytes:
-    """PKCS#8 DER of an extractable, non-sensitive private key object."""
+def private_der(obj_type: str, curve_name: str | None, private: Any, *, pkcs8: bool) -> bytes:
+    """DER of an extractable, non-sensitive private key object: PKCS#8 with
+    ``pkcs8``, else DSM's export form: PKCS#1 RSAPrivateKey for RSA, SEC1
+    ECPrivateKey for EC (what DSM's own CLI labels ``RSA``/``EC PRIVATE KEY``);
+    Ed25519 has no other form than PKCS#8."""
     if obj_type == "RSA":
         a = private.get_attributes(
             [
@@ -355,9 +358,12 @@ def pkcs8(obj_type: str, curve_name: str | None, private: Any) -> bytes:
     else:
         value = int.from_bytes(private[Attribute.VALUE], "big")
         key = ec.derive_private_key(value, _CRYPTO_CURVES[curve_name]())
+    traditional = not pkcs8 and obj_type in ("RSA", "EC") and curve_name != "Ed25519"
     return key.private_bytes(
         serialization.Encoding.DER,
-        serialization.PrivateFormat.PKCS8,
+        serialization.PrivateFormat.TraditionalOpenSSL
+        if traditional
+        else serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
 

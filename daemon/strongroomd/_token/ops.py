@@ -151,10 +151,10 @@ def wrap_aes(core: Core, kid: str, subject: KeyRef, pad: bool) -> bytes:
     """RFC 3394/5649 with the key-encryption key's AES-ECB in the token.
 
     The subject is exportable (the daemon checked EXPORT), so its value is the
-    one export returns: an HMAC key's original bytes, a private key's PKCS#8.
+    one export returns (an HMAC key's original bytes), but a private key's PKCS#8.
     """
     kek = core.hot(kid)
-    value = core.export(subject)
+    value = core.export(subject, pkcs8=True)
     return keywrap.wrap(lambda b: kek.encrypt(b, mechanism=Mechanism.AES_ECB), value, pad=pad)
 
 
