@@ -7,6 +7,7 @@ small in-test object that answers a few API paths.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import statistics
@@ -98,11 +99,11 @@ def test_warm_blanks_are_kept(pool: Pool, loop: asyncio.AbstractEventLoop) -> No
     async def go() -> None:
         out = await invoke(pool, plugin("function run() return 1 end"))
         assert out.status == 200
-        for _ in range(100):
-            if pool.stats["blank"] >= 2:
-                return
+        # Spawning a worker (a Python start-up) takes seconds on a loaded machine.
+        deadline = time.monotonic() + 60
+        while pool.stats["blank"] < 2:
+            assert time.monotonic() < deadline, f"blanks not replenished: {pool.stats}"
             await asyncio.sleep(0.05)
-        raise AssertionError(f"blanks not replenished: {pool.stats}")
 
     loop.run_until_complete(go())
 
@@ -121,8 +122,9 @@ def test_binding_reuse_versions_and_discard(pool: Pool, loop: asyncio.AbstractEv
         assert pid(a1) == pid(a2) != pid(b)
         assert pid(a3) != pid(a1) and pid(t1) not in (pid(a3), pid(a1))
         assert pid(a4) == pid(a3)
-        with pytest.raises(ProcessLookupError):
-            for _ in range(50):
+        with pytest.raises(ProcessLookupError):  # killed and reaped, however loaded
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
                 os.kill(pid(t1), 0)
                 await asyncio.sleep(0.02)
 
@@ -182,7 +184,9 @@ def test_wall_clock_kills_a_slow_c_call(pool: Pool, loop: asyncio.AbstractEventL
     t = time.perf_counter()
     out = loop.run_until_complete(invoke(pool, slow, limits=limits))
     assert (out.status, out.body["error"]) == (504, "time_limit")
-    assert time.perf_counter() - t < 2.0
+    # Answered at the deadline, not when the call ends (it would run for hours); the
+    # bound leaves room for a worker's start-up on a loaded machine.
+    assert time.perf_counter() - t < 30
     assert pool.stats["restarts"] == before + 1
     ok = loop.run_until_complete(invoke(pool, plugin("function run() return 1 end")))
     assert ok.status == 200
@@ -248,12 +252,17 @@ def test_hostile_plugins_are_contained_while_others_run(
     )
     benign = plugin("function run(input) return input * 2 end", pid="benign")
 
-    async def hostile(code: str) -> Outcome:
-        return await invoke(pool, plugin(f"function run()\n  {code}\nend"), limits=limits)
+    # Only the cases that must end at the wall clock get the short one: 17 workers on a
+    # loaded machine can take seconds over a memory or size limit, and must end by it.
+    roomy = dataclasses.replace(limits, wall_seconds=60.0)
+
+    async def hostile(code: str, error: str | None) -> Outcome:
+        mine = limits if error == "time_limit" else roomy
+        return await invoke(pool, plugin(f"function run()\n  {code}\nend"), limits=mine)
 
     async def go() -> tuple[list[Outcome], int]:
         # Served while the hostile plugins still run: an order, not a rate.
-        attack = asyncio.gather(*(hostile(c) for c, _, _ in HOSTILE))
+        attack = asyncio.gather(*(hostile(c, e) for c, _, e in HOSTILE))
         n = 0
         while not attack.done():
             out = await invoke(pool, benign, n)
