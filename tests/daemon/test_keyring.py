@@ -32,12 +32,27 @@ def token_held(d: Daemon) -> Iterator[None]:
         os.close(fd)
 
 
-def parked(conn: Raw, group: str) -> int:
+def token_parked(d: Daemon, timeout: float = 60.0) -> None:
+    """Until the token thread waits on the test's hold of ``token.lock`` (a condition,
+    not a timing): /proc/locks lists a blocked flock with ``->``. Under
+    :func:`token_held` only the one token thread ever waits there, so this says the
+    request sent last (and the only one that writes to the token) is parked."""
+    inode = os.stat(d.state_dir / "token.lock").st_ino
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/locks") as f:
+            if any("->" in ln and f":{inode} " in ln for ln in f):
+                return
+        assert time.monotonic() < deadline, "the token thread never reached the lock"
+        time.sleep(0.01)
+
+
+def parked(d: Daemon, conn: Raw, group: str) -> int:
     """Send a key creation that parks the token thread; returns its request id."""
     rid = conn.send(
         "POST", "/crypto/v1/keys", {"name": unique("plug"), "obj_type": "AES", "group_id": group}
     )
-    time.sleep(0.3)  # ordering only: let it reach the token thread first
+    token_parked(d)
     return rid
 
 
@@ -71,7 +86,7 @@ def test_one_name_two_creators_one_wins_and_nothing_acknowledged_is_lost(tmp_pat
         for i in range(5):
             name = unique("same")
             with token_held(d):
-                plug = parked(admin, g1)
+                plug = parked(d, admin, g1)
                 r1 = a1.conn.send("POST", "/crypto/v1/keys", {"name": name, "obj_type": "AES"})
                 time.sleep(0.05)
                 r2 = a2.conn.send("POST", "/crypto/v1/keys", {"name": name, "obj_type": "AES"})
@@ -119,7 +134,7 @@ def test_a_rename_waiting_on_the_token_cannot_undo_an_admin(daemon: Daemon, admi
     kid, new_name = key["kid"], unique("renamed")
     with token_held(daemon):
         rename = app.conn.send("PATCH", f"/crypto/v1/keys/{kid}", {"name": new_name})
-        time.sleep(0.3)  # ordering only: the rename is at the token first
+        token_parked(daemon)  # the rename is at the token first
         lock = admin_raw.send(
             "PATCH", f"/crypto/v1/keys/{kid}", {"enabled": False, "key_ops": ["ENCRYPT"]}
         )
@@ -148,7 +163,7 @@ def test_a_rename_waiting_on_the_token_cannot_bring_a_deleted_key_back(tmp_path:
         ]
         with token_held(d):
             rename = app.conn.send("PATCH", f"/crypto/v1/keys/{kid}", {"name": unique("r")})
-            time.sleep(0.3)
+            token_parked(d)  # the rename is at the token first (else the delete wins: 404)
             delete = admin.send("DELETE", f"/crypto/v1/keys/{kid}")
         assert replies(app.conn, 1)[rename]["status"] == 200
         assert replies(admin, 1)[delete]["status"] == 204

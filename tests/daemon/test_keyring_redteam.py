@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import Daemon, Raw, start_daemon, unique
 from tests.daemon.api.helpers import new_app, new_group, new_key, ok
-from tests.daemon.test_keyring import token_held
+from tests.daemon.test_keyring import token_held, token_parked
 
 
 @contextlib.contextmanager
@@ -121,7 +121,7 @@ def test_a_revoked_plugin_keeps_using_keys_for_the_rest_of_its_invocation(
     try:
         with token_held(daemon):
             rid = app.conn.send("POST", f"/sys/v1/plugins/{pid}", {"kid": key["kid"]})
-            time.sleep(0.5)  # ordering only: the plugin is parked at the token
+            token_parked(daemon)  # the plugin is parked at the token
             if revoke == "remove_from_group":
                 r = admin_raw.call("PATCH", f"/sys/v1/plugins/{pid}", {"del_groups": [g]})
             elif revoke == "disable":
@@ -287,7 +287,7 @@ def test_a_rename_to_the_current_name_is_dropped_while_another_rename_waits(
         kid = ok(app.call("POST", "/crypto/v1/keys", {"obj_type": "AES", "name": a}))["kid"]
         with token_held(daemon):
             app.conn.send("PATCH", f"/crypto/v1/keys/{kid}", {"name": unique("b")})
-            time.sleep(0.3)  # ordering only: the app's rename is at the token
+            token_parked(daemon)  # the app's rename is at the token first
             rid = admin_raw.send(
                 "PATCH", f"/crypto/v1/keys/{kid}", {"name": a, "description": "named a"}
             )
