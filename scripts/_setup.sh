@@ -62,6 +62,12 @@ if [ ! -e "$stamp" ] && ! { [ -z "$extras" ] && compgen -G "$VENV/.installed-$ha
   # which depends on it.
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT/client" >&2
   "$VENV/bin/pip" install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}" >&2
+  if [[ ",$extras," == *",dev,"* ]]; then
+    # Fortanix DSM's CLI for tests/dsm/, without its declared dependencies: enum34 and
+    # argparse are Python 2 backports (enum34 shadows the stdlib enum); the ones it
+    # really uses (sdkms, requests, six, certifi, cryptography) come with the dev extra.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "sdkms-cli==5.6.2919" >&2
+  fi
   find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$hash*" -delete
   touch "$stamp"
 fi

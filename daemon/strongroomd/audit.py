@@ -107,6 +107,7 @@ _READ_POSTS = frozenset(
         "/crypto/v1/keys/kcv/verify",  # a key given by value: no stored key is used
         "/sys/v1/session/auth",
         "/sys/v1/session/terminate",
+        "/sys/v1/session/select_account",  # the one account: nothing changes
     }
 )
 #: Key-use routes outside /crypto/v1/ (plugins use keys through the same API), and

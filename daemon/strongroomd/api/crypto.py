@@ -31,10 +31,30 @@ def _use(req: Request, op: str, field: str = "key") -> KeyRow:
     return row
 
 
+def _mac_field(body: dict[str, Any]) -> dict[str, Any]:
+    """macverify's MAC as ``mac`` or, as DSM's SDKs send it, ``digest`` (its older name)."""
+    if "digest" in body:
+        if "mac" in body and body["mac"] != body["digest"]:
+            raise BadRequest(
+                "give the MAC as mac or digest (its older name), not both", code="invalid_field"
+            )
+        body = {**{k: v for k, v in body.items() if k != "digest"}, "mac": body["digest"]}
+    if "mac" not in body:
+        raise BadRequest("field 'mac' is required", code="missing_field")
+    return body
+
+
+#: Request shapes DSM's clients send that a method reads under another name.
+_ALIASES = {"macverify": _mac_field}
+
+
 def _simple(op: str, method: str):
+    alias = _ALIASES.get(method, lambda body: body)
+
     async def handler(req: Request) -> dict[str, Any]:
         row = _use(req, op)
-        return {"kid": row.kid, **await req.services.keyring.operate(row, method, _rest(req.body))}
+        body = alias(_rest(req.body))
+        return {"kid": row.kid, **await req.services.keyring.operate(row, method, body)}
 
     handler.__name__ = method
     return handler
@@ -174,7 +194,13 @@ _OPS = [
     ("sign", "SIGN", "sign", _SIGN, "Sign."),
     ("verify", "VERIFY", "verify", {**_SIGN, "signature": F(bytes, True)}, "Verify a signature."),
     ("mac", "MACGENERATE", "mac", _MAC, "Make a MAC (returned as mac and as digest)."),
-    ("macverify", "MACVERIFY", "macverify", {**_MAC, "mac": F(bytes, True)}, "Check a MAC."),
+    (
+        "macverify",
+        "MACVERIFY",
+        "macverify",
+        {**_MAC, "mac": F(bytes, doc="required (or digest)"), "digest": F(bytes)},
+        "Check a MAC (given as mac, or as digest as DSM's SDKs send it).",
+    ),
 ]
 _BY_NAME = {
     name: Route("POST", f"/crypto/v1/{name}", _simple(op, method), fields, synopsis=doc)
@@ -199,12 +225,31 @@ def _per_key(route: Route) -> Route:
     """``/crypto/v1/keys/{kid}/<op>``: the same operation, the key in the path."""
     inner = route.handler
 
-    async def handler(req: Request) -> Any:
-        req.body = {**req.body, "key": {"kid": req.params["kid"]}}
-        return await inner(req)
-
     name = route.path.rsplit("/", 1)[1]
     fields = {k: v for k, v in (route.fields or {}).items() if k != "key"}
+    if name == "wrapkey":
+        # DSM's WrapKeyRequest on this path names the key to wrap as kid (the
+        # wrapping key is the path's); /crypto/v1/wrapkey takes it as subject.
+        fields = {
+            **fields,
+            "subject": F(dict, doc="the key to wrap (or kid)"),
+            "kid": F(str, doc="the key to wrap, as DSM's WrapKeyRequest"),
+        }
+
+    async def handler(req: Request) -> Any:
+        body = dict(req.body)
+        if name == "wrapkey":
+            if "kid" in body and "subject" in body:
+                raise BadRequest(
+                    "name the key to wrap by kid or subject, not both", code="invalid_field"
+                )
+            if "kid" in body:
+                body["subject"] = {"kid": body.pop("kid")}
+            if "subject" not in body:
+                raise BadRequest("field 'kid' (the key to wrap) is required", code="missing_field")
+        req.body = {**body, "key": {"kid": req.params["kid"]}}
+        return await inner(req)
+
     return Route(
         "POST", f"/crypto/v1/keys/{{kid}}/{name}", handler, fields, synopsis=route.synopsis
     )
@@ -268,6 +313,7 @@ def _batch(name: str, op: str, method: str) -> Route:
                     )
                 request = _binary(single, item["request"])
                 body = check_body(single, {**request, "key": {"kid": kid}})
+                body = _ALIASES.get(method, lambda b: b)(body)
                 row = kr.use(req.owner, req.caller, body["key"], op)
             except ApiError as exc:
                 answer(i, kid, exc)

@@ -29,7 +29,8 @@ async def list_(req: Request) -> list[dict[str, Any]]:
     if p.kind != "plugin":
         require_admin(p)
     b = req.body
-    limit, offset = b.get("limit", 100), b.get("offset", 0)
+    # DSM's clients page with size and from (the SDK's get_audit_logs, sdkms-cli).
+    limit, offset = b.get("limit", b.get("size", 100)), b.get("offset", b.get("from", 0))
     if not 0 < limit <= 10000 or offset < 0:
         raise BadRequest("0 < limit <= 10000 and offset >= 0", code="invalid_value")
     where, args = [], []
@@ -116,6 +117,8 @@ ROUTES = [
             "invocation_id": F(str),
             "limit": F(int),
             "offset": F(int),
+            "size": F(int, doc="DSM's name for limit"),
+            "from": F(int, doc="DSM's name for offset"),
         },
         synopsis="Audit records, newest first.",
     ),

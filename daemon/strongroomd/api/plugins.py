@@ -112,8 +112,10 @@ def _groups(s: Services, groups: list[str], default: str | None) -> tuple[list[s
 
 
 def _plugin_type(body: dict[str, Any]) -> None:
-    """DSM's ``plugin_type``: STANDARD is the one Strongroom runs."""
+    """DSM's ``plugin_type``: STANDARD is the one Strongroom runs. Any case, as
+    DSM's Python SDK sends its enum values (``Standard``), like ``source.language``."""
     kind = body.get("plugin_type", "STANDARD")
+    kind = kind.upper() if isinstance(kind, str) else kind
     if kind not in PLUGIN_TYPES:
         raise BadRequest(
             f"plugin_type must be one of {', '.join(PLUGIN_TYPES)}", code="invalid_value"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from strongroomd.audit import source_of
-from strongroomd.auth import parse_api_key
+from strongroomd.auth import parse_api_key, require_admin
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Unauthenticated
+from strongroomd.errors import BadRequest, NotFound, Unauthenticated
 from strongroomd.router import F, Route
 
 
@@ -68,7 +68,42 @@ async def refresh(req: Request) -> None:
         req.services.auth.refresh(req.owner.token)
 
 
+#: Strongroom is one account. DSM's clients ask a signed-in user which accounts it
+#: belongs to and select one before acting (sdkms-cli's user-login does); an
+#: administrator here belongs to this one, under this id (acct_id in DSM's views).
+ACCOUNT_ID = "00000000-0000-0000-0000-000000000000"
+
+
+async def accounts(req: Request) -> dict[str, Any]:
+    """DSM's ``GET /sys/v1/users/accounts`` for an administrator: the one account.
+    Apps have no accounts to choose (DSM answers apps 403 here too)."""
+    require_admin(req.caller)
+    return {ACCOUNT_ID: ["ACCOUNTADMINISTRATOR", "STATEENABLED"]}
+
+
+async def select_account(req: Request) -> dict[str, Any]:
+    """DSM's account selection: the one account is always selected; another id is 404."""
+    require_admin(req.caller)
+    if req.body["acct_id"] != ACCOUNT_ID:
+        raise NotFound("no such account: Strongroom has one, " + ACCOUNT_ID)
+    return {"acct_id": ACCOUNT_ID}
+
+
 ROUTES = [
+    Route(
+        "GET",
+        "/sys/v1/users/accounts",
+        accounts,
+        {},
+        synopsis="The accounts an administrator belongs to: the one account (DSM's shape).",
+    ),
+    Route(
+        "POST",
+        "/sys/v1/session/select_account",
+        select_account,
+        {"acct_id": F(str, True)},
+        synopsis="Select the account to act in: there is one (DSM's clients ask).",
+    ),
     Route(
         "POST",
         "/sys/v1/session/auth",

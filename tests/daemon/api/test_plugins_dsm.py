@@ -55,7 +55,13 @@ def test_unknown_language_or_plugin_type_is_a_400(admin_raw: Raw) -> None:
         "invalid_value",
     )
     assert "LUA" in e["message"]
-    for kind in ("FANCY", "standard"):
+    # Any case of a known value, as DSM's Python SDK sends PluginType.STANDARD as "Standard".
+    for kind in ("Standard", "standard"):
+        made = admin_raw.call(
+            "POST", "/sys/v1/plugins", {**body, "name": unique(), "plugin_type": kind}
+        )
+        assert made["status"] == 200 and made["body"]["plugin_type"] == "STANDARD", made
+    for kind in ("FANCY",):
         e = err(
             admin_raw.call("POST", "/sys/v1/plugins", {**body, "plugin_type": kind}),
             "invalid_value",
