@@ -61,7 +61,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -488,6 +488,56 @@ class PgStore(Store):
         # node refuses key use with 503 until it is).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._caught_up.wait(), 10.0)
+
+    @contextlib.asynccontextmanager
+    async def first_start(self) -> AsyncIterator[None]:
+        """Nodes started at the same instant on an empty database take turns here
+        (a session advisory lock, on a connection of its own so this node's
+        thread keeps confirming the others' changes while it waits). Inside,
+        the groups and admins are re-read from the database: a node that comes
+        second finds the admin the first one made, even before hearing of it,
+        and makes none. The lock goes with the connection (a node that dies
+        holding it frees it). Migrations have their own (``_migrate_pg``)."""
+
+        def lock() -> psycopg.Connection[Any]:
+            db = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=5, application_name=self.app_name
+            )
+            try:
+                db.execute("SELECT pg_advisory_lock(4242003)")
+            except BaseException:
+                db.close()
+                raise
+            return db
+
+        try:
+            held = await asyncio.to_thread(lock)
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"the database is unreachable ({type(exc).__name__})") from None
+        try:
+            await self._catch_up("groups", "principals")
+            yield
+        finally:
+            await asyncio.to_thread(held.close)  # ends the session: the lock is free
+
+    async def _catch_up(self, *tables: str) -> None:
+        """Cache the rows of ``tables`` as the database has them now (newer versions
+        and rows not heard of yet; deletions come with their notifications)."""
+
+        def q() -> dict[str, list[Any]]:
+            db = self._ensure()
+            return {
+                t: [_from_db(_TABLE_ROWS[t][0], rec) for rec in db.execute(f"SELECT * FROM {t}")]  # noqa: S608
+                for t in tables
+            }
+
+        for table, rows in (await self._run(q)).items():
+            cache = self._cache(_TABLE_ROWS[table][0])
+            for row in rows:
+                pk = getattr(row, _TABLE_ROWS[table][1])
+                old = cache.get(pk)
+                if old is None or old.version < row.version:
+                    await self._replace(table, pk, old, row)
 
     async def close(self) -> None:
         self._stop.set()

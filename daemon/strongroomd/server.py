@@ -123,16 +123,35 @@ class Server:
         self._lifecycle = asyncio.create_task(self._tick(), name="key-lifecycle")
 
     async def _ensure_admin(self) -> None:
+        """Make the ``default`` group and the admin on an empty database, once.
+
+        Nodes started at the same instant on one empty PostgreSQL take turns in
+        ``store.first_start()`` (an advisory lock), so exactly one makes them and
+        writes ``admin.key``, in its own state directory; the others find the
+        admin and log where its key is. No node writes a key file it does not
+        also store the admin of."""
         assert self.services is not None
         store, cfg = self.services.store, self.config
-        if any(p.kind == "admin" for p in store.principals.values()):
-            if not cfg.admin_key_path.exists():
+        async with store.first_start():
+            if not any(p.kind == "admin" for p in store.principals.values()):
+                await self._make_admin()
+            elif not cfg.admin_key_path.exists() and store.shared:
+                log.info(
+                    "the admin exists, made by another node: its key file is in that node's "
+                    "state directory (its log says 'created the admin credential'); this node "
+                    "has none at %s",
+                    cfg.admin_key_path,
+                )
+            elif not cfg.admin_key_path.exists():
                 log.info(
                     "admin exists; its key file %s was removed (rotate with "
                     "`strongroomd admin rotate`)",
                     cfg.admin_key_path,
                 )
-            return
+
+    async def _make_admin(self) -> None:
+        assert self.services is not None
+        store, cfg = self.services.store, self.config
         group = next((g for g in store.groups.values() if g.name == "default"), None)
         if group is None:
             group = GroupRow(str(uuid.uuid4()), "default", "created at first start", now_stamp())
@@ -154,7 +173,8 @@ class Server:
         # (the next start makes a new admin and overwrites it), never an admin without a key.
         state.write_secret(cfg.admin_key_path, api_key(admin.id, secret) + "\n")
         await store.insert(admin)
-        log.info("created the admin credential in %s", cfg.admin_key_path)
+        where = f" (node {cfg.node})" if store.shared else ""
+        log.info("created the admin credential in %s%s", cfg.admin_key_path, where)
 
     async def _serve_http(self) -> None:
         from strongroomd.gateway import Gateway  # aiohttp is imported only when enabled
@@ -362,6 +382,12 @@ def _store(cfg: Config) -> Store:
     from strongroomd.pgstore import PgStore  # psycopg is imported only when used
 
     log.info("node %s on a shared database", cfg.node)
+    if cfg.embedded:
+        log.warning(
+            "embedded SoftHSM with database_url: this node's token is its own (in its state "
+            "directory), so other nodes on this database cannot use the keys it makes; "
+            "several nodes need one shared token (pkcs11_module)"
+        )
     return PgStore(
         cfg.database_url,
         cfg.node,

@@ -366,6 +366,14 @@ class Store:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    @contextlib.asynccontextmanager
+    async def first_start(self) -> AsyncIterator[None]:
+        """Held while start-up decides whether to make the admin and makes it.
+        Nothing to hold here: one daemon per state directory (its flock), and so
+        per SQLite file. Several nodes on one database hold a lock in it
+        (:meth:`strongroomd.pgstore.PgStore.first_start`)."""
+        yield
+
     def _tx(self, statements: list[tuple[str, Any]], checked: list[str] | None = None) -> list[int]:
         """Run statements in one transaction; the row counts, in order.
 
