@@ -430,6 +430,22 @@ static CK_KEY_TYPE key_type(const struct key *k) {
     return CKK_VENDOR_DEFINED;
 }
 
+/* The key pair a certificate is for: a key this app sees with a private half
+ * and the certificate's public key (the same SubjectPublicKeyInfo). The
+ * certificate takes its CKA_ID, the convention by which Java's KeyStore
+ * (SunPKCS11), libp11 and GnuTLS pair a certificate with its private key.
+ * The certificate itself when there is none. Caller holds g_lock. */
+static const struct key *cert_owner(const struct key *c) {
+    for (size_t i = 0; c->spki && i < n_keys; i++) {
+        const struct key *k = &keys[i];
+        if (k != c && k->present && !k->public_only && (k->type == T_RSA || k->type == T_EC) &&
+            !(k->transient && k->gen != sr_conn_generation()) && k->spki &&
+            k->spki_len == c->spki_len && !memcmp(k->spki, c->spki, c->spki_len))
+            return k;
+    }
+    return c;
+}
+
 /* An attribute of a CKO_CERTIFICATE (X.509). The DER-derived ones need
  * k->cert (cert_fetch); without it they are CKR_ATTRIBUTE_SENSITIVE. */
 static CK_RV cert_attr(const struct key *k, CK_ATTRIBUTE_TYPE t, const void **p, CK_ULONG *n,
@@ -466,8 +482,8 @@ static CK_RV cert_attr(const struct key *k, CK_ATTRIBUTE_TYPE t, const void **p,
         *n = strlen(k->name);
         return CKR_OK;
     case CKA_ID:
-        *p = k->kid;
-        *n = strlen(k->kid);
+        *p = cert_owner(k)->kid;
+        *n = strlen(*p);
         return CKR_OK;
     case CKA_START_DATE:
     case CKA_END_DATE:
@@ -2816,6 +2832,19 @@ static int ec_point_raw(const char *curve, const unsigned char *p, size_t n,
     return -1;
 }
 
+/* A transient key (the session object of PKCS#11): CKA_TOKEN=false in either
+ * template, or neither CKA_TOKEN nor CKA_LABEL given. CKA_TOKEN defaults to
+ * false in the spec, and Java's KeyPairGenerator, KeyGenerator and public-key
+ * imports send neither; a stored key needs a name, so a CKA_LABEL without
+ * CKA_TOKEN still makes a stored key, as it always has here. */
+static int transient_of(const struct tmpl *a, const struct tmpl *b) {
+    if (a->token == 0 || (b && b->token == 0))
+        return 1;
+    if (a->token == 1 || (b && b->token == 1))
+        return 0;
+    return !a->label && !(b && b->label);
+}
+
 /* The common fields of a create/import/unwrap body: name, key_ops, transient. */
 static size_t common_fields(const struct tmpl *a, const struct tmpl *b, int type) {
     size_t n = 0;
@@ -2826,7 +2855,7 @@ static size_t common_fields(const struct tmpl *a, const struct tmpl *b, int type
         n++;
     if (set || extract)
         n++;
-    if (a->token == 0 || (b && b->token == 0))
+    if (transient_of(a, b))
         n++;
     return n;
 }
@@ -2875,7 +2904,7 @@ static void put_common(sr_body *bd, const struct tmpl *a, const struct tmpl *b, 
             if ((ops >> q) & 1)
                 sr_str(bd, OP_NAMES[q]);
     }
-    if (a->token == 0 || (b && b->token == 0)) {
+    if (transient_of(a, b)) {
         sr_str(bd, "transient");
         sr_bool(bd, 1);
     }
