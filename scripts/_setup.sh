@@ -21,6 +21,8 @@ command -v make >/dev/null 2>&1 || need_apt+=(make)
 command -v p11tool >/dev/null 2>&1 || need_apt+=(gnutls-bin)
 command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 command -v ssh-keygen >/dev/null 2>&1 || need_apt+=(openssh-client)
+# Java (javac, java, keytool) for tests/pkcs11/test_java.py: SunPKCS11 on the module
+{ command -v javac && command -v keytool; } >/dev/null 2>&1 || need_apt+=(default-jdk-headless)
 # PostgreSQL for the multi-node tests (tests/multinode/pg.py runs initdb and postgres
 # itself, as an unprivileged user, in a temporary directory): the binaries only.
 # policy-rc.d below keeps the package from starting a server; its default cluster
