@@ -170,16 +170,21 @@ static void op_clear(struct op *o) {
     memset(o, 0, sizeof *o);
 }
 
+/* caller holds g_lock; NULL after C_Finalize (sessions is gone) */
 static struct session *get_session(CK_SESSION_HANDLE h) {
-    if (h == 0 || h > MAX_SESSIONS || !sessions[h - 1].used)
+    if (!sessions || h == 0 || h > MAX_SESSIONS || !sessions[h - 1].used)
         return NULL;
     return &sessions[h - 1];
 }
 
+/* caller holds g_lock */
+static int initialised(void) { return g_init && g_pid == getpid(); }
+
 static CK_RV check_init(void) {
-    if (!g_init || g_pid != getpid())
-        return CKR_CRYPTOKI_NOT_INITIALIZED;
-    return CKR_OK;
+    pthread_mutex_lock(&g_lock);
+    int ok = initialised();
+    pthread_mutex_unlock(&g_lock);
+    return ok ? CKR_OK : CKR_CRYPTOKI_NOT_INITIALIZED;
 }
 
 static CK_RV map_error(const sr_resp *r) {
@@ -225,6 +230,50 @@ static CK_RV call(const char *method, const char *path, sr_body *b, sr_resp *r) 
 }
 
 static int logged_in(void) { return sr_conn_logged_in(); }
+
+/* What a call on a session needs besides the session itself. */
+enum { NEED_SESSION = 0, NEED_LOGIN = 1 };
+
+/* The prelude of every call on a session: the library is initialised in this
+ * process, h is an open session and, with NEED_LOGIN, the user is logged in.
+ * On CKR_OK g_lock is held and *ps is the session; on an error it is not held.
+ * Checked under the lock, so a C_Finalize in another thread is seen here. */
+static CK_RV session_lock(CK_SESSION_HANDLE h, int need, struct session **ps) {
+    CK_RV rv = CKR_OK;
+    pthread_mutex_lock(&g_lock);
+    if (!initialised())
+        rv = CKR_CRYPTOKI_NOT_INITIALIZED;
+    else if (!(*ps = get_session(h)))
+        rv = CKR_SESSION_HANDLE_INVALID;
+    else if (need == NEED_LOGIN && !logged_in())
+        rv = CKR_USER_NOT_LOGGED_IN;
+    if (rv != CKR_OK)
+        pthread_mutex_unlock(&g_lock);
+    return rv;
+}
+
+/* The same prelude for a call that needs no lock after it. */
+static CK_RV session_check(CK_SESSION_HANDLE h, int need) {
+    struct session *s;
+    CK_RV rv = session_lock(h, need, &s);
+    if (rv == CKR_OK)
+        pthread_mutex_unlock(&g_lock);
+    return rv;
+}
+
+/* session_lock, and the session's operation in slot must be active: *po. */
+static CK_RV op_lock(CK_SESSION_HANDLE h, int slot, struct op **po) {
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
+    if (rv != CKR_OK)
+        return rv;
+    if (!s->ops[slot].active) {
+        pthread_mutex_unlock(&g_lock);
+        return CKR_OPERATION_NOT_INITIALIZED;
+    }
+    *po = &s->ops[slot];
+    return CKR_OK;
+}
 
 /* Log in with the configured API key, if there is one. */
 static void auto_login(void) {
@@ -841,16 +890,21 @@ static const char *mgf_hash(CK_RSA_PKCS_MGF_TYPE g) {
 static CK_RV parse_mech(CK_MECHANISM_PTR pm, int slot, const struct key *k, struct mspec *m) {
     memset(m, 0, sizeof *m);
     m->mech = pm->mechanism;
-    int sym = k && (k->type == T_AES || k->type == T_DES3);
+    if (slot == OPS_DIGEST || !k) { /* C_DigestInit: no key, a digest mechanism */
+        switch (pm->mechanism) {
+        case CKM_SHA_1:
+        case CKM_SHA256:
+        case CKM_SHA384:
+        case CKM_SHA512:
+            if (slot != OPS_DIGEST)
+                break;
+            m->hash = hash_of_mech(pm->mechanism);
+            return CKR_OK;
+        }
+        return CKR_MECHANISM_INVALID;
+    }
+    int sym = k->type == T_AES || k->type == T_DES3;
     switch (pm->mechanism) {
-    case CKM_SHA_1:
-    case CKM_SHA256:
-    case CKM_SHA384:
-    case CKM_SHA512:
-        if (slot != OPS_DIGEST)
-            return CKR_MECHANISM_INVALID;
-        m->hash = hash_of_mech(pm->mechanism);
-        return CKR_OK;
     case CKM_RSA_PKCS:
         if (k->type != T_RSA && !(k->type == T_CERT && k->pub.kind == 1))
             return CKR_KEY_TYPE_INCONSISTENT;
@@ -1293,31 +1347,40 @@ static CK_RV do_digest(const struct mspec *m, const unsigned char *in, size_t le
 
 /* ------------------------------------------------------------- op plumbing */
 
-static CK_RV op_init(CK_SESSION_HANDLE hs, int slot, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hk,
-                     unsigned need) {
-    CK_RV rv = check_init();
+/* Append n bytes to a growing malloc'd buffer. */
+static CK_RV grow_append(unsigned char **p, size_t *len, size_t *cap, const unsigned char *v,
+                         size_t n) {
+    if (*len + n + 1 > *cap) {
+        size_t c = (*len + n) * 2 + 64;
+        unsigned char *nb = realloc(*p, c);
+        if (!nb)
+            return CKR_HOST_MEMORY;
+        *p = nb;
+        *cap = c;
+    }
+    if (n)
+        memcpy(*p + *len, v, n);
+    *len += n;
+    return CKR_OK;
+}
+
+static CK_RV op_init(CK_SESSION_HANDLE hs, int slot, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hk) {
+    struct session *s;
+    CK_RV rv = session_lock(hs, slot == OPS_DIGEST ? NEED_SESSION : NEED_LOGIN, &s);
     if (rv != CKR_OK)
         return rv;
-    if (!pm)
-        return CKR_ARGUMENTS_BAD;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (!s) {
-        rv = CKR_SESSION_HANDLE_INVALID;
+    struct op *o = &s->ops[slot];
+    struct obj *ob = NULL;
+    struct key *k = NULL;
+    if (!pm) {
+        rv = CKR_ARGUMENTS_BAD;
         goto out;
     }
-    struct op *o = &s->ops[slot];
     if (o->active) {
         rv = CKR_OPERATION_ACTIVE;
         goto out;
     }
-    struct obj *ob = NULL;
-    struct key *k = NULL;
     if (slot != OPS_DIGEST) {
-        if (!logged_in()) {
-            rv = CKR_USER_NOT_LOGGED_IN;
-            goto out;
-        }
         k = obj_key(hk, &ob);
         if (!k) {
             rv = CKR_KEY_HANDLE_INVALID;
@@ -1329,7 +1392,6 @@ static CK_RV op_init(CK_SESSION_HANDLE hs, int slot, CK_MECHANISM_PTR pm, CK_OBJ
             rv = CKR_KEY_TYPE_INCONSISTENT;
             goto out;
         }
-        (void)need;
     }
     struct mspec m;
     rv = parse_mech(pm, slot, k, &m);
@@ -1347,47 +1409,69 @@ out:
     return rv;
 }
 
-/* Take the op out of the session for a request (so no lock is held). */
-static CK_RV op_begin(CK_SESSION_HANDLE hs, int slot, struct op *copy, struct keyref *kr) {
-    CK_RV rv = check_init();
-    if (rv != CKR_OK)
-        return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (!s)
-        rv = CKR_SESSION_HANDLE_INVALID;
-    else if (!s->ops[slot].active)
-        rv = CKR_OPERATION_NOT_INITIALIZED;
-    else {
-        *copy = s->ops[slot];
-        if (slot != OPS_DIGEST && kr) {
-            rv = keyref_of(copy->key, kr, NULL);
-            if (rv != CKR_OK) {
-                op_clear(&s->ops[slot]);
-            }
-        }
+static unsigned char *memdup(const unsigned char *p, size_t n, int *err) {
+    if (!p)
+        return NULL;
+    unsigned char *d = malloc(n ? n : 1);
+    if (!d)
+        *err = 1;
+    else if (n)
+        memcpy(d, p, n);
+    return d;
+}
+
+/* A private copy of an op, its buffers too: the request is made without the
+ * lock, and C_Finalize or C_CloseAllSessions in another thread may free the
+ * session's own meanwhile. The copy is freed with op_clear. */
+static CK_RV op_dup(struct op *dst, const struct op *src) {
+    int err = 0;
+    *dst = *src;
+    dst->buf = memdup(src->buf, src->len, &err);
+    dst->cap = src->buf ? src->len : 0;
+    dst->in = memdup(src->in, src->in_len, &err);
+    dst->res = memdup(src->res, src->res_len, &err);
+    dst->m.aad = memdup(src->m.aad, src->m.aad_len, &err);
+    if (err) {
+        op_clear(dst);
+        return CKR_HOST_MEMORY;
     }
-    pthread_mutex_unlock(&g_lock);
-    return rv;
+    return CKR_OK;
 }
 
 static void op_end(CK_SESSION_HANDLE hs, int slot) {
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (s)
-        op_clear(&s->ops[slot]);
+    struct op *o;
+    if (op_lock(hs, slot, &o) == CKR_OK) {
+        op_clear(o);
+        pthread_mutex_unlock(&g_lock);
+    }
+}
+
+/* Copy the op out of the session for a request (so no lock is held); a key
+ * that is gone ends the operation. Free the copy with op_clear. */
+static CK_RV op_begin(CK_SESSION_HANDLE hs, int slot, struct op *copy, struct keyref *kr) {
+    struct op *o;
+    CK_RV rv = op_lock(hs, slot, &o);
+    if (rv != CKR_OK)
+        return rv;
+    if (slot != OPS_DIGEST && kr)
+        rv = keyref_of(o->key, kr, NULL);
+    if (rv == CKR_OK)
+        rv = op_dup(copy, o);
+    if (rv != CKR_OK)
+        op_clear(o);
     pthread_mutex_unlock(&g_lock);
+    return rv;
 }
 
 /* Keep a result after a length query / short buffer (the op stays active). */
 static void op_keep(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, size_t in_len,
                     unsigned char *res, size_t res_len, int final) {
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (s && s->ops[slot].active) {
-        struct op *o = &s->ops[slot];
+    struct op *o;
+    if (op_lock(hs, slot, &o) == CKR_OK) {
         free(o->res);
         free(o->in);
+        o->res = NULL;
+        o->have_res = 0;
         o->in = malloc(in_len ? in_len : 1);
         if (o->in) {
             if (in_len)
@@ -1399,23 +1483,21 @@ static void op_keep(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, siz
             o->res_final = final;
             res = NULL;
         }
+        pthread_mutex_unlock(&g_lock);
     }
-    pthread_mutex_unlock(&g_lock);
     free(res);
 }
 
-/* Hand a result to the caller under PKCS#11's length rules. */
+/* Hand a result to the caller under PKCS#11's length rules: a length query
+ * (out NULL) and a short buffer keep the operation and its result; the
+ * result taken ends it. */
 static CK_RV deliver(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, size_t in_len,
                      unsigned char *res, size_t res_len, CK_BYTE_PTR out, CK_ULONG_PTR out_len) {
-    if (!out) {
+    if (!out || *out_len < res_len) {
+        CK_RV rv = out ? CKR_BUFFER_TOO_SMALL : CKR_OK;
         *out_len = res_len;
         op_keep(hs, slot, in, in_len, res, res_len, 1);
-        return CKR_OK;
-    }
-    if (*out_len < res_len) {
-        *out_len = res_len;
-        op_keep(hs, slot, in, in_len, res, res_len, 1);
-        return CKR_BUFFER_TOO_SMALL;
+        return rv;
     }
     memcpy(out, res, res_len);
     *out_len = res_len;
@@ -1425,82 +1507,66 @@ static CK_RV deliver(CK_SESSION_HANDLE hs, int slot, const unsigned char *in, si
 }
 
 /* A single-part call (C_Sign, C_Encrypt, C_Decrypt, C_Digest) or a Final
- * (in == NULL: the buffered input). */
+ * (in == NULL: the buffered input). Any error but a short buffer ends the
+ * operation (PKCS#11 2.40 5.8: C_Encrypt "always terminates the active
+ * encryption operation unless it returns CKR_BUFFER_TOO_SMALL or is a
+ * successful call ... to determine the length"), bad arguments too. */
 static CK_RV run_op(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULONG in_len,
                     CK_BYTE_PTR out, CK_ULONG_PTR out_len, int final) {
     struct op o;
     struct keyref kr;
-    CK_RV rv;
-    if (!out_len || (!final && !in && in_len))
-        return CKR_ARGUMENTS_BAD;
-    rv = op_begin(hs, slot, &o, &kr);
+    CK_RV rv = op_begin(hs, slot, &o, &kr);
     if (rv != CKR_OK)
         return rv;
+    unsigned char *res = NULL;
+    size_t res_len = 0;
     const unsigned char *data = final ? o.buf : in;
     size_t len = final ? o.len : in_len;
-    if (!final && o.multipart) {
-        op_end(hs, slot);
-        return CKR_OPERATION_ACTIVE;
-    }
+    if (!out_len || (!final && !in && in_len))
+        rv = CKR_ARGUMENTS_BAD;
+    else if (!final && o.multipart)
+        rv = CKR_OPERATION_ACTIVE;
+    if (rv != CKR_OK)
+        goto fail;
     if (!data)
         data = (const unsigned char *)"";
     if (o.have_res && o.in_len == len && (len == 0 || !memcmp(o.in, data, len))) {
-        unsigned char *res = malloc(o.res_len ? o.res_len : 1);
-        if (!res)
-            return CKR_HOST_MEMORY;
-        memcpy(res, o.res, o.res_len);
-        return deliver(hs, slot, data, len, res, o.res_len, out, out_len);
-    }
-    unsigned char *res = NULL;
-    size_t res_len = 0;
-    if (slot == OPS_SIGN)
+        res = o.res; /* the result of a length query: taken from the copy */
+        res_len = o.res_len;
+        o.res = NULL;
+    } else if (slot == OPS_SIGN)
         rv = do_sign(&o.m, &kr, data, len, NULL, 0, &res, &res_len);
     else if (slot == OPS_DIGEST)
         rv = do_digest(&o.m, data, len, &res, &res_len);
     else
         rv = do_crypt(&o.m, &kr, slot == OPS_DECRYPT, data, len, &res, &res_len);
-    if (rv != CKR_OK) {
-        op_end(hs, slot);
-        return rv;
-    }
-    /* `data` may point into the op's buffer: keep a copy before op_keep frees it. */
-    return deliver(hs, slot, data, len, res, res_len, out, out_len);
+    if (rv != CKR_OK)
+        goto fail;
+    rv = deliver(hs, slot, data, len, res, res_len, out, out_len);
+    op_clear(&o);
+    return rv;
+fail:
+    op_end(hs, slot);
+    op_clear(&o);
+    return rv;
 }
 
+/* C_DigestUpdate, C_SignUpdate, C_VerifyUpdate: the part is buffered for the
+ * Final. An error ends the operation. */
 static CK_RV op_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR part, CK_ULONG len) {
-    CK_RV rv = check_init();
+    struct op *o;
+    CK_RV rv = op_lock(hs, slot, &o);
     if (rv != CKR_OK)
         return rv;
+    o->multipart = 1;
     if (!part && len)
-        return CKR_ARGUMENTS_BAD;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (!s)
-        rv = CKR_SESSION_HANDLE_INVALID;
-    else if (!s->ops[slot].active)
-        rv = CKR_OPERATION_NOT_INITIALIZED;
-    else {
-        struct op *o = &s->ops[slot];
-        o->multipart = 1;
-        if (o->len + len > MAX_BUFFER) {
-            op_clear(o);
-            rv = CKR_DATA_LEN_RANGE;
-        } else if (len) {
-            if (o->len + len > o->cap) {
-                size_t c = (o->len + len) * 2;
-                unsigned char *nb = realloc(o->buf, c);
-                if (!nb) {
-                    rv = CKR_HOST_MEMORY;
-                    goto out;
-                }
-                o->buf = nb;
-                o->cap = c;
-            }
-            memcpy(o->buf + o->len, part, len);
-            o->len += len;
-        }
-    }
-out:
+        rv = CKR_ARGUMENTS_BAD;
+    else if (o->len + len > MAX_BUFFER)
+        rv = CKR_DATA_LEN_RANGE;
+    else if (len)
+        rv = grow_append(&o->buf, &o->len, &o->cap, part, len);
+    if (rv != CKR_OK)
+        op_clear(o);
     pthread_mutex_unlock(&g_lock);
     return rv;
 }
@@ -1549,23 +1615,6 @@ static CK_RV stream_init(const struct mspec *m, const struct keyref *kr, int dec
     return rv;
 }
 
-/* Append n bytes to a growing malloc'd buffer. */
-static CK_RV grow_append(unsigned char **p, size_t *len, size_t *cap, const unsigned char *v,
-                         size_t n) {
-    if (*len + n + 1 > *cap) {
-        size_t c = (*len + n) * 2 + 64;
-        unsigned char *nb = realloc(*p, c);
-        if (!nb)
-            return CKR_HOST_MEMORY;
-        *p = nb;
-        *cap = c;
-    }
-    if (n)
-        memcpy(*p + *len, v, n);
-    *len += n;
-    return CKR_OK;
-}
-
 /* One update request per piece; the output appended to *out. */
 static CK_RV stream_send(const struct keyref *kr, int decrypt, unsigned char *state,
                          size_t *state_len, const unsigned char *in, size_t len,
@@ -1603,10 +1652,8 @@ static CK_RV stream_send(const struct keyref *kr, int decrypt, unsigned char *st
  * GCM-decryption tail (taken), or NULL to leave the buffer as it is. */
 static void stream_commit(CK_SESSION_HANDLE hs, int slot, const struct op *c, unsigned char *hold,
                           size_t hold_len, int set_hold) {
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (s && s->ops[slot].active) {
-        struct op *o = &s->ops[slot];
+    struct op *o;
+    if (op_lock(hs, slot, &o) == CKR_OK) {
         o->multipart = 1;
         o->started = c->started;
         memcpy(o->state, c->state, c->state_len);
@@ -1618,8 +1665,8 @@ static void stream_commit(CK_SESSION_HANDLE hs, int slot, const struct op *c, un
             o->cap = hold_len;
             hold = NULL;
         }
+        pthread_mutex_unlock(&g_lock);
     }
-    pthread_mutex_unlock(&g_lock);
     free(hold);
 }
 
@@ -1637,30 +1684,34 @@ static CK_RV deliver_update(CK_SESSION_HANDLE hs, int slot, const unsigned char 
         memcpy(out, res, res_len);
     *out_len = res_len;
     free(res);
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(hs);
-    if (s && s->ops[slot].active) {
-        struct op *o = &s->ops[slot];
+    struct op *o;
+    if (op_lock(hs, slot, &o) == CKR_OK) {
         free(o->res);
         free(o->in);
         o->res = o->in = NULL;
         o->res_len = o->in_len = 0;
         o->have_res = o->res_final = 0;
+        pthread_mutex_unlock(&g_lock);
     }
-    pthread_mutex_unlock(&g_lock);
     return CKR_OK;
 }
 
+/* C_EncryptUpdate, C_DecryptUpdate. An error but a short buffer ends the
+ * operation. */
 static CK_RV crypt_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULONG n,
                           CK_BYTE_PTR out, CK_ULONG_PTR on) {
     struct op o;
     struct keyref kr;
-    if (!on || (!in && n))
-        return CKR_ARGUMENTS_BAD;
     CK_RV rv = op_begin(hs, slot, &o, &kr);
     if (rv != CKR_OK)
         return rv;
+    unsigned char *joined = NULL, *hold = NULL, *res = NULL;
+    if (!on || (!in && n)) {
+        rv = CKR_ARGUMENTS_BAD;
+        goto fail;
+    }
     if (!o.stream) { /* buffered: everything comes out at Final */
+        op_clear(&o);
         if (!out) { /* a length query consumes nothing */
             *on = 0;
             return CKR_OK;
@@ -1674,26 +1725,28 @@ static CK_RV crypt_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULO
     if (o.have_res) {
         /* The output of an earlier call with this input, not yet taken. */
         if (o.res_final || o.in_len != n || (n && memcmp(o.in, data, n))) {
-            op_end(hs, slot);
-            return CKR_FUNCTION_FAILED;
+            rv = CKR_FUNCTION_FAILED;
+            goto fail;
         }
-        unsigned char *res = malloc(o.res_len ? o.res_len : 1);
-        if (!res)
-            return CKR_HOST_MEMORY;
-        memcpy(res, o.res, o.res_len);
-        return deliver_update(hs, slot, data, n, res, o.res_len, out, on);
+        res = o.res;
+        o.res = NULL;
+        rv = deliver_update(hs, slot, data, n, res, o.res_len, out, on);
+        op_clear(&o);
+        return rv;
     }
     int decrypt = slot == OPS_DECRYPT;
     int gcm_dec = decrypt && !strcmp(o.m.mode, "GCM");
     size_t tag_len = o.m.tag_bits / 8;
-    unsigned char *joined = NULL, *hold = NULL;
     const unsigned char *send = data;
     size_t send_len = n, hold_len = 0;
     if (gcm_dec) {
         size_t total = o.len + n;
         joined = malloc(total + 1);
-        if (!joined)
-            return CKR_HOST_MEMORY;
+        hold = malloc((total < tag_len ? total : tag_len) + 1);
+        if (!joined || !hold) {
+            rv = CKR_HOST_MEMORY;
+            goto fail;
+        }
         if (o.len)
             memcpy(joined, o.buf, o.len);
         if (n)
@@ -1701,14 +1754,8 @@ static CK_RV crypt_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULO
         hold_len = total < tag_len ? total : tag_len;
         send = joined;
         send_len = total - hold_len;
-        hold = malloc(hold_len + 1);
-        if (!hold) {
-            free(joined);
-            return CKR_HOST_MEMORY;
-        }
         memcpy(hold, joined + send_len, hold_len);
     }
-    unsigned char *res = NULL;
     size_t res_len = 0, res_cap = 0;
     if (send_len && !o.started) {
         rv = stream_init(&o.m, &kr, decrypt, o.state, &o.state_len);
@@ -1720,44 +1767,53 @@ static CK_RV crypt_update(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR in, CK_ULO
                          &res_cap);
     if (rv == CKR_OK && !res)
         rv = grow_append(&res, &res_len, &res_cap, NULL, 0);
+    if (rv != CKR_OK)
+        goto fail;
     free(joined);
-    if (rv != CKR_OK) {
-        free(hold);
-        free(res);
-        op_end(hs, slot);
-        return rv;
-    }
     stream_commit(hs, slot, &o, hold, hold_len, gcm_dec);
+    op_clear(&o);
     return deliver_update(hs, slot, data, n, res, res_len, out, on);
+fail:
+    free(joined);
+    free(hold);
+    free(res);
+    op_end(hs, slot);
+    op_clear(&o);
+    return rv;
 }
 
+/* C_EncryptFinal, C_DecryptFinal. */
 static CK_RV crypt_final(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR out, CK_ULONG_PTR on) {
     struct op o;
     struct keyref kr;
-    if (!on)
-        return CKR_ARGUMENTS_BAD;
     CK_RV rv = op_begin(hs, slot, &o, &kr);
     if (rv != CKR_OK)
         return rv;
-    if (o.have_res && !o.res_final) { /* an Update's output was never taken */
-        op_end(hs, slot);
-        return CKR_FUNCTION_FAILED;
-    }
-    if (!o.stream || !o.started)
+    unsigned char *res = NULL;
+    size_t res_len = 0, res_cap = 0;
+    if (!on)
+        rv = CKR_ARGUMENTS_BAD;
+    else if (o.have_res && !o.res_final) /* an Update's output was never taken */
+        rv = CKR_FUNCTION_FAILED;
+    if (rv != CKR_OK)
+        goto fail;
+    if (!o.stream || !o.started) {
+        op_clear(&o);
         return run_op(hs, slot, NULL, 0, out, on, 1);
+    }
     if (o.have_res) {
-        unsigned char *res = malloc(o.res_len ? o.res_len : 1);
-        if (!res)
-            return CKR_HOST_MEMORY;
-        memcpy(res, o.res, o.res_len);
-        return deliver(hs, slot, (const unsigned char *)"", 0, res, o.res_len, out, on);
+        res = o.res;
+        o.res = NULL;
+        rv = deliver(hs, slot, (const unsigned char *)"", 0, res, o.res_len, out, on);
+        op_clear(&o);
+        return rv;
     }
     int decrypt = slot == OPS_DECRYPT;
     int gcm = !strcmp(o.m.mode, "GCM");
     size_t tag_len = o.m.tag_bits / 8;
     if (decrypt && gcm && o.len != tag_len) {
-        op_end(hs, slot);
-        return CKR_ENCRYPTED_DATA_LEN_RANGE;
+        rv = CKR_ENCRYPTED_DATA_LEN_RANGE;
+        goto fail;
     }
     sr_body b;
     sr_resp r;
@@ -1771,14 +1827,10 @@ static CK_RV crypt_final(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR out, CK_ULO
         sr_kv_int(&b, "tag_len", (int64_t)o.m.tag_bits);
     rv = call("POST", decrypt ? "/crypto/v1/decrypt/final" : "/crypto/v1/encrypt/final", &b, &r);
     sr_body_free(&b);
-    if (rv != CKR_OK) {
-        op_end(hs, slot);
-        return rv;
-    }
+    if (rv != CKR_OK)
+        goto fail;
     const unsigned char *c, *t = NULL;
     size_t cn, tn = 0;
-    unsigned char *res = NULL;
-    size_t res_len = 0, res_cap = 0;
     if (sr_get_bin(r.body, decrypt ? "plain" : "cipher", &c, &cn))
         rv = CKR_DEVICE_ERROR;
     if (rv == CKR_OK && !decrypt && gcm && (sr_get_bin(r.body, "tag", &t, &tn) || tn != tag_len))
@@ -1788,13 +1840,16 @@ static CK_RV crypt_final(CK_SESSION_HANDLE hs, int slot, CK_BYTE_PTR out, CK_ULO
     if (rv == CKR_OK && tn)
         rv = grow_append(&res, &res_len, &res_cap, t, tn);
     sr_resp_free(&r);
-    if (rv != CKR_OK) {
-        free(res);
-        op_end(hs, slot);
-        return rv;
-    }
+    if (rv != CKR_OK)
+        goto fail;
+    op_clear(&o);
     /* The daemon ended the stream: a length query keeps the result. */
     return deliver(hs, slot, (const unsigned char *)"", 0, res, res_len, out, on);
+fail:
+    free(res);
+    op_end(hs, slot);
+    op_clear(&o);
+    return rv;
 }
 
 /* A started stream a closing session leaves behind. */
@@ -1830,12 +1885,12 @@ static void streams_end(const struct stream_left *left, size_t n);
 static void end_all_streams(void) {
     pthread_mutex_lock(&g_lock);
     size_t n = 0;
-    for (size_t i = 0; i < MAX_SESSIONS; i++)
+    for (size_t i = 0; sessions && i < MAX_SESSIONS; i++)
         for (int slot = OPS_ENCRYPT; slot <= OPS_DECRYPT; slot++)
             n += sessions[i].used && sessions[i].ops[slot].active && sessions[i].ops[slot].started;
     struct stream_left *left = n ? malloc(n * sizeof *left) : NULL;
     size_t got = 0;
-    for (size_t i = 0; left && i < MAX_SESSIONS && got < n; i++)
+    for (size_t i = 0; left && sessions && i < MAX_SESSIONS && got < n; i++)
         if (sessions[i].used) {
             struct stream_left two[2];
             size_t k = streams_take(&sessions[i], two);
@@ -2189,21 +2244,17 @@ static void close_session(struct session *s) {
 }
 
 EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE h) {
-    CK_RV rv = check_init();
+    struct stream_left left[2];
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
     if (rv != CKR_OK)
         return rv;
-    struct stream_left left[2];
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    size_t n_left = s ? streams_take(s, left) : 0;
+    size_t n_left = streams_take(s, left);
     pthread_mutex_unlock(&g_lock);
     streams_end(left, n_left);
-    pthread_mutex_lock(&g_lock);
-    s = get_session(h);
-    if (!s) {
-        pthread_mutex_unlock(&g_lock);
-        return CKR_SESSION_HANDLE_INVALID;
-    }
+    rv = session_lock(h, NEED_SESSION, &s);
+    if (rv != CKR_OK)
+        return rv;
     close_session(s);
     /* The last session closed logs the user out; under the lock, so that a
      * session opened meanwhile by another thread is not logged out under it. */
@@ -2221,7 +2272,7 @@ EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot) {
         return CKR_SLOT_ID_INVALID;
     end_all_streams();
     pthread_mutex_lock(&g_lock);
-    for (size_t i = 0; i < MAX_SESSIONS; i++)
+    for (size_t i = 0; sessions && i < MAX_SESSIONS; i++)
         if (sessions[i].used)
             close_session(&sessions[i]);
     if (!sr_cfg.api_key[0])
@@ -2231,16 +2282,13 @@ EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slot) {
 }
 
 EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR p) {
-    CK_RV rv = check_init();
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
     if (rv != CKR_OK)
         return rv;
-    if (!p)
-        return CKR_ARGUMENTS_BAD;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    if (!s) {
+    if (!p) {
         pthread_mutex_unlock(&g_lock);
-        return CKR_SESSION_HANDLE_INVALID;
+        return CKR_ARGUMENTS_BAD;
     }
     int rw = (s->flags & CKF_RW_SESSION) != 0;
     p->slotID = SLOT_ID;
@@ -2254,21 +2302,18 @@ EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE h, CK_SESSION_INFO_PTR p) {
 }
 
 EXPORT CK_RV C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin, CK_ULONG len) {
-    CK_RV rv = check_init();
+    CK_RV rv = session_check(h, NEED_SESSION);
     if (rv != CKR_OK)
         return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    pthread_mutex_unlock(&g_lock);
-    if (!s)
-        return CKR_SESSION_HANDLE_INVALID;
     if (user == CKU_CONTEXT_SPECIFIC)
         return CKR_OPERATION_NOT_INITIALIZED;
     if (user != CKU_USER)
         return CKR_USER_TYPE_INVALID;
     if (logged_in())
         return CKR_USER_ALREADY_LOGGED_IN;
-    if (!pin || len == 0 || len > 1024)
+    if (!pin)
+        return CKR_ARGUMENTS_BAD; /* no protected authentication path here */
+    if (len == 0 || len > 1024)
         return CKR_PIN_INCORRECT;
     sr_resp r;
     rv = sr_conn_login((const char *)pin, len, &r);
@@ -2286,10 +2331,8 @@ EXPORT CK_RV C_Login(CK_SESSION_HANDLE h, CK_USER_TYPE user, CK_UTF8CHAR_PTR pin
     return rv;
 }
 
-static CK_RV need_login(CK_SESSION_HANDLE h);
-
 EXPORT CK_RV C_Logout(CK_SESSION_HANDLE h) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     end_all_streams();
@@ -2355,17 +2398,14 @@ static int matches(const struct obj *o, const struct key *k, CK_ATTRIBUTE_PTR t,
 }
 
 EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n) {
-    CK_RV rv = check_init();
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
     if (rv != CKR_OK)
         return rv;
+    int active = s->finding;
+    pthread_mutex_unlock(&g_lock);
     if (!t && n)
         return CKR_ARGUMENTS_BAD;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    int active = s && s->finding;
-    pthread_mutex_unlock(&g_lock);
-    if (!s)
-        return CKR_SESSION_HANDLE_INVALID;
     if (active)
         return CKR_OPERATION_ACTIVE;
     auto_login();
@@ -2388,12 +2428,9 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG
                 return rv; /* other errors: the certificate just does not match */
         }
     }
-    pthread_mutex_lock(&g_lock);
-    s = get_session(h);
-    if (!s) {
-        pthread_mutex_unlock(&g_lock);
-        return CKR_SESSION_HANDLE_INVALID;
-    }
+    rv = session_lock(h, NEED_SESSION, &s);
+    if (rv != CKR_OK)
+        return rv;
     free(s->found);
     s->found = calloc(n_objs + 1, sizeof *s->found);
     s->n_found = s->pos = 0;
@@ -2415,15 +2452,12 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG
 
 EXPORT CK_RV C_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR out, CK_ULONG max,
                            CK_ULONG_PTR count) {
-    CK_RV rv = check_init();
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
     if (rv != CKR_OK)
         return rv;
     if (!out || !count)
-        return CKR_ARGUMENTS_BAD;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    if (!s)
-        rv = CKR_SESSION_HANDLE_INVALID;
+        rv = CKR_ARGUMENTS_BAD;
     else if (!s->finding)
         rv = CKR_OPERATION_NOT_INITIALIZED;
     else {
@@ -2437,14 +2471,11 @@ EXPORT CK_RV C_FindObjects(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE_PTR out, CK_ULO
 }
 
 EXPORT CK_RV C_FindObjectsFinal(CK_SESSION_HANDLE h) {
-    CK_RV rv = check_init();
+    struct session *s;
+    CK_RV rv = session_lock(h, NEED_SESSION, &s);
     if (rv != CKR_OK)
         return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    if (!s)
-        rv = CKR_SESSION_HANDLE_INVALID;
-    else if (!s->finding)
+    if (!s->finding)
         rv = CKR_OPERATION_NOT_INITIALIZED;
     else {
         free(s->found);
@@ -2478,7 +2509,8 @@ static CK_RV export_value(const struct keyref *kr, unsigned char **v, size_t *n)
 
 EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho, CK_ATTRIBUTE_PTR t,
                                  CK_ULONG n) {
-    CK_RV rv = check_init(), result = CKR_OK;
+    struct session *s;
+    CK_RV rv = session_check(h, NEED_SESSION), result = CKR_OK;
     if (rv != CKR_OK)
         return rv;
     if (!t && n)
@@ -2491,11 +2523,9 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho, CK_AT
                 return CKR_DEVICE_ERROR;
             break;
         }
-    pthread_mutex_lock(&g_lock);
-    if (!get_session(h)) {
-        pthread_mutex_unlock(&g_lock);
-        return CKR_SESSION_HANDLE_INVALID;
-    }
+    rv = session_lock(h, NEED_SESSION, &s);
+    if (rv != CKR_OK)
+        return rv;
     struct obj *o;
     struct key *k = logged_in() ? obj_key(ho, &o) : NULL;
     if (!k) {
@@ -2563,17 +2593,13 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho, CK_AT
 
 EXPORT CK_RV C_SetAttributeValue(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho, CK_ATTRIBUTE_PTR t,
                                  CK_ULONG n) {
-    CK_RV rv = check_init();
+    struct session *s;
+    struct keyref kr;
+    CK_RV rv = session_lock(h, NEED_LOGIN, &s);
     if (rv != CKR_OK)
         return rv;
     if (!t && n)
-        return CKR_ARGUMENTS_BAD;
-    struct keyref kr;
-    pthread_mutex_lock(&g_lock);
-    if (!get_session(h))
-        rv = CKR_SESSION_HANDLE_INVALID;
-    else if (!logged_in())
-        rv = CKR_USER_NOT_LOGGED_IN;
+        rv = CKR_ARGUMENTS_BAD;
     else if (keyref_of(ho, &kr, NULL) != CKR_OK)
         rv = CKR_OBJECT_HANDLE_INVALID;
     pthread_mutex_unlock(&g_lock);
@@ -2924,23 +2950,9 @@ static CK_OBJECT_HANDLE take_new(sr_resp *r, CK_OBJECT_CLASS cls) {
     return h;
 }
 
-static CK_RV need_login(CK_SESSION_HANDLE h) {
-    CK_RV rv = check_init();
-    if (rv != CKR_OK)
-        return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    pthread_mutex_unlock(&g_lock);
-    if (!s)
-        return CKR_SESSION_HANDLE_INVALID;
-    if (!logged_in())
-        return CKR_USER_NOT_LOGGED_IN;
-    return CKR_OK;
-}
-
 EXPORT CK_RV C_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_ATTRIBUTE_PTR t,
                            CK_ULONG n, CK_OBJECT_HANDLE_PTR ph) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!pm || !ph)
@@ -2988,7 +3000,7 @@ EXPORT CK_RV C_GenerateKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_ATTRIBUT
 EXPORT CK_RV C_GenerateKeyPair(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_ATTRIBUTE_PTR tpub,
                                CK_ULONG npub, CK_ATTRIBUTE_PTR tpriv, CK_ULONG npriv,
                                CK_OBJECT_HANDLE_PTR hpub, CK_OBJECT_HANDLE_PTR hpriv) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!pm || !hpub || !hpriv)
@@ -3145,7 +3157,7 @@ static CK_RV import_asym(struct tmpl *a, CK_OBJECT_HANDLE_PTR ph) {
 
 EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
                             CK_OBJECT_HANDLE_PTR ph) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!ph)
@@ -3215,7 +3227,7 @@ EXPORT CK_RV C_CreateObject(CK_SESSION_HANDLE h, CK_ATTRIBUTE_PTR t, CK_ULONG n,
 }
 
 EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     struct keyref kr;
@@ -3255,7 +3267,7 @@ EXPORT CK_RV C_DestroyObject(CK_SESSION_HANDLE h, CK_OBJECT_HANDLE ho) {
 /* ---------------------------------------------------------- crypto entry points */
 
 EXPORT CK_RV C_EncryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
-    return op_init(h, OPS_ENCRYPT, m, k, OP_ENCRYPT);
+    return op_init(h, OPS_ENCRYPT, m, k);
 }
 EXPORT CK_RV C_Encrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                        CK_ULONG_PTR on) {
@@ -3269,7 +3281,7 @@ EXPORT CK_RV C_EncryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR o
     return crypt_final(h, OPS_ENCRYPT, out, on);
 }
 EXPORT CK_RV C_DecryptInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
-    return op_init(h, OPS_DECRYPT, m, k, OP_DECRYPT);
+    return op_init(h, OPS_DECRYPT, m, k);
 }
 EXPORT CK_RV C_Decrypt(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                        CK_ULONG_PTR on) {
@@ -3283,7 +3295,7 @@ EXPORT CK_RV C_DecryptFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR o
     return crypt_final(h, OPS_DECRYPT, out, on);
 }
 EXPORT CK_RV C_DigestInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m) {
-    return op_init(h, OPS_DIGEST, m, 0, 0);
+    return op_init(h, OPS_DIGEST, m, 0);
 }
 EXPORT CK_RV C_Digest(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                       CK_ULONG_PTR on) {
@@ -3296,7 +3308,7 @@ EXPORT CK_RV C_DigestFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR on
     return run_op(h, OPS_DIGEST, NULL, 0, out, on, 1);
 }
 EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
-    return op_init(h, OPS_SIGN, m, k, OP_SIGN);
+    return op_init(h, OPS_SIGN, m, k);
 }
 EXPORT CK_RV C_Sign(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR out,
                     CK_ULONG_PTR on) {
@@ -3309,29 +3321,31 @@ EXPORT CK_RV C_SignFinal(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG_PTR on) 
     return run_op(h, OPS_SIGN, NULL, 0, out, on, 1);
 }
 EXPORT CK_RV C_VerifyInit(CK_SESSION_HANDLE h, CK_MECHANISM_PTR m, CK_OBJECT_HANDLE k) {
-    return op_init(h, OPS_VERIFY, m, k, OP_VERIFY);
+    return op_init(h, OPS_VERIFY, m, k);
 }
 
 static CK_RV verify_run(CK_SESSION_HANDLE h, CK_BYTE_PTR in, CK_ULONG n, CK_BYTE_PTR sig,
                         CK_ULONG sn, int final) {
     struct op o;
     struct keyref kr;
-    if (!sig || (!final && !in && n))
-        return CKR_ARGUMENTS_BAD;
     CK_RV rv = op_begin(h, OPS_VERIFY, &o, &kr);
     if (rv != CKR_OK)
         return rv;
-    if (!final && o.multipart) {
-        op_end(h, OPS_VERIFY);
-        return CKR_OPERATION_ACTIVE;
+    if (!sig || (!final && !in && n))
+        rv = CKR_ARGUMENTS_BAD;
+    else if (!final && o.multipart)
+        rv = CKR_OPERATION_ACTIVE;
+    else {
+        const unsigned char *data = final ? o.buf : in;
+        size_t len = final ? o.len : n;
+        unsigned char *unused = NULL;
+        size_t ul = 0;
+        rv = do_sign(&o.m, &kr, data ? data : (const unsigned char *)"", len, sig, sn, &unused,
+                     &ul);
+        free(unused);
     }
-    const unsigned char *data = final ? o.buf : in;
-    size_t len = final ? o.len : n;
-    unsigned char *unused = NULL;
-    size_t ul = 0;
-    rv = do_sign(&o.m, &kr, data ? data : (const unsigned char *)"", len, sig, sn, &unused, &ul);
-    free(unused);
-    op_end(h, OPS_VERIFY);
+    op_end(h, OPS_VERIFY); /* C_Verify ends the operation whatever it returns */
+    op_clear(&o);
     return rv;
 }
 
@@ -3377,7 +3391,7 @@ static CK_RV wrap_mode(CK_MECHANISM_PTR pm, const struct key *k, const char **al
 
 EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hw,
                        CK_OBJECT_HANDLE hk, CK_BYTE_PTR out, CK_ULONG_PTR on) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!pm || !on)
@@ -3427,7 +3441,7 @@ EXPORT CK_RV C_WrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HANDL
 EXPORT CK_RV C_UnwrapKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hw,
                          CK_BYTE_PTR wrapped, CK_ULONG wn, CK_ATTRIBUTE_PTR t, CK_ULONG n,
                          CK_OBJECT_HANDLE_PTR ph) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!pm || !wrapped || !ph)
@@ -3488,7 +3502,7 @@ static void delete_key(const char *kid) {
  * the daemon keeps the leading CKA_VALUE_LEN bytes of the shared x. */
 EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HANDLE hb,
                          CK_ATTRIBUTE_PTR t, CK_ULONG n, CK_OBJECT_HANDLE_PTR ph) {
-    CK_RV rv = need_login(h);
+    CK_RV rv = session_check(h, NEED_LOGIN);
     if (rv != CKR_OK)
         return rv;
     if (!pm || !ph)
@@ -3596,14 +3610,9 @@ EXPORT CK_RV C_DeriveKey(CK_SESSION_HANDLE h, CK_MECHANISM_PTR pm, CK_OBJECT_HAN
 }
 
 EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n) {
-    CK_RV rv = check_init();
+    CK_RV rv = session_check(h, NEED_SESSION);
     if (rv != CKR_OK)
         return rv;
-    pthread_mutex_lock(&g_lock);
-    struct session *s = get_session(h);
-    pthread_mutex_unlock(&g_lock);
-    if (!s)
-        return CKR_SESSION_HANDLE_INVALID;
     if (!out && n)
         return CKR_ARGUMENTS_BAD;
     while (n) {
@@ -3618,6 +3627,9 @@ EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n) 
 
 /* ---------------------------------------------------------- not supported */
 
+/* Their parameters are the API's, unused by design. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-parameter"
 #define NS(name, args)                                                                             \
     EXPORT CK_RV name args {                                                                       \
         CK_RV rv = check_init();                                                                   \
@@ -3647,6 +3659,7 @@ NS(C_DecryptVerifyUpdate,
    (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 NS(C_SeedRandom, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c))
 NS(C_WaitForSlotEvent, (CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c))
+#pragma GCC diagnostic pop
 
 EXPORT CK_RV C_GetFunctionStatus(CK_SESSION_HANDLE h) {
     (void)h;

@@ -15,17 +15,21 @@ from strongroom import Client
 
 from tests.conftest import ROOT, Daemon, unique
 
-MODULE = ROOT / ".venv" / "lib" / "libstrongroom-pkcs11.so"
+#: `make -C pkcs11 asan-test` sets STRONGROOM_PKCS11_ASAN: the tests load the sanitized build
+ASAN = bool(os.environ.get("STRONGROOM_PKCS11_ASAN"))
+LIBDIR = ROOT / ".venv" / "lib"
+MODULE = LIBDIR / "asan" / "libstrongroom-pkcs11.so" if ASAN else LIBDIR / "libstrongroom-pkcs11.so"
 
 
 def build_module() -> Path:
     """Build and install the module (scripts/_setup.sh does it too); one builder at a time."""
     build = ROOT / "pkcs11" / "build"
     build.mkdir(exist_ok=True)
+    target = "install-asan" if ASAN else "install"
     with open(build / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         subprocess.run(
-            ["make", "-s", "-C", str(ROOT / "pkcs11"), "install", f"DESTDIR={MODULE.parent}"],
+            ["make", "-s", "-C", str(ROOT / "pkcs11"), target, f"DESTDIR={LIBDIR}"],
             check=True,
             capture_output=True,
         )
