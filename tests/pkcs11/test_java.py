@@ -28,6 +28,13 @@ from tests.pkcs11.conftest import World, tool_env
 
 SOURCE = Path(__file__).parent / "java" / "StrongroomJava.java"
 DATA = b"signed in Java, kept in Strongroom"
+P256 = ec.SECP256R1()
+#: SunPKCS11 config lines for KeyAgreement: the derived secret may be read (EXPORT)
+ECDH_ATTRIBUTES = """
+attributes(generate, CKO_SECRET_KEY, CKK_GENERIC_SECRET) = {
+  CKA_EXTRACTABLE = true
+}
+"""
 
 
 @dataclass
@@ -39,16 +46,31 @@ class JavaWorld:
     config: Path
     api_key: str
     other_key: str
+    peer: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(P256))
     names: dict[str, str] = field(default_factory=dict)  # role -> name
     keys: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> sobject
+
+    @property
+    def peer_spki(self) -> bytes:
+        """An ECDH peer's public key (SubjectPublicKeyInfo DER)."""
+        return self.peer.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @property
+    def rsa_ciphertext(self) -> bytes:
+        """DATA encrypted by cryptography to the Strongroom RSA key (PKCS#1 v1.5)."""
+        pub = serialization.load_der_public_key(self.keys["rsa"]["pub_key"])
+        return pub.encrypt(DATA, padding.PKCS1v15())
 
     def env(self, **extra: str) -> dict[str, str]:
         return tool_env(self.world, SR_PIN=self.api_key, SR_OTHER_PIN=self.other_key, **extra)
 
-    def run(self, *commands: str, **extra: str) -> list[str]:
+    def run(self, *commands: str, config: Path | None = None, **extra: str) -> list[str]:
         """One JVM: each command's answer line, in order."""
+        cfg = str(config or self.config)
         r = subprocess.run(
-            ["java", "-cp", str(self.classes), "StrongroomJava", str(self.config)],
+            ["java", "-cp", str(self.classes), "StrongroomJava", cfg],
             input="".join(c + "\n" for c in commands),
             env=self.env(**extra),
             capture_output=True,
@@ -79,7 +101,8 @@ def cert_for(public_key: Any, cn: str) -> x509.Certificate:
 @pytest.fixture(scope="module")
 def jw(world: World, tmp_path_factory: pytest.TempPathFactory) -> JavaWorld:
     tmp = tmp_path_factory.mktemp("java")
-    subprocess.run(["javac", "-d", str(tmp), str(SOURCE)], check=True, timeout=120)
+    # javac runs while the keys are made
+    javac = subprocess.Popen(["javac", "-d", str(tmp), str(SOURCE)], stderr=subprocess.PIPE)
     config = tmp / "strongroom-java.cfg"
     config.write_text(f"name = Strongroom\nlibrary = {world.module}\nslot = 1\n")
     admin = Client(world.daemon.socket, world.daemon.admin_key)
@@ -95,28 +118,34 @@ def jw(world: World, tmp_path_factory: pytest.TempPathFactory) -> JavaWorld:
         "aes": {"obj_type": "AES", "key_size": 256},
         "aes_x": {"obj_type": "AES", "key_size": 128, "key_ops": ["ENCRYPT", "DECRYPT", "EXPORT"]},
         "vo": {"obj_type": "EC", "elliptic_curve": "NistP256", "key_ops": ["VERIFY"]},
+        "hmac": {"obj_type": "HMAC", "key_size": 256},
+        "ecdh": {"obj_type": "EC", "elliptic_curve": "NistP256", "key_ops": ["AGREEKEY"]},
+        "bare": {"obj_type": "RSA", "key_size": 2048},  # no certificate: not a KeyStore entry
     }
     with Client(world.daemon.socket, jw.api_key) as c:
         for role, spec in specs.items():
             jw.names[role] = unique(f"java-{role}")
             jw.keys[role] = c.request("POST", "/crypto/v1/keys", {"name": jw.names[role], **spec})
-        for role in ("rsa", "ec", "vo"):
-            pub = serialization.load_der_public_key(jw.keys[role]["pub_key"])
-            cert = cert_for(pub, jw.names[role])
-            name = unique(f"java-{role}-cert")
-            jw.names[f"{role}_cert"] = name
-            jw.keys[f"{role}_cert"] = c.request(
-                "PUT",
-                "/crypto/v1/keys",
-                {
-                    "name": name,
-                    "obj_type": "CERTIFICATE",
-                    "value": cert.public_bytes(serialization.Encoding.DER),
-                },
+        # a certificate for each key pair; one for a key that is not here (no pair)
+        pubs = {r: jw.keys[r]["pub_key"] for r in ("rsa", "ec", "vo", "ecdh")}
+        pubs["lone"] = (
+            ec.generate_private_key(ec.SECP256R1())
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
             )
+        )
+        for role, spki in pubs.items():
+            pub = serialization.load_der_public_key(spki)
+            jw.names[f"{role}_cert"] = name = unique(f"java-{role}-cert")
+            der = cert_for(pub, name).public_bytes(serialization.Encoding.DER)
+            body = {"name": name, "obj_type": "CERTIFICATE", "value": der}
+            jw.keys[f"{role}_cert"] = c.request("PUT", "/crypto/v1/keys", body)
     with Client(world.daemon.socket, jw.other_key) as c:
         jw.names["other"] = unique("java-other")
         c.request("POST", "/crypto/v1/keys", {"name": jw.names["other"], "obj_type": "AES"})
+    _, err = javac.communicate(timeout=120)
+    assert javac.returncode == 0, err.decode()
     return jw
 
 
@@ -137,6 +166,9 @@ def session(jw: JavaWorld) -> dict[str, str]:
         "gcm_sensitive": f"encrypt {n['aes']} AES/GCM/NoPadding {d} 12",
         "gcm_default_iv": f"encrypt {n['aes']} AES/GCM/NoPadding {d}",
         "other": f"encrypt {n['other']} AES/CBC/PKCS5Padding {d}",
+        "hmac": f"mac {n['hmac']} HmacSHA256 {d}",
+        "rsa_decrypt": f"rsadecrypt {n['rsa_cert']} RSA/ECB/PKCS1Padding {jw.rsa_ciphertext.hex()}",
+        "ecdh_sensitive": f"ecdh {n['ecdh_cert']} {jw.peer_spki.hex()}",
         "gen_rsa": f"genpair RSA 2048 {d}",
         "gen_ec": f"genpair EC 256 {d}",
         "gen_aes": f"genaes 256 {d}",
@@ -166,14 +198,14 @@ def test_keystore_aliases(session: dict[str, str], jw: JavaWorld) -> None:
         n["rsa_cert"]: "key:RSA",
         n["ec_cert"]: "key:EC",
         n["vo_cert"]: "key:EC",
+        n["ecdh_cert"]: "key:EC",
+        n["hmac"]: "key:Generic_Secret",
     }
     # keys Java generated are session objects (transient keys): not entries, gone with the JVM
     assert aliases(session["aliases_after"]) == aliases(session["aliases"])
     with Client(jw.world.daemon.socket, jw.api_key) as c:
         names = {k["name"] for k in c.request("GET", "/crypto/v1/keys", {"limit": 100})}
-    assert names == {
-        n[r] for r in ("rsa", "ec", "aes", "aes_x", "vo", "rsa_cert", "ec_cert", "vo_cert")
-    }
+    assert names == set(n.values()) - {n["other"]}
 
 
 def public(jw: JavaWorld, role: str) -> Any:
@@ -228,6 +260,38 @@ def test_aes_in_java_decrypted_outside(session: dict[str, str], jw: JavaWorld) -
         assert out["plain"] == DATA
 
 
+def test_hmac_and_rsa_decryption(session: dict[str, str], jw: JavaWorld) -> None:
+    """Mac HmacSHA256 with an HMAC key (a "Generic Secret" entry), the same MAC as the
+    daemon's; RSA/ECB/PKCS1Padding decrypts what cryptography encrypted to the key."""
+    (mac,) = answer(session["hmac"])
+    with Client(jw.world.daemon.socket, jw.api_key) as c:
+        body = {"key": {"kid": jw.keys["hmac"]["kid"]}, "alg": "SHA256", "data": DATA}
+        assert c.request("POST", "/crypto/v1/mac", body)["mac"] == bytes.fromhex(mac)
+    assert answer(session["rsa_decrypt"]) == [DATA.hex()]
+
+
+def test_ecdh_needs_an_extractable_secret(session: dict[str, str], jw: JavaWorld) -> None:
+    """KeyAgreement reads the derived secret's CKA_VALUE: Java asks for no CKA_EXTRACTABLE,
+    so the secret stays in Strongroom (CKR_ATTRIBUTE_SENSITIVE) unless the SunPKCS11 config
+    asks for it; then the secret is the one cryptography computes. AGREEKEY still rules."""
+    line = session["ecdh_sensitive"]
+    assert line.startswith("err java.security.ProviderException"), line
+    assert line.endswith("CKR_ATTRIBUTE_SENSITIVE 0x11"), line
+    config = jw.classes / "strongroom-ecdh.cfg"
+    config.write_text(jw.config.read_text() + ECDH_ATTRIBUTES)
+    login, secret, refused = jw.run(
+        "login SR_PIN",
+        f"ecdh {jw.names['ecdh_cert']} {jw.peer_spki.hex()}",
+        f"ecdh {jw.names['ec_cert']} {jw.peer_spki.hex()}",  # no AGREEKEY
+        config=config,
+    )
+    assert login == "ok SunPKCS11-Strongroom"
+    mine = serialization.load_der_public_key(jw.keys["ecdh"]["pub_key"])
+    assert answer(secret) == [jw.peer.exchange(ec.ECDH(), mine).hex()]
+    assert refused.startswith("err java.security.ProviderException"), refused
+    assert refused.endswith("CKR_KEY_FUNCTION_NOT_PERMITTED"), refused
+
+
 def test_gcm_needs_a_12_byte_iv(session: dict[str, str]) -> None:
     """SunPKCS11 picks a 16-byte GCM IV by itself; the daemon takes 12 (as DSM): a clean refusal."""
     line = session["gcm_default_iv"]
@@ -277,10 +341,10 @@ def keytool(jw: JavaWorld, *args: str, **extra: str) -> subprocess.CompletedProc
 def test_keytool_lists_the_entries(jw: JavaWorld, tmp_path: Path) -> None:
     r = keytool(jw, "-storepass:env", "SR_PIN")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "Your keystore contains 5 entries" in r.stdout
-    for role in ("rsa_cert", "ec_cert", "vo_cert"):
+    assert "Your keystore contains 7 entries" in r.stdout
+    for role in ("rsa_cert", "ec_cert", "vo_cert", "ecdh_cert"):
         assert f"{jw.names[role]}, PrivateKeyEntry" in r.stdout
-    for role in ("aes", "aes_x"):
+    for role in ("aes", "aes_x", "hmac"):
         assert f"{jw.names[role]}, SecretKeyEntry" in r.stdout
     # the PIN from a file (0600); a wrong one fails to load the keystore
     pin = tmp_path / "pin"

@@ -1,20 +1,25 @@
 import java.io.BufferedReader;
 import java.io.InputStreamReader;
 import java.security.Key;
+import java.security.KeyFactory;
 import java.security.KeyPair;
 import java.security.KeyPairGenerator;
 import java.security.KeyStore;
 import java.security.PrivateKey;
 import java.security.Provider;
+import java.security.PublicKey;
 import java.security.SecureRandom;
 import java.security.Security;
 import java.security.Signature;
 import java.security.spec.MGF1ParameterSpec;
 import java.security.spec.PSSParameterSpec;
+import java.security.spec.X509EncodedKeySpec;
 import java.util.Collections;
 import java.util.HexFormat;
 import javax.crypto.Cipher;
+import javax.crypto.KeyAgreement;
 import javax.crypto.KeyGenerator;
+import javax.crypto.Mac;
 import javax.crypto.SecretKey;
 import javax.crypto.spec.GCMParameterSpec;
 import javax.crypto.spec.IvParameterSpec;
@@ -43,13 +48,13 @@ public final class StrongroomJava {
                         ks.load(null, pin == null ? null : pin.toCharArray());
                         System.out.println("ok " + p.getName());
                         break;
-                    case "aliases": // one "alias:kind:algorithm" per alias, sorted
+                    case "aliases": // one "alias:kind:algorithm" per alias
                         StringBuilder sb = new StringBuilder("ok");
                         for (String al : Collections.list(ks.aliases())) {
                             String kind = ks.isKeyEntry(al) ? "key" : ks.isCertificateEntry(al) ? "cert" : "?";
                             Key k = ks.isKeyEntry(al) ? ks.getKey(al, null) : null;
                             sb.append(' ').append(al).append(':').append(kind).append(':')
-                                    .append(k == null ? "-" : k.getAlgorithm());
+                                    .append(k == null ? "-" : k.getAlgorithm().replace(' ', '_'));
                         }
                         System.out.println(sb);
                         break;
@@ -101,6 +106,27 @@ public final class StrongroomJava {
                         else
                             c.init(Cipher.DECRYPT_MODE, k, new IvParameterSpec(iv));
                         System.out.println("ok " + HEX.formatHex(c.doFinal(HEX.parseHex(a[4]))));
+                        break;
+                    }
+                    case "mac": { // mac <alias> <algorithm> <data hex> -> MAC hex
+                        Mac m = Mac.getInstance(a[2], p);
+                        m.init(ks.getKey(a[1], null));
+                        System.out.println("ok " + HEX.formatHex(m.doFinal(HEX.parseHex(a[3]))));
+                        break;
+                    }
+                    case "rsadecrypt": { // rsadecrypt <alias> <transformation> <ciphertext hex> -> plaintext hex
+                        Cipher c = Cipher.getInstance(a[2], p);
+                        c.init(Cipher.DECRYPT_MODE, ks.getKey(a[1], null));
+                        System.out.println("ok " + HEX.formatHex(c.doFinal(HEX.parseHex(a[3]))));
+                        break;
+                    }
+                    case "ecdh": { // ecdh <alias> <peer SubjectPublicKeyInfo hex> -> shared secret hex
+                        KeyAgreement ka = KeyAgreement.getInstance("ECDH", p);
+                        ka.init(ks.getKey(a[1], null));
+                        PublicKey peer = KeyFactory.getInstance("EC").generatePublic(
+                                new X509EncodedKeySpec(HEX.parseHex(a[2])));
+                        ka.doPhase(peer, true);
+                        System.out.println("ok " + HEX.formatHex(ka.generateSecret()));
                         break;
                     }
                     case "genpair": { // genpair <RSA|EC> <bits> -> algorithm, public key DER hex
