@@ -171,6 +171,7 @@ def session(jw: JavaWorld) -> dict[str, str]:
         "ecdh_sensitive": f"ecdh {n['ecdh_cert']} {jw.peer_spki.hex()}",
         "gen_rsa": f"genpair RSA 2048 {d}",
         "gen_ec": f"genpair EC 256 {d}",
+        "gen_rsa_1024": f"genpair RSA 1024 {d}",
         "gen_aes": f"genaes 256 {d}",
         "aliases_after": "aliases",
     }
@@ -315,6 +316,10 @@ def test_keys_generated_in_java(session: dict[str, str]) -> None:
     assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
     key.verify(sig, DATA, ec.ECDSA(hashes.SHA256()))
     assert answer(session["gen_aes"]) == [DATA.hex()]
+    # below the module's CKM_RSA_PKCS_KEY_PAIR_GEN range (C_GetMechanismInfo): Java says so
+    line = session["gen_rsa_1024"]
+    assert line.startswith("err java.security.InvalidParameterException"), line
+    assert "RSA key must be at least 2048 bits" in line, line
 
 
 def test_other_app_and_wrong_pin(jw: JavaWorld) -> None:
