@@ -5,7 +5,8 @@ Served by the daemon on its own event loop (aiohttp), started and stopped by
 :meth:`strongroomd.dispatch.Dispatcher.handle`, so authentication, the
 permission rules and the audit trail are the socket's own.
 
-- Same paths, bodies and status codes as the socket, in JSON. Binary values
+- Same paths, bodies and status codes as the socket, in JSON (except
+  ``CREATED``: a new plugin is ``201``, as DSM answers it). Binary values
   are base64 strings: fields a route declares as bytes are decoded on the way
   in, every bytes value is encoded on the way out. On GET, query parameters
   become body fields (``?limit=10`` is the integer 10), except where a plugin
@@ -69,6 +70,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("strongroomd.gateway")
 
 AUTH_PATH = "/sys/v1/session/auth"
+#: Answered ``201 Created`` over HTTP, as DSM does: DSM's sdkms-cli accepts
+#: nothing else for a new plugin. (The socket answers 200, which its clients,
+#: tests and plugins have always read; the body is the same.)
+CREATED = frozenset({("POST", "/sys/v1/plugins")})
 TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -217,6 +222,8 @@ class Gateway:
                 await self.keyring.drop_owner(owner)
         if status == 204:
             return web.Response(status=204, headers={"Cache-Control": "no-store"})
+        if status == 200 and route is not None and (method, route.path) in CREATED:
+            status = 201
         resp = _json(status, out)
         if close:
             resp.force_close()

@@ -151,7 +151,10 @@ class Cli:
             check=False,
         )
 
-    def ok(self, *args: str, **kw) -> str:
+    def raw(self, *args: str, **kw) -> bytes:
         out = self(*args, **kw)
         assert out.returncode == 0, (args, out.stdout, out.stderr)
-        return out.stdout.decode()
+        return out.stdout
+
+    def ok(self, *args: str, **kw) -> str:
+        return self.raw(*args, **kw).decode()

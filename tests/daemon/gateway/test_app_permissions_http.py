@@ -96,7 +96,7 @@ def test_dsm_plugin_shape_over_http(admin_http: Http) -> None:
         "add_groups": [g],
         "default_group": g,
     }
-    p = ok(admin_http.call("POST", "/sys/v1/plugins", body))
+    p = ok(admin_http.call("POST", "/sys/v1/plugins", body), 201)  # DSM's Created, over HTTP
     assert p["plugin_type"] == "STANDARD" and p["groups"] == [g] and p["default_group"] == g
     assert ok(admin_http.call("POST", f"/sys/v1/plugins/{p['plugin_id']}", {"n": 41})) == 42
     r = admin_http.call("POST", "/sys/v1/plugins", {**body, "plugin_type": "IMPERSONATING"})
