@@ -27,8 +27,8 @@ import javax.crypto.spec.IvParameterSpec;
 /**
  * Strongroom through Java's SunPKCS11 provider: the test (tests/pkcs11/test_java.py) writes
  * one command a line on stdin, this answers one line each ("ok ..." or "err <exception>").
- * Usage: java StrongroomJava <SunPKCS11 config>; the PIN (the app's API key) comes from the
- * STRONGROOM_PIN environment variable, never from argv.
+ * Usage: java StrongroomJava <SunPKCS11 config>; "login VAR" logs in with the PIN (the app's
+ * API key) held in environment variable VAR, never in argv.
  */
 public final class StrongroomJava {
     private static final HexFormat HEX = HexFormat.of();
