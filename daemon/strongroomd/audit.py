@@ -51,7 +51,7 @@ import msgpack
 
 from strongroomd import metrics
 from strongroomd.errors import Unavailable
-from strongroomd.store import Store
+from strongroomd.store import SharedStore, Store
 
 if TYPE_CHECKING:
     from strongroomd.context import Owner
@@ -315,8 +315,8 @@ class Audit:
         # Python ignores SIGXFSZ already; say so here, where it matters: a write past
         # RLIMIT_FSIZE must fail with EFBIG (and be retried), not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        if self.store.shared:
-            await self._start_shared()
+        if (shared := self.store.sharing) is not None:
+            await self._start_shared(shared)
             return
         rows = await self.store.query("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
         if rows:
@@ -344,10 +344,10 @@ class Audit:
         metrics.bind_audit(self)
         self._task = asyncio.create_task(self._loop(), name="audit-writer")
 
-    async def _start_shared(self) -> None:
+    async def _start_shared(self, shared: SharedStore) -> None:
         """Several nodes, one chain: an unclean stop is this node's own last record
         not being its ``daemon.stop``."""
-        last = await self.store.last_audit_of_node(OFFLINE)  # type: ignore[attr-defined]
+        last = await shared.last_audit_of_node(OFFLINE)
         if last is not None and last["action"] != STOP:
             log.warning(
                 "the previous run of this node did not stop cleanly (its last audit record %d, %s)",
@@ -494,8 +494,8 @@ class Audit:
         return failure
 
     async def _write(self, batch: list[tuple[Any, ...]]) -> None:
-        if self.store.shared:
-            self.head = await self.store.append_audit(batch, _stamp)  # type: ignore[attr-defined]
+        if (shared := self.store.sharing) is not None:
+            self.head = await shared.append_audit(batch, _stamp)
             self._done = batch[-1][0]
             return
         rows, prev = [], self._prev

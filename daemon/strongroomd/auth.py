@@ -111,8 +111,8 @@ class Authenticator:
         self._slots = asyncio.Semaphore(2)  # scrypt is CPU-bound: never more than the cores
         #: Shared database: session writes that need not delay the answer.
         self._writes: set[asyncio.Task[None]] = set()
-        if store.shared:
-            store.session_observers.append(self._heard)  # type: ignore[attr-defined]
+        if store.sharing is not None:
+            store.sharing.session_observers.append(self._heard)
 
     async def login(self, principal_id: str, secret: str) -> tuple[str, Principal]:
         row = self.store.principals.get(principal_id)
@@ -132,8 +132,8 @@ class Authenticator:
         if len(self._sessions) >= 4096:
             self._sweep()
         token = secrets.token_urlsafe(32)
-        if self.store.shared:  # stored before it is handed out: every node knows it
-            await self.store.session_put(token, now.id, time.time() + self.ttl)  # type: ignore[attr-defined]
+        if (shared := self.store.sharing) is not None:  # stored before it is handed out
+            await shared.session_put(token, now.id, time.time() + self.ttl)
         self._sessions[token] = Session(now.id, time.monotonic() + self.ttl)
         return token, principal_of(now)
 
@@ -141,12 +141,12 @@ class Authenticator:
         """Shared database: load a session this node has not seen (or whose expiry
         it holds has passed: another node may have refreshed it) before
         :meth:`resolve`."""
-        if token is None:
+        if token is None or (shared := self.store.sharing) is None:
             return
         s = self._sessions.get(token)
         if s is not None and time.monotonic() < s.expires:
             return
-        found = await self.store.session_get(token)  # type: ignore[attr-defined]
+        found = await shared.session_get(token)
         if found is None:
             self._sessions.pop(token, None)
             return
@@ -204,23 +204,23 @@ class Authenticator:
 
     def terminate(self, token: str) -> None:
         self._sessions.pop(token, None)
-        if self.store.shared:
-            self._later(self.store.session_drop(token=token))  # type: ignore[attr-defined]
+        if (shared := self.store.sharing) is not None:
+            self._later(shared.session_drop(token=token))
 
     def refresh(self, token: str) -> None:
         """Give a live session ``ttl`` seconds from now (POST /sys/v1/session/refresh)."""
         session = self._sessions.get(token)
         if session is not None:
             session.expires = time.monotonic() + self.ttl
-            if self.store.shared:
-                self._later(self.store.session_refresh(token, time.time() + self.ttl))  # type: ignore[attr-defined]
+            if (shared := self.store.sharing) is not None:
+                self._later(shared.session_refresh(token, time.time() + self.ttl))
 
     def drop_principal(self, principal_id: str) -> None:
         """End every session of a principal (deleted, or its secret was reset)."""
         for tok in [t for t, s in self._sessions.items() if s.principal_id == principal_id]:
             del self._sessions[tok]
-        if self.store.shared:
-            self._later(self.store.session_drop(principal_id=principal_id))  # type: ignore[attr-defined]
+        if (shared := self.store.sharing) is not None:
+            self._later(shared.session_drop(principal_id=principal_id))
 
 
 # -- app permissions (DSM's AppPermissions, per group) ---------------------------

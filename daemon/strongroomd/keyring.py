@@ -104,8 +104,8 @@ class Keyring(Lifecycle):
         self.closing: set[str] = set()
         self._changes: set[asyncio.Task[Any]] = set()
         self._retries: set[asyncio.Task[Any]] = set()
-        if store.shared:
-            store.observers.append(self._heard)  # type: ignore[attr-defined]
+        if store.sharing is not None:
+            store.sharing.observers.append(self._heard)
 
     async def _heard(self, table: str, kid: str, old: Any, new: Any) -> bool:
         """Another node changed a key row (several nodes, one token): a new key's
@@ -389,10 +389,10 @@ class Keyring(Lifecycle):
         self._filling[group] += 1
 
         async def run() -> KeyRow:
-            shared = self.store.shared and not transient
+            shared = None if transient else self.store.sharing
             try:
-                if shared:  # another node's start-up must not take it for an orphan
-                    await self.store.reserve_kid(new.kid)  # type: ignore[attr-defined]
+                if shared is not None:  # another node's start-up must not take it for an orphan
+                    await shared.reserve_kid(new.kid)
                 mat = await make(new)
                 try:
                     row = KeyRow(
@@ -427,9 +427,9 @@ class Keyring(Lifecycle):
                     raise
                 return row
             finally:
-                if shared:
+                if shared is not None:
                     with contextlib.suppress(Exception):  # a start-up clears its own
-                        await self.store.release_kid(new.kid)  # type: ignore[attr-defined]
+                        await shared.release_kid(new.kid)
                 if transient:
                     owner.transient_pending -= 1
                 else:
@@ -583,10 +583,10 @@ class Keyring(Lifecycle):
         on_token = self.token.kids()
         store = self.store
         orphans = on_token - set(store.keys)
-        if store.shared:
+        if store.sharing is not None:
             # Several nodes: a key whose row another node wrote since this node read
             # the rows, or is about to write (reserved), is no orphan.
-            orphans -= await store.claimed(orphans)  # type: ignore[attr-defined]
+            orphans -= await store.sharing.claimed(orphans)
         for kid in orphans:
             log.warning("removing token object %s that has no database row", kid)
             await self.token.remove(kid)

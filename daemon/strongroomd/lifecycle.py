@@ -230,16 +230,17 @@ class Lifecycle:
             else cur.rotation_policy
         )
         new_key = NewKey(new_kid, cur.name, cur.obj_type, size, curve, "EXPORT" in ops, False)
-        if self.store.shared:  # not an orphan to another node's start-up
-            await self.store.reserve_kid(new_kid)  # type: ignore[attr-defined]
+        shared = self.store.sharing
+        if shared is not None:  # not an orphan to another node's start-up
+            await shared.reserve_kid(new_kid)
         try:
             return await self._rotate_made(
                 cur, principal, new_key, ops, policy, changes, now, rotated, deactivate_old
             )
         finally:
-            if self.store.shared:
+            if shared is not None:
                 with contextlib.suppress(Exception):
-                    await self.store.release_kid(new_kid)  # type: ignore[attr-defined]
+                    await shared.release_kid(new_kid)
 
     async def _rotate_made(
         self: Keyring,

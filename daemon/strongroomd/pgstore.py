@@ -75,6 +75,7 @@ from strongroomd.store import (
     Note,
     PluginRow,
     PrincipalRow,
+    SharedStore,
     Stale,
     Store,
     _from_db,
@@ -330,6 +331,11 @@ class PgStore(Store):
         self.observers: list[Callable[[str, str, Any, Any], Any]] = []
         #: Called with a message from another node about sessions ({"s": hash} or {"p": id}).
         self.session_observers: list[Callable[[dict[str, Any]], None]] = []
+
+    @property
+    def sharing(self) -> SharedStore:
+        """Itself: mypy checks here that this class has every :class:`SharedStore` method."""
+        return self
 
     # -- health ----------------------------------------------------------------------
     @property

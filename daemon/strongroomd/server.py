@@ -322,7 +322,7 @@ class Server:
             await asyncio.sleep(self.config.lifecycle_interval)
             try:
                 store = self.services.store
-                if store.shared and not await store.leads():  # type: ignore[attr-defined]
+                if store.sharing is not None and not await store.sharing.leads():
                     continue  # several nodes: one does the clock's work
                 done = await keyring.tick()
             except Exception:

@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from strongroomd.errors import Conflict, NotFound
 
@@ -284,11 +284,46 @@ unconfirmed: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
 )
 
 
+class SharedStore(Protocol):
+    """What only a store that several nodes share has
+    (:class:`strongroomd.pgstore.PgStore`): observers of other nodes' changes,
+    sessions in the database, key reservations, the one audit chain, the
+    clock's lock. Reached through :attr:`Store.sharing`, which is None on
+    SQLite, so mypy checks every call against these signatures and the code
+    that makes them says what it does alone."""
+
+    #: Called (table, id, old row or None, new row or None) after another node's change.
+    observers: list[Callable[[str, str, Any, Any], Any]]
+    #: Called with another node's message about sessions ({"s": hash}, {"p": id}, {"all": True}).
+    session_observers: list[Callable[[dict[str, Any]], None]]
+
+    async def session_put(self, token: str, principal_id: str, expires: float) -> None: ...
+    async def session_get(self, token: str) -> tuple[str, float] | None: ...
+    async def session_refresh(self, token: str, expires: float) -> None: ...
+    async def session_drop(
+        self, token: str | None = None, principal_id: str | None = None
+    ) -> None: ...
+    async def reserve_kid(self, kid: str) -> None: ...
+    async def release_kid(self, kid: str) -> None: ...
+    async def claimed(self, kids: set[str], grace: float = 60.0) -> set[str]: ...
+    async def append_audit(
+        self, batch: list[tuple[Any, ...]], stamp: Callable[[float], str]
+    ) -> tuple[int, bytes]: ...
+    async def last_audit_of_node(self, exclude: Sequence[str]) -> Any: ...
+    async def leads(self) -> bool: ...
+
+
 class Store:
     """In-memory rows, written through to SQLite on a dedicated thread."""
 
     #: Whether other daemons share this database (``strongroomd.pgstore``).
     shared = False
+
+    @property
+    def sharing(self) -> SharedStore | None:
+        """This store's shared-database side (:class:`SharedStore`), or None alone."""
+        return None
+
     #: Whether this node may serve key use and changes (always, alone).
     live = True
     #: What the database raises for a taken name (UNIQUE).
