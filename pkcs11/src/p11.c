@@ -7,7 +7,12 @@
  *
  * Locking: g_lock guards sessions and the object table and is never held
  * across a request to the daemon (conn.c has its own lock and pipelines
- * requests from many threads on one connection).
+ * requests from many threads on one connection). Every call on a session
+ * starts with session_lock() (or session_check(), op_lock()), which checks
+ * initialisation, the handle and the login under g_lock; an operation is
+ * copied with its buffers (op_dup) before a request is made without the lock,
+ * so a C_Finalize or C_CloseAllSessions in another thread frees nothing that
+ * request still reads.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
