@@ -7,6 +7,7 @@ daemon to check its own output.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import os
@@ -293,15 +294,12 @@ def test_ec_sign_checked_with_cryptography_and_batch(app: App) -> None:
     )
     pub = serialization.load_der_public_key(bytes(key.pub_key))
     sv = v1.SignAndVerifyApi(app.client)
+    # DSM's batch sign and verify take SignRequestEx / VerifyRequestEx items (the key
+    # inside each): refused as not {kid, request} before.
+    desc = v1.SobjectDescriptor(kid=key.kid)
     batch = v1.BatchSignRequest()
     for data in (b"first", b"second"):
-        batch.append(
-            {
-                "kid": key.kid,
-                "request": v1.SignRequest(hash_alg="SHA256", data=bytearray(data)).to_dict(),
-            }
-        )
-    # to_dict leaves bytes as bytes; the SDK's serializer base64s them on the way out.
+        batch.append(v1.SignRequestEx(key=desc, hash_alg="SHA256", data=bytearray(data)))
     signed = list(sv.batch_sign(batch))
     assert [s.status for s in signed] == [200, 200]
     for data, item in zip((b"first", b"second"), signed, strict=True):
@@ -309,15 +307,35 @@ def test_ec_sign_checked_with_cryptography_and_batch(app: App) -> None:
     checks = v1.BatchVerifyRequest()
     for data, item in zip((b"first", b"tampered"), signed, strict=True):
         checks.append(
-            {
-                "kid": key.kid,
-                "request": v1.VerifyRequest(
-                    hash_alg="SHA256", data=bytearray(data), signature=item.body.signature
-                ).to_dict(),
-            }
+            v1.VerifyRequestEx(
+                key=v1.SobjectDescriptor(name=key.name),
+                hash_alg="SHA256",
+                data=bytearray(data),
+                signature=item.body.signature,
+            )
         )
+    # ... and Strongroom's own {kid, request} items, in the same batch.
+    checks.append(
+        {
+            "kid": key.kid,
+            "request": {
+                "hash_alg": "SHA256",
+                "data": base64.b64encode(b"second").decode(),
+                "signature": base64.b64encode(bytes(signed[1].body.signature)).decode(),
+            },
+        }
+    )
+    checks.append(
+        v1.VerifyRequestEx(
+            key=v1.SobjectDescriptor(name="no-such-key"),
+            hash_alg="SHA256",
+            data=bytearray(b"x"),
+            signature=bytearray(b"x"),
+        )
+    )
     verdicts = list(sv.batch_verify(checks))
-    assert [v.body.result for v in verdicts] == [True, False]
+    assert [v.body.result for v in verdicts[:3]] == [True, False, True]
+    assert verdicts[3].status == 404 and verdicts[3].body is None and verdicts[3].error
 
 
 def test_hmac_mac_and_macverify_with_digest_or_mac(app: App) -> None:
@@ -385,14 +403,19 @@ def test_hmac_mac_and_macverify_with_digest_or_mac(app: App) -> None:
         )
     )
     assert bytes(ex.digest) == expected
+    desc = v1.SobjectDescriptor(kid=key.kid)
     batch = v1.BatchMacRequest()
-    batch.append({"kid": key.kid, "request": {"alg": "SHA256", "data": "YWJj"}})
+    batch.append(v1.MacGenerateRequestEx(key=desc, alg="SHA256", data=bytearray(b"abc")))
     macs = list(dg.batch_mac(batch))
     assert bytes(macs[0].body.digest) == expected
     verify = v1.BatchMacVerifyRequest()
-    mac = macs[0].body.digest
-    verify.append({"kid": key.kid, "request": {"alg": "SHA256", "data": "YWJj", "digest": mac}})
-    assert next(iter(dg.batch_mac_verify(verify))).body.result is True
+    for data in (b"abc", b"abd"):
+        verify.append(
+            v1.MacVerifyRequestEx(
+                key=desc, alg="SHA256", data=bytearray(data), digest=macs[0].body.digest
+            )
+        )
+    assert [r.body.result for r in dg.batch_mac_verify(verify)] == [True, False]
 
 
 def test_digest(app: App) -> None:

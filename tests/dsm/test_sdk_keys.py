@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from tests.dsm.conftest import App, raw_json, unique
+from tests.dsm.conftest import App, Dsm, raw_json, sdk, unique
 
 K = v1.KeyOperations
 
@@ -233,3 +233,77 @@ def test_digest_and_check_value(app: App) -> None:
         )
     )
     assert bad.verified is False
+
+
+def test_paths_that_answer_why(dsm: Dsm, app: App) -> None:
+    """Served only to say why they cannot act, or refused over HTTP: DSM's status
+    and Strongroom's stable code, the message naming what to do instead."""
+    so, aws = _so(app), v1.AWSApi(app.client)
+    key = so.generate_security_object(
+        v1.SobjectRequest(
+            name=unique("why"),
+            obj_type=v1.ObjectType.AES,
+            key_size=128,
+            key_ops=[K.ENCRYPT, K.APPMANAGEABLE],
+        )
+    )
+    with pytest.raises(v1.rest.ApiException) as err:
+        aws.restore(key.kid)
+    assert err.value.status == 409 and '"conflict"' in err.value.body
+    # The SDK models revert's body as an SobjectRequest; DSM's API takes the history
+    # ids to go back to, and Strongroom keeps no history: 400 without ids, 409 with.
+    with pytest.raises(v1.rest.ApiException) as err:
+        so.revert_history_item(key.kid, v1.SobjectRequest(description="x"))
+    assert err.value.status == 400 and "ids" in err.value.body
+    # A transient key would die with its HTTP request: refused, naming the socket.
+    with pytest.raises(v1.rest.ApiException) as err:
+        so.generate_security_object(
+            v1.SobjectRequest(
+                name=unique("t"), obj_type=v1.ObjectType.AES, key_size=128, transient=True
+            )
+        )
+    assert err.value.status == 400 and "Unix socket" in err.value.body
+    # DSM paths the SDK offers that Strongroom does not serve. key_attestation reads
+    # as a kid under /crypto/v1/keys/{kid}, which takes no POST.
+    attest = v1.KeyAttestationRequest(key=v1.SobjectDescriptor(kid=key.kid))
+    for call, status, code in (
+        (v1.AuthenticationApi(app.client).re_auth, 404, "no_such_route"),
+        (v1.ApprovalRequestsApi(app.client).get_approval_requests, 404, "no_such_route"),
+        (lambda: so.get_key_attestation(attest), 405, "method_not_allowed"),
+    ):
+        with pytest.raises(v1.rest.ApiException) as err:
+            call()
+        assert err.value.status == status and f'"{code}"' in err.value.body, err.value.body
+    # A key's statistics (administrators only).
+    stats = v1.StatsApi(sdk(dsm, dsm.admin_key)).get_security_object_stats(key.kid)
+    assert stats.time["buckets"]
+
+
+def test_descriptor_forms_of_derive_and_stats(app: App) -> None:
+    so = _so(app)
+    base_value = os.urandom(16)
+    base = so.import_security_object(
+        v1.SobjectRequest(
+            name=unique("base"),
+            obj_type=v1.ObjectType.AES,
+            value=bytearray(base_value),
+            key_ops=[K.DERIVEKEY, K.EXPORT],
+        )
+    )
+    plain = os.urandom(16)
+    derived = so.derive_key_ex(
+        v1.DeriveKeyRequestEx(
+            key=v1.SobjectDescriptor(name=base.name),
+            name=unique("dx"),
+            key_size=128,
+            key_type=v1.ObjectType.AES,
+            mechanism=v1.DeriveKeyMechanism(
+                encrypt_data=v1.EncryptRequest(
+                    alg=v1.ObjectType.AES, mode=v1.CryptMode.ECB, plain=bytearray(plain)
+                )
+            ),
+            key_ops=[K.EXPORT],
+        )
+    )
+    e = Cipher(algorithms.AES(base_value), modes.ECB()).encryptor()
+    assert bytes(so.get_security_object_value(derived.kid).value) == e.update(plain)

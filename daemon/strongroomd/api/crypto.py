@@ -268,6 +268,25 @@ def _binary(single: Route, request: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _item(item: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A batch item's request and key descriptor. Two forms, as DSM's own: ``{kid,
+    request}`` (DSM's batch encrypt and decrypt), or the descriptor form's request
+    itself, the key inside as ``key`` (DSM's batch sign, verify, mac and macverify
+    take SignRequestEx, VerifyRequestEx, ... items, and its SDK and CLI send them)."""
+    if not isinstance(item, dict):
+        raise BadRequest("a batch item is a map", code="invalid_field")
+    if "request" not in item and isinstance(item.get("key"), dict):
+        return {k: v for k, v in item.items() if k != "key"}, item["key"]
+    kid = item.get("kid")
+    if not isinstance(kid, str) or not isinstance(item.get("request"), dict):
+        raise BadRequest(
+            "an item is {kid, request}, or a request naming its key", code="invalid_field"
+        )
+    if "key" in item["request"]:
+        raise BadRequest("an item is {kid, request} (the key goes in kid)", code="invalid_field")
+    return item["request"], {"kid": kid}
+
+
 def _batch(name: str, op: str, method: str) -> Route:
     """``/crypto/v1/keys/batch/<op>``: DSM's items ``{kid, request}`` in, one
     ``{status, body}`` or ``{status, error}`` out per item, in order. One
@@ -303,18 +322,14 @@ def _batch(name: str, op: str, method: str) -> Route:
         for i, item in enumerate(items):
             kid = item.get("kid") if isinstance(item, dict) else None
             try:
-                if (
-                    not isinstance(kid, str)
-                    or not isinstance(item.get("request"), dict)
-                    or "key" in item["request"]
-                ):
-                    raise BadRequest(
-                        "an item is {kid, request} (the key goes in kid)", code="invalid_field"
-                    )
-                request = _binary(single, item["request"])
-                body = check_body(single, {**request, "key": {"kid": kid}})
+                request, key = _item(item)
+                if isinstance(key.get("kid"), str):
+                    kid = key["kid"]
+                request = _binary(single, request)
+                body = check_body(single, {**request, "key": key})
                 body = _ALIASES.get(method, lambda b: b)(body)
                 row = kr.use(req.owner, req.caller, body["key"], op)
+                kid = row.kid
             except ApiError as exc:
                 answer(i, kid, exc)
                 continue
