@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from strongroomd.store import GroupRow, PluginRow, PrincipalRow, now_stamp
 
 from tests.conftest import Daemon, Raw, start_daemon, unique
 from tests.daemon.api.helpers import ok
-from tests.multinode.conftest import Cluster, wait_for
+from tests.multinode.conftest import Cluster, token_ids, wait_for
 from tests.multinode.pg import Postgres
 
 LUA = {"language": "LUA", "code": "function run(i) return 1 end"}
@@ -203,10 +204,13 @@ def test_the_store_answers_404_and_409(postgres: Postgres) -> None:
 ROUNDS = 16
 
 
-def race(admin: Raw, socks: dict[str, Any], key: str, flip: bool = False) -> dict[str, list[int]]:
+def race(
+    admin: Raw, socks: dict[str, Any], key: str, flip: bool = False
+) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Rounds of: delete a fresh group (one node) while an app, a plugin and a key
     join it (the other node), the four released together. Then the final state:
-    nothing names a missing group, and every 200 is true in it."""
+    nothing names a missing group, and every 200 is true in it. The answers, and
+    each key's name with its creation's status."""
     home = ok(admin.call("POST", "/sys/v1/groups", {"name": unique("home")}))["group_id"]
     app = ok(admin.call("POST", "/sys/v1/apps", {"name": unique("app"), "groups": [home]}))
     plugin = ok(
@@ -277,7 +281,7 @@ def race(admin: Raw, socks: dict[str, Any], key: str, flip: bool = False) -> dic
                 assert gid in p["groups"] and gid in left
             if out["key"][i] == 200:
                 assert keys.get(f"k-{gid}") == gid and gid in left
-    return out
+    return out, {f"k-{gid}": out["key"][i] for i, gid in enumerate(groups)}
 
 
 def check_database(url: str) -> None:
@@ -355,10 +359,17 @@ def test_two_nodes_forced_order(pair: Cluster, first: str, member: str) -> None:
 def test_two_nodes_racing_deletes_and_joins(pair: Cluster) -> None:
     admin = pair["A"].connect(pair.admin_key)
     socks = {n: pair[n].socket for n in "AB"}
-    out = race(admin, socks, pair.admin_key)
-    out2 = race(admin, socks, pair.admin_key, flip=True)
+    gid = ok(admin.call("GET", "/sys/v1/groups"))[0]["group_id"]
+    body = {"name": unique("k"), "obj_type": "AES", "key_size": 128, "group_id": gid}
+    ok(admin.call("POST", "/crypto/v1/keys", body))  # the token lists at least one object
+    out, keys = race(admin, socks, pair.admin_key)
+    out2, keys2 = race(admin, socks, pair.admin_key, flip=True)
     admin.close()
     check_database(pair.url)
+    # A refused key creation left no object in the shared token; a made one is there.
+    labels = set(re.findall(r"label:\s+(\S+)", token_ids(pair)))
+    for name, status in {**keys, **keys2}.items():
+        assert (name in labels) == (status == 200), (name, status)
     print("two nodes:", out, out2)
 
 
@@ -367,7 +378,7 @@ def test_one_sqlite_node_racing_deletes_and_joins(tmp_path) -> None:
     try:
         admin = Raw(d.socket)
         admin.login(d.admin_key)
-        out = race(admin, {"one": d.socket}, d.admin_key)
+        out, _ = race(admin, {"one": d.socket}, d.admin_key)
         admin.close()
         print("one node:", out)
     finally:
