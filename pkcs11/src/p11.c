@@ -3630,6 +3630,15 @@ EXPORT CK_RV C_GenerateRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR out, CK_ULONG n) 
     return CKR_OK;
 }
 
+/* The module's random bytes are the kernel's (getrandom): no seed is taken.
+ * CKR_RANDOM_SEED_NOT_SUPPORTED is the code PKCS#11 2.40 5.15 gives for it. */
+EXPORT CK_RV C_SeedRandom(CK_SESSION_HANDLE h, CK_BYTE_PTR seed, CK_ULONG n) {
+    CK_RV rv = session_check(h, NEED_SESSION);
+    if (rv != CKR_OK)
+        return rv;
+    return !seed && n ? CKR_ARGUMENTS_BAD : CKR_RANDOM_SEED_NOT_SUPPORTED;
+}
+
 /* ---------------------------------------------------------- not supported */
 
 /* Their parameters are the API's, unused by design. */
@@ -3662,7 +3671,6 @@ NS(C_SignEncryptUpdate,
    (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
 NS(C_DecryptVerifyUpdate,
    (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c, CK_BYTE_PTR d, CK_ULONG_PTR e))
-NS(C_SeedRandom, (CK_SESSION_HANDLE a, CK_BYTE_PTR b, CK_ULONG c))
 NS(C_WaitForSlotEvent, (CK_FLAGS a, CK_SLOT_ID_PTR b, CK_VOID_PTR c))
 #pragma GCC diagnostic pop
 

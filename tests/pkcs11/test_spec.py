@@ -241,6 +241,16 @@ def test_login_null_pin_is_bad_arguments(mod: ck.Module) -> None:
         mod.C_CloseSession(s)
 
 
+def test_seed_random_is_not_supported(mod: ck.Module, h: int) -> None:
+    """The code 2.40 5.15 gives a token whose RNG takes no seed (was CKR_FUNCTION_NOT_SUPPORTED,
+    also before the session was checked); pkcs11-tool --test accepts either."""
+    assert mod.C_SeedRandom(h, b"seed", 4) == ck.CKR_RANDOM_SEED_NOT_SUPPORTED
+    assert mod.C_SeedRandom(h, None, 4) == ck.CKR_ARGUMENTS_BAD
+    out = ctypes.create_string_buffer(32)
+    assert mod.C_GenerateRandom(h, out, 32) == ck.CKR_OK
+    assert out.raw != bytes(32)
+
+
 SESSION_CALLS: dict[str, Any] = {
     "C_GetSessionInfo": lambda m, h: m.C_GetSessionInfo(h, ctypes.create_string_buffer(64)),
     "C_Login": lambda m, h: m.C_Login(h, ck.CKU_USER, b"pin", 3),
@@ -258,6 +268,7 @@ SESSION_CALLS: dict[str, Any] = {
     "C_VerifyFinal": lambda m, h: m.C_VerifyFinal(h, b"s", 1),
     "C_DigestInit": lambda m, h: m.C_DigestInit(h, byref(ck.mech(ck.CKM_SHA256))),
     "C_GenerateRandom": lambda m, h: m.C_GenerateRandom(h, ctypes.create_string_buffer(8), 8),
+    "C_SeedRandom": lambda m, h: m.C_SeedRandom(h, b"seed", 4),
     "C_GenerateKey": lambda m, h: m.C_GenerateKey(h, None, None, 0, None),
     "C_DestroyObject": lambda m, h: m.C_DestroyObject(h, 1),
     "C_CloseSession": lambda m, h: m.C_CloseSession(h),
