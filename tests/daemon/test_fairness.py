@@ -23,6 +23,7 @@ import pytest
 
 from tests.conftest import Daemon, Raw, start_daemon, unique
 from tests.daemon.api.helpers import new_app, new_group, new_key, ok
+from tests.daemon.test_keyring import token_parked
 from tests.daemon.test_metrics import gateway_url
 
 CONFIG = """
@@ -61,7 +62,12 @@ def jobs(d: Daemon) -> dict[str, float]:
 
 
 def wait_queued(d: Daemon, short: int, slow: int) -> None:
-    """Until the token thread has been handed exactly these jobs (a condition, not a timing)."""
+    """Until the token thread has been handed exactly these jobs (a condition, not a timing).
+
+    Handed is not taken: a job counts once it is in the thread's inbox. That the
+    thread is parked on the first one is :func:`token_parked`'s condition (waiting
+    for a count of 1 instead let a slow thread take the first job together with
+    the ones sent next, and reorder their turns)."""
     deadline = time.monotonic() + 30
     while (got := jobs(d)) != {"short": short, "slow": slow}:
         assert time.monotonic() < deadline, got
@@ -106,7 +112,7 @@ def test_an_encrypt_waits_for_one_key_generation_not_a_queue(d: Daemon, world: W
     conn = world.a.conn  # A's connection; B's request rides on it with per-request auth
     with token_held(d):
         gens = [rsa(conn)]  # parks the token thread (alone: nothing else is queued yet)
-        wait_queued(d, short=0, slow=1)
+        token_parked(d)
         gens += [rsa(conn) for _ in range(2)]
         enc = world.encrypt(conn, auth=world.b_auth)
         wait_queued(d, short=1, slow=3)
@@ -124,7 +130,7 @@ def test_principals_take_turns_in_the_short_lane(d: Daemon, world: World) -> Non
     body = {"name": unique("k"), "obj_type": "AES", "key_size": 256, "group_id": world.group}
     with token_held(d):
         first = conn.send("POST", "/crypto/v1/keys", body)  # parks the token thread
-        wait_queued(d, short=1, slow=0)
+        token_parked(d)
         mine = [world.encrypt(conn) for _ in range(30)]  # A may use B's key: same group
         enc = world.encrypt(conn, auth=world.b_auth)
         wait_queued(d, short=32, slow=0)
@@ -138,7 +144,7 @@ def test_a_full_slow_lane_answers_busy_at_once(d: Daemon, world: World) -> None:
     conn = world.a.conn
     with token_held(d):
         gens = [rsa(conn)]
-        wait_queued(d, short=0, slow=1)
+        token_parked(d)
         gens += [rsa(conn) for _ in range(2)]  # A's share (token_slow_per_principal = 3)
         wait_queued(d, short=0, slow=3)
         extra = rsa(conn)
