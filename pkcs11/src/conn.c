@@ -496,7 +496,9 @@ void sr_conn_after_fork_child(void) {
     pthread_cond_init(&cond, NULL);
     if (fd >= 0)
         close(fd);
-    fd = -1;
+    if (stale_fd >= 0 && stale_fd != fd) /* its reader was a parent's thread */
+        close(stale_fd);
+    fd = stale_fd = reader_fd = -1;
     reading = 0;
     waiting = NULL;
     if (api_key) {

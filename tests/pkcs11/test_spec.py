@@ -336,3 +336,24 @@ def test_finalize_while_other_threads_are_in_calls(world: World, tmp_path: Path)
     }
     assert set(out["ended"]) <= allowed, [hex(c) for c in out["ended"]]
     ec_verify(world, bytes.fromhex(out["signature"]), b"after")
+
+
+def test_fork_while_other_threads_are_in_calls(world: World, tmp_path: Path) -> None:
+    """Each child of a parent whose threads are signing finds the module uninitialised, calls
+    C_Initialize and signs (its own connection; the parent's is not touched), and the parent's
+    threads go on without an error."""
+    script = Path(__file__).with_name("_fork_threads_host.py")
+    env = {**os.environ, "STRONGROOM_SOCKET": str(world.daemon.socket), "PYTHONPATH": str(ROOT)}
+    args = [world.api_key, world.names["ec"], str(tmp_path / "copy")]
+    r = subprocess.run(
+        [sys.executable, str(script), str(world.module), *args],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.strip().splitlines()
+    out = json.loads(lines[-1])
+    assert out == {"children": [0] * 5, "parent_errors": []}
+    sigs = [line.split() for line in lines if line.startswith("sig ")]
+    assert len(sigs) == 5
+    for _, i, sig in sigs:
+        ec_verify(world, bytes.fromhex(sig), f"child {i}".encode())
