@@ -132,8 +132,15 @@ class Authenticator:
         if len(self._sessions) >= 4096:
             self._sweep()
         token = secrets.token_urlsafe(32)
-        if (shared := self.store.sharing) is not None:  # stored before it is handed out
-            await shared.session_put(token, now.id, time.time() + self.ttl)
+        # Several nodes: stored before it is handed out, and only while the database
+        # has the row as checked here (another node may have reset the secret, or
+        # disabled or deleted the principal, meanwhile).
+        shared = self.store.sharing
+        expires = time.time() + self.ttl
+        if shared is not None and not await shared.session_put(
+            token, now.id, expires, now.secret_hash
+        ):
+            raise Unauthenticated("invalid credentials", code="bad_credentials")
         self._sessions[token] = Session(now.id, time.monotonic() + self.ttl)
         return token, principal_of(now)
 

@@ -279,6 +279,15 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
     return lambda values: PgRow(cols, values)
 
 
+#: A session, stored only while its principal is enabled with the secret checked
+#: (the principal's row share-locked meanwhile: PgStore.session_put says why).
+SESSION_PUT = (
+    "INSERT INTO sessions (token_hash, principal_id, expires) "
+    "SELECT %s, id, %s FROM principals WHERE id = %s AND enabled = 1 "
+    "AND secret_hash = %s FOR SHARE"
+)
+
+
 def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -861,13 +870,23 @@ class PgStore(Store):
         return await self._run(q)
 
     # -- sessions -------------------------------------------------------------------------
-    async def session_put(self, token: str, principal_id: str, expires: float) -> None:
-        await self._run(
-            lambda: self._ensure().execute(
-                "INSERT INTO sessions (token_hash, principal_id, expires) VALUES (%s, %s, %s)",
-                (token_hash(token), principal_id, expires),
-            )
-        )
+    async def session_put(
+        self, token: str, principal_id: str, expires: float, secret_hash: bytes | None
+    ) -> bool:
+        """Store a session, if its principal is, in the database now, enabled with
+        the secret the login was checked against; False (nothing stored) if not.
+
+        A secret reset, disable or deletion on another node ends sessions with a
+        DELETE after its change is committed; a login on this node checked its
+        cache, which may not have that change yet. The insert takes a share lock
+        on the principal's row (``FOR SHARE``): if the change holds the row, the
+        insert waits for its commit and then finds the new row (refused); if the
+        insert holds it, the change waits, so the session is stored before the
+        change commits and its DELETE removes it. A session never outlives the
+        change that should have ended it."""
+        args = (token_hash(token), expires, principal_id, secret_hash)
+        n = await self._run(lambda: self._ensure().execute(SESSION_PUT, args).rowcount)
+        return n == 1
 
     async def session_get(self, token: str) -> tuple[str, float] | None:
         def q() -> tuple[str, float] | None:
