@@ -219,7 +219,8 @@ class Lifecycle:
         deactivate_old: bool,
     ) -> tuple[KeyRow, KeyRow]:
         now = self.clock()
-        ops = choose_ops(cur.obj_type, changes.get("key_ops", cur.key_ops), imported=False)
+        imported = changes.get("value") is not None  # rotation onto a given value
+        ops = choose_ops(cur.obj_type, changes.get("key_ops", cur.key_ops), imported=imported)
         if set(ops) - set(cur.key_ops):  # rights the old version did not give
             check_app_permission(principal, cur.group_id, "widen")
         size = changes.get("key_size", cur.key_size if cur.obj_type != "EC" else None)
@@ -255,8 +256,17 @@ class Lifecycle:
         deactivate_old: bool,
     ) -> tuple[KeyRow, KeyRow]:
         new_kid = new_key.kid
-        mat = await self.token.generate(new_key)
+        value = changes.get("value")
+        if value is None:
+            mat = await self.token.generate(new_key)
+        else:  # DSM's rotation by import: the new version holds the given value
+            mat = await self.token.import_key(new_key, value)
         try:
+            if mat.obj_type != cur.obj_type or mat.public_only:
+                raise BadRequest(
+                    f"the value is not a {cur.obj_type} key with its private part",
+                    code="invalid_value",
+                )
             new = KeyRow(
                 kid=new_kid,
                 name=cur.name,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import sdkms.v1 as v1
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from cryptography.hazmat.primitives.padding import PKCS7
@@ -368,3 +368,34 @@ def test_batch_commands(cli: Cli, tmp_path: Path) -> None:
     )
     # "<line> 0" verified, "<line> 1" not.
     assert cli.ok("batch-verify", "--in", str(verify)).splitlines() == ["1 0", "2 1"]
+
+
+def test_secrets_import_rotate_and_rsa_import(cli: Cli, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("first secret\n")  # the CLI drops the trailing newline
+    name = unique("secret")
+    cli.ok("import-secret", "--in", str(secret), "--name", name, "--obj-type", "Secret")
+    assert cli.raw("export-object", "--name", name) == b"first secret"
+    secret.write_text("second secret\n")
+    new = cli.ok("rotate-secret", "--name", name, "--in", str(secret)).strip()
+    assert json.loads(cli.ok("show-sobject", "--name", name))["kid"] == new
+    assert cli.raw("export-object", "--name", name) == b"second secret"
+    # An RSA private key in PEM (PKCS#8) in, the same key out.
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = tmp_path / "rsa.pem"
+    pem.write_bytes(
+        priv.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    rname = unique("rsa-in")
+    cli.ok("import-key", "--in", str(pem), "--obj-type", "RSA", "--name", rname,
+           "--exportable", "-f")  # fmt: skip
+    out = cli.ok("export-object", "--name", rname)
+    # The CLI labels any exported RSA key "RSA PRIVATE KEY"; the bytes inside are
+    # Strongroom's export form, PKCS#8 DER.
+    body = "".join(ln for ln in out.splitlines() if not ln.startswith("-----"))
+    back = serialization.load_der_private_key(base64.b64decode(body), None)
+    assert back.private_numbers() == priv.private_numbers()

@@ -136,6 +136,45 @@ def test_rotate_rekey_links_the_new_key(app: App) -> None:
     )
 
 
+def test_rotate_onto_a_given_value(app: App) -> None:
+    """DSM rotates onto a given value (an import); it was ignored before, and the
+    new version was a random key where the caller meant their secret."""
+    so = _so(app)
+    name = unique("rot-value")
+    so.import_security_object(
+        v1.SobjectRequest(
+            name=name, obj_type=v1.ObjectType.SECRET, value=bytearray(b"first secret"),
+            key_ops=[K.EXPORT, K.APPMANAGEABLE],
+        )
+    )  # fmt: skip
+    new = so.rotate_security_object(v1.SobjectRequest(name=name, value=bytearray(b"second")))
+    assert new.obj_type == v1.ObjectType.SECRET
+    assert bytes(so.get_security_object_value(new.kid).value) == b"second"
+    assert _raw(app, new.kid)["links"]["replaced"]
+    aes_name = unique("rot-aes")
+    so.generate_security_object(
+        v1.SobjectRequest(
+            name=aes_name, obj_type=v1.ObjectType.AES, key_size=128,
+            key_ops=[K.ENCRYPT, K.EXPORT],
+        )
+    )  # fmt: skip
+    value = os.urandom(32)
+    rotated = so.rotate_security_object(v1.SobjectRequest(name=aes_name, value=bytearray(value)))
+    assert rotated.key_size == 256 and rotated.key_ops == [K.ENCRYPT, K.EXPORT]
+    assert bytes(so.get_security_object_value(rotated.kid).value) == value
+    # A value of another type is refused and the name stays with the current version.
+    priv = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    der = priv.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    with pytest.raises(v1.rest.ApiException) as err:
+        so.rotate_security_object(v1.SobjectRequest(name=aes_name, value=bytearray(der)))
+    assert err.value.status == 400, err.value.body
+    assert so.get_security_objects(name=aes_name)[0].kid == rotated.kid
+
+
 def test_lifecycle_activate_revoke_destroy(app: App) -> None:
     so = _so(app)
     ops = [K.ENCRYPT, K.APPMANAGEABLE]

@@ -141,8 +141,11 @@ def _lifecycle(b: dict[str, Any]) -> dict[str, Any]:
 
 
 async def rekey(req: Request) -> dict[str, Any]:
-    """DSM's rotation: a new version takes the name; the old one is renamed and linked."""
+    """DSM's rotation: a new version takes the name; the old one is renamed and linked.
+    With ``value``, the new version is that value, imported (DSM's rotate by import)."""
     b = dict(req.body)
+    if "value" in b:  # DSM's rotation onto a given value (sdkms-cli's rotate-secret)
+        b["value"] = _value(b)
     name, deactivate = b.pop("name"), b.pop("deactivate_rotated_key", False)
     row = await req.services.keyring.rekey(
         req.owner, req.caller, name, b, deactivate_old=bool(deactivate)
@@ -337,6 +340,9 @@ ROUTES = [
             "activation_date": F(str),
             "deactivation_date": F(str),
             "rotation_policy": F(dict),
+            "value": F(
+                (bytes, str), doc="the new version's value (an import), as PUT /crypto/v1/keys"
+            ),
         },
         synopsis="Rotate a key: a new version takes its name; the old one stays, linked.",
     ),
