@@ -20,6 +20,7 @@ import sdkms.v1 as v1
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
 from cryptography.hazmat.primitives.padding import PKCS7
 
@@ -134,11 +135,21 @@ def test_aes_key_encrypt_decrypt_export(cli: Cli, tmp_path: Path) -> None:
         "--in", str(src), "--out", str(ct),
     )  # fmt: skip
     iv, tag = (Path(f"{ct}.iv").read_text(), Path(f"{ct}.tag").read_text())
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    assert AESGCM(value).decrypt(bytes.fromhex(iv), ct.read_bytes() + bytes.fromhex(tag), None) == (
-        b"gcm text"
-    )
+    sealed = ct.read_bytes() + bytes.fromhex(tag)
+    assert AESGCM(value).decrypt(bytes.fromhex(iv), sealed, None) == b"gcm text"
+    back.unlink(missing_ok=True)
+    cli.ok(
+        "decrypt", "--kid", kid, "--alg", "AES", "--mode", "GCM", "--iv", iv,
+        "--tag", f"{ct}.tag", "--in", str(ct), "--out", str(back),
+    )  # fmt: skip
+    assert back.read_bytes() == b"gcm text"
+    zeros = tmp_path / "zeros.tag"  # --tag names a file holding the tag in hex
+    zeros.write_text("00" * 16)
+    bad = cli(
+        "decrypt", "--kid", kid, "--alg", "AES", "--mode", "GCM", "--iv", iv,
+        "--tag", str(zeros), "--in", str(ct), "--out", str(tmp_path / "never"),
+    )  # fmt: skip
+    assert bad.returncode == 1 and b"status:   400" in bad.stderr and b"bad_tag" in bad.stderr
 
 
 def test_multipart_commands(cli: Cli, tmp_path: Path) -> None:
@@ -399,3 +410,20 @@ def test_secrets_import_rotate_and_rsa_import(cli: Cli, tmp_path: Path) -> None:
     body = "".join(ln for ln in out.splitlines() if not ln.startswith("-----"))
     back = serialization.load_der_private_key(base64.b64decode(body), None)
     assert back.private_numbers() == priv.private_numbers()
+
+
+def test_the_cli_came_without_its_python2_backports() -> None:
+    """scripts/_setup.sh installs sdkms-cli with --no-deps: enum34 would shadow the
+    standard library's enum, argparse its argparse."""
+    import argparse
+    import enum
+    import importlib.metadata
+    import sysconfig
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert enum.__file__.startswith(stdlib) and argparse.__file__.startswith(stdlib)
+    for name in ("enum34", "argparse"):
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.distribution(name)
+    assert importlib.metadata.version("sdkms-cli") == "5.6.2919"
+    assert importlib.metadata.version("sdkms") == "5.6.2919"
