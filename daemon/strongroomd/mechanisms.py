@@ -394,12 +394,14 @@ def rsa_encrypt_mode(mode: Any) -> RsaMode:
     if mode is None:
         return RsaMode("OAEP", "SHA1")
     name, params = _mode_name(mode)
-    if name in ("OAEP_MGF1_SHA1", "OAEP_MGF1_SHA256") and params is None:
+    # DSM's CryptMode names all four (its SDK sends OAEP_MGF1_SHA384 and _SHA512 too);
+    # beyond SHA-1 the padding is applied outside the token (docs/protocol.md).
+    if name.startswith("OAEP_MGF1_") and name[len("OAEP_MGF1_") :] in HASHES and params is None:
         return RsaMode("OAEP", name[len("OAEP_MGF1_") :])
     if name == "OAEP":
         h = _mgf1_hash(params, "SHA1")
-        if h not in ("SHA1", "SHA256"):
-            raise Unsupported("RSA OAEP supports SHA1 and SHA256")
+        if h not in HASHES:
+            raise Unsupported("RSA OAEP supports SHA1, SHA256, SHA384 and SHA512")
         return RsaMode("OAEP", h)
     if name == "PKCS1_V15":
         if params not in (None, {}):

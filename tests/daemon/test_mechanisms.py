@@ -131,8 +131,14 @@ def test_rsa_modes():
     assert mech.rsa_encrypt_mode("PKCS1_V15").kind == "PKCS1_V15"
     with pytest.raises(Unsupported):
         mech.rsa_encrypt_mode("RAW")
+    # Every DSM CryptMode OAEP hash (SHA-384/512 since DSM's SDK sends them).
+    mode = {"OAEP": {"mgf": {"mgf1": {"hash": "SHA512"}}}}
+    assert mech.rsa_encrypt_mode(mode) == mech.RsaMode("OAEP", "SHA512")
+    assert mech.rsa_encrypt_mode("OAEP_MGF1_SHA384") == mech.RsaMode("OAEP", "SHA384")
     with pytest.raises(Unsupported):
-        mech.rsa_encrypt_mode({"OAEP": {"mgf": {"mgf1": {"hash": "SHA512"}}}})
+        mech.rsa_encrypt_mode("OAEP_MGF1_MD5")
+    with pytest.raises(Unsupported):
+        mech.rsa_encrypt_mode({"OAEP": {"mgf": {"mgf1": {"hash": "MD5"}}}})
     with pytest.raises(BadRequest):
         mech.rsa_encrypt_mode({"OAEP": {"mgf": {"other": {}}}})
 

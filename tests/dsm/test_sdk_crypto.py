@@ -535,3 +535,35 @@ def test_agree_ecdh_checked_with_cryptography(app: App) -> None:
     )
     shared = theirs.exchange(ec.ECDH(), serialization.load_der_public_key(bytes(mine.pub_key)))
     assert _value(app, agreed.kid) == shared
+
+
+@pytest.mark.parametrize("mode", ["OAEP_MGF1_SHA1", "OAEP_MGF1_SHA256", "OAEP_MGF1_SHA384",
+                                  "OAEP_MGF1_SHA512", "PKCS1_V15"])  # fmt: skip
+def test_rsa_encryption_modes_checked_with_cryptography(app: App, mode: str) -> None:
+    """Every RSA padding in DSM's CryptMode: OAEP_MGF1_SHA384/512 were refused."""
+    key = _so(app).generate_security_object(
+        v1.SobjectRequest(
+            name=unique("rsa-enc"), obj_type=v1.ObjectType.RSA, key_size=2048,
+            key_ops=[K.ENCRYPT, K.DECRYPT, K.EXPORT],
+        )
+    )  # fmt: skip
+    priv = serialization.load_der_private_key(_value(app, key.kid), None)
+    if mode == "PKCS1_V15":
+        pad = padding.PKCS1v15()
+    else:
+        h = {"SHA1": hashes.SHA1, "SHA256": hashes.SHA256, "SHA384": hashes.SHA384,
+             "SHA512": hashes.SHA512}[mode.rsplit("_", 1)[1]]()  # fmt: skip
+        pad = padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None)
+    enc = _ed(app).encrypt(
+        key.kid,
+        v1.EncryptRequest(alg=v1.ObjectType.RSA, mode=v1.CryptMode(mode), plain=bytearray(b"m")),
+    )
+    assert priv.decrypt(bytes(enc.cipher), pad) == b"m"
+    outside = priv.public_key().encrypt(b"from outside", pad)
+    back = _ed(app).decrypt(
+        key.kid,
+        v1.DecryptRequest(
+            alg=v1.ObjectType.RSA, mode=v1.CryptMode(mode), cipher=bytearray(outside)
+        ),
+    )
+    assert bytes(back.plain) == b"from outside"

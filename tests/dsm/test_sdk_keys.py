@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from tests.conftest import Raw
 from tests.dsm.conftest import App, Dsm, raw_json, sdk, unique
 
 K = v1.KeyOperations
@@ -346,3 +347,35 @@ def test_descriptor_forms_of_derive_and_stats(app: App) -> None:
     )
     e = Cipher(algorithms.AES(base_value), modes.ECB()).encryptor()
     assert bytes(so.get_security_object_value(derived.kid).value) == e.update(plain)
+
+
+def test_persist_takes_dsm_transient_key_field(dsm: Dsm, app: App) -> None:
+    """DSM's PersistTransientKeyRequest names the key as transient_key (a string);
+    it was refused before (field 'key' is required). Transient keys belong to a
+    connection, so one is made on the socket and persisted there in DSM's form; over
+    HTTP (each request its own connection) the SDK's call gets 404 for any id."""
+    conn = Raw(dsm.daemon.socket)
+    try:
+        conn.login(app.api_key)
+        t = conn.call(
+            "POST",
+            "/crypto/v1/keys",
+            {"name": "t", "obj_type": "AES", "key_size": 128, "transient": True,
+             "key_ops": ["ENCRYPT", "EXPORT"]},
+        )  # fmt: skip
+        assert t["status"] == 200, t
+        out = conn.call(
+            "POST",
+            "/crypto/v1/keys/persist",
+            {"transient_key": t["body"]["transient_key"], "name": unique("persisted")},
+        )
+        assert out["status"] == 200, out
+        kid = out["body"]["kid"]
+    finally:
+        conn.close()
+    assert _so(app).get_security_object(kid).transient_key is None
+    with pytest.raises(v1.rest.ApiException) as err:
+        _so(app).persist_security_object(
+            v1.PersistTransientKeyRequest(name=unique("p"), transient_key="no-such-transient")
+        )
+    assert err.value.status == 404 and '"not_found"' in err.value.body, err.value.body

@@ -252,7 +252,15 @@ async def persist(req: Request) -> dict[str, Any]:
         description=b.get("description", ""),
         custom_metadata=check_metadata(b.get("custom_metadata", {})),
     )
-    row = await req.services.keyring.persist(req.owner, req.caller, b["key"], spec)
+    if "transient_key" in b:  # DSM's PersistTransientKeyRequest names it at the top
+        if "key" in b:
+            raise BadRequest("give key or transient_key, not both", code="invalid_field")
+        key = {"transient_key": b["transient_key"]}
+    elif "key" in b:
+        key = b["key"]
+    else:
+        raise BadRequest("field 'transient_key' (or 'key') is required", code="missing_field")
+    row = await req.services.keyring.persist(req.owner, req.caller, key, spec)
     req.object_id = row.kid
     return sobject(row)
 
@@ -315,7 +323,8 @@ ROUTES = [
         "/crypto/v1/keys/persist",
         persist,
         {
-            "key": KEY,
+            "key": F(dict, doc="{transient_key}"),
+            "transient_key": F(str, doc="DSM's PersistTransientKeyRequest form"),
             "name": F(str),
             "key_ops": F(list, items=str),
             "group_id": F(str),
