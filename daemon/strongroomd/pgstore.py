@@ -279,6 +279,23 @@ def _rows(cursor: Any) -> Callable[[Sequence[Any]], PgRow]:
     return lambda values: PgRow(cols, values)
 
 
+_DELETES_GROUP = re.compile(r"\s*DELETE\s+FROM\s+groups\b", re.I)
+
+
+def _group_race(deleting: bool) -> Exception:
+    """A group deleted on one node while another put a key, an app or a plugin in
+    it (shared steps 2 and 3): the write that came second gets what one node
+    answers in that order, 409 group_not_empty for the delete, 404 for a write
+    into a group that is gone. (The database's own error says which constraint,
+    not which side of it: ``deleting`` does.)"""
+    if deleting:
+        return Conflict(
+            "the group has keys or members (added on another node meanwhile)",
+            code="group_not_empty",
+        )
+    return NotFound("no such group (deleted on another node meanwhile)")
+
+
 #: A session, stored only while its principal is enabled with the secret checked
 #: (the principal's row share-locked meanwhile: PgStore.session_put says why).
 SESSION_PUT = (
@@ -404,25 +421,9 @@ class PgStore(Store):
             try:
                 self._ensure()
                 return fn(*args)
-            except pge.ForeignKeyViolation as exc:
-                which = exc.diag.constraint_name
-                if which == "member_groups_exist":
-                    # An app or plugin put in a group another node deleted (shared step 3):
-                    # what one node answers for a group that does not exist.
-                    raise NotFound(
-                        "a group it names does not exist (deleted on another node meanwhile)"
-                    ) from None
-                if which == "group_has_members":
-                    raise Conflict(
-                        "the group has members (added on another node meanwhile)",
-                        code="group_not_empty",
-                    ) from None
-                # Another node deleted the group a key goes into, or made a key in
-                # the group being deleted (keys_group_exists).
-                raise Conflict(
-                    "the group was deleted, or holds keys, on another node meanwhile",
-                    code="group_not_empty",
-                ) from None
+            except pge.ForeignKeyViolation as exc:  # a write not made by _tx
+                deleting = exc.diag.constraint_name == "group_has_members"
+                raise _group_race(deleting) from None
             except psycopg.OperationalError as exc:
                 db, self._db = self._db, None
                 if db is not None:
@@ -578,12 +579,16 @@ class PgStore(Store):
         db = self._ensure()
         checked = checked or []
         counts = []
-        with db.transaction():
-            for i, (sql, params) in enumerate(statements):
-                n = db.execute(pg_sql(sql), params).rowcount
-                if i < len(checked) and n != 1:
-                    raise Stale(checked[i])
-                counts.append(n)
+        try:
+            with db.transaction():
+                for i, (sql, params) in enumerate(statements):
+                    n = db.execute(pg_sql(sql), params).rowcount
+                    if i < len(checked) and n != 1:
+                        raise Stale(checked[i])
+                    counts.append(n)
+        except pge.ForeignKeyViolation:
+            deleting = any(_DELETES_GROUP.match(sql) for sql, _ in statements)
+            raise _group_race(deleting) from None
         return counts
 
     async def execute(
@@ -952,14 +957,19 @@ class PgStore(Store):
         def q() -> set[str]:
             db = self._ensure()
             listed = list(kids)
-            rows = {r[0] for r in db.execute("SELECT kid FROM keys WHERE kid = ANY(%s)", (listed,))}
+            # Reservations first, rows second: a node inserts a key's row before it
+            # releases the reservation, so a release this read misses left a row
+            # the next read finds. (Rows first could miss both: the row not yet
+            # written, then the reservation already released.)
             busy = db.execute(
                 "SELECT p.kid FROM pending_keys p LEFT JOIN nodes n ON n.id = p.node "
                 "WHERE p.kid = ANY(%s) AND p.node <> %s AND (p.since > now() - "
                 "make_interval(secs => %s) OR n.heartbeat > now() - make_interval(secs => %s))",
                 (listed, self.node, grace, self.node_timeout),
             )
-            rows |= {r[0] for r in busy}
+            rows = {r[0] for r in busy}
+            made = db.execute("SELECT kid FROM keys WHERE kid = ANY(%s)", (listed,))
+            rows |= {r[0] for r in made}
             db.execute(
                 "DELETE FROM pending_keys WHERE node = %s AND kid = ANY(%s)", (self.node, listed)
             )
