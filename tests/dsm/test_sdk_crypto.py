@@ -567,3 +567,30 @@ def test_rsa_encryption_modes_checked_with_cryptography(app: App, mode: str) -> 
         ),
     )
     assert bytes(back.plain) == b"from outside"
+
+
+def test_masked_decryption_is_refused_not_dropped(app: App, aes) -> None:
+    """DecryptRequest.masked asks for a masked plaintext (MASKDECRYPT); dropped, the
+    answer was the whole plaintext. Refused now; masked=False decrypts as usual."""
+    key, _ = aes
+    enc = _ed(app).encrypt(
+        key.kid,
+        v1.EncryptRequest(alg=v1.ObjectType.AES, mode=v1.CryptMode.CBC, plain=bytearray(b"m")),
+    )
+    with pytest.raises(v1.rest.ApiException) as err:
+        _ed(app).decrypt(
+            key.kid,
+            v1.DecryptRequest(
+                alg=v1.ObjectType.AES, mode=v1.CryptMode.CBC, cipher=enc.cipher, iv=enc.iv,
+                masked=True,
+            ),
+        )  # fmt: skip
+    assert err.value.status == 422 and "masked" in err.value.body
+    back = _ed(app).decrypt(
+        key.kid,
+        v1.DecryptRequest(
+            alg=v1.ObjectType.AES, mode=v1.CryptMode.CBC, cipher=enc.cipher, iv=enc.iv,
+            masked=False,
+        ),
+    )  # fmt: skip
+    assert bytes(back.plain) == b"m"

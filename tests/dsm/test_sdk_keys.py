@@ -6,6 +6,7 @@ computed outside."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import os
 
@@ -379,3 +380,75 @@ def test_persist_takes_dsm_transient_key_field(dsm: Dsm, app: App) -> None:
             v1.PersistTransientKeyRequest(name=unique("p"), transient_key="no-such-transient")
         )
     assert err.value.status == 404 and '"not_found"' in err.value.body, err.value.body
+
+
+def test_fields_that_would_change_the_key_are_refused_not_dropped(app: App) -> None:
+    """SDK fields Strongroom does not implement, which used to be dropped silently
+    (the key made or kept would differ from what was asked): refused now."""
+    so = _so(app)
+
+    def refused(status: int, code: str, call) -> None:
+        with pytest.raises(v1.rest.ApiException) as err:
+            call()
+        assert err.value.status == status and f'"{code}"' in err.value.body, err.value.body
+
+    refused(
+        422,
+        "unsupported_algorithm",
+        lambda: so.generate_security_object(
+            v1.SobjectRequest(
+                name=unique("e3"), obj_type=v1.ObjectType.RSA, key_size=2048, pub_exponent=3
+            )
+        ),
+    )
+    key = so.generate_security_object(
+        v1.SobjectRequest(
+            name=unique("e65537"), obj_type=v1.ObjectType.RSA, key_size=2048, pub_exponent=65537
+        )
+    )
+    pub = serialization.load_der_public_key(bytes(key.pub_key))
+    assert pub.public_numbers().e == 65537
+    policy = v1.RsaOptions(signature_policy=[v1.RsaSignaturePolicy()])
+    refused(
+        422,
+        "unsupported_algorithm",
+        lambda: so.generate_security_object(
+            v1.SobjectRequest(
+                name=unique("pol"), obj_type=v1.ObjectType.RSA, key_size=2048, rsa=policy
+            )
+        ),
+    )
+    # Moving a key to another group (DSM's PATCH group_id): refused; its own group is fine.
+    other = v1.GroupsApi(app.client).get_groups()  # the app's one group
+    assert [g.group_id for g in other] == [app.group_id]
+    refused(
+        400,
+        "invalid_value",
+        lambda: so.update_security_object(
+            key.kid, v1.SobjectRequest(group_id="00000000-0000-0000-0000-0000000000ff")
+        ),
+    )
+    same = so.update_security_object(
+        key.kid, v1.SobjectRequest(group_id=app.group_id, description="kept")
+    )
+    assert same.group_id == app.group_id and same.description == "kept"
+
+
+def test_schedule_deletion_takes_dsm_pending_window(app: App) -> None:
+    """ScheduleDeletionRequest.pending_window_in_days was dropped: every deletion
+    came after the daemon's default (7 days) whatever the SDK asked."""
+    so, aws = _so(app), v1.AWSApi(app.client)
+    for days in (1, 30):
+        key = so.generate_security_object(
+            v1.SobjectRequest(
+                name=unique("win"),
+                obj_type=v1.ObjectType.AES,
+                key_size=128,
+                key_ops=[K.ENCRYPT, K.APPMANAGEABLE],
+            )
+        )
+        aws.schedule_deletion(key.kid, v1.ScheduleDeletionRequest(pending_window_in_days=days))
+        view = _raw(app, key.kid)
+        when = dt.datetime.strptime(view["deletion_date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=dt.UTC)
+        left = when - dt.datetime.now(dt.UTC)
+        assert dt.timedelta(days=days, minutes=-10) < left <= dt.timedelta(days=days), left

@@ -44,8 +44,17 @@ def _mac_field(body: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-#: Request shapes DSM's clients send that a method reads under another name.
-_ALIASES = {"macverify": _mac_field}
+def _unmasked(body: dict[str, Any]) -> dict[str, Any]:
+    """DSM's ``masked`` decryption (MASKDECRYPT: the plaintext comes back masked) is
+    not offered: refused, never dropped, which would return it unmasked."""
+    if body.get("masked"):
+        raise Unsupported("masked decryption is not supported")
+    return {k: v for k, v in body.items() if k != "masked"}
+
+
+#: Request shapes DSM's clients send that a method reads under another name (or
+#: must refuse rather than drop).
+_ALIASES = {"macverify": _mac_field, "decrypt": _unmasked}
 
 
 def _simple(op: str, method: str):
@@ -188,7 +197,7 @@ _OPS = [
         "decrypt",
         "DECRYPT",
         "decrypt",
-        {**_ENC, "cipher": F(bytes, True), "tag": F(bytes)},
+        {**_ENC, "cipher": F(bytes, True), "tag": F(bytes), "masked": F(bool)},
         "Decrypt with a key.",
     ),
     ("sign", "SIGN", "sign", _SIGN, "Sign."),

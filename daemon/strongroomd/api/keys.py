@@ -10,7 +10,7 @@ from typing import Any
 from strongroomd import mechanisms
 from strongroomd.auth import check_key_read
 from strongroomd.context import Request
-from strongroomd.errors import BadRequest, Conflict
+from strongroomd.errors import BadRequest, Conflict, Unsupported
 from strongroomd.keyspec import (
     DEFAULT_SIZE,
     KeyPatch,
@@ -26,8 +26,22 @@ from strongroomd.store import KeyRow
 SYMMETRIC = {"AES", "DES3", "DES", "HMAC", "SECRET", "OPAQUE"}
 
 
+def _refuse_unoffered(b: dict[str, Any], *, generated: bool = True) -> None:
+    """DSM key-request fields that would change what is made, and that Strongroom
+    does not implement: refused, never dropped (the key would silently differ).
+    An imported key's exponent is its value's."""
+    if generated and b.get("pub_exponent", 65537) != 65537:
+        raise Unsupported("RSA keys are made with the public exponent 65537 only")
+    if b.get("rsa"):
+        raise Unsupported(
+            "RSA key options (rsa: encryption_policy, signature_policy, ...) are not "
+            "supported; key_ops limit what a key does"
+        )
+
+
 async def create(req: Request) -> dict[str, Any]:
     b = req.body
+    _refuse_unoffered(b)
     obj_type, curve = normalize_type(b)
     if obj_type in ("CERTIFICATE", "OPAQUE"):
         raise BadRequest(f"a {obj_type} can only be imported (PUT)", code="invalid_value")
@@ -54,6 +68,7 @@ def _value(b: dict[str, Any]) -> bytes:
 
 async def import_(req: Request) -> dict[str, Any]:
     b = req.body
+    _refuse_unoffered(b, generated=False)
     obj_type, curve = normalize_type(b)
     value = _value(b)
     size = len(value) * 8 if obj_type in SYMMETRIC else None
@@ -101,6 +116,14 @@ async def info(req: Request) -> dict[str, Any]:
 async def update(req: Request) -> dict[str, Any]:
     b, kid = req.body, req.params["kid"]
     req.object_id = kid
+    if "group_id" in b:  # DSM moves a key to another group this way; not offered
+        row = req.services.keyring.find(req.owner, req.caller, {"kid": kid})
+        if b["group_id"] != row.group_id:
+            raise BadRequest(
+                "moving a key to another group is not supported (group_id may only "
+                "name the key's own group)",
+                code="invalid_value",
+            )
     patch = KeyPatch(
         name=b.get("name"),
         description=b.get("description"),
@@ -174,7 +197,11 @@ async def revoke(req: Request) -> dict[str, Any]:
 async def schedule_deletion(req: Request) -> dict[str, Any]:
     kid = req.params["kid"]
     req.object_id = kid
-    days = req.body.get("pending_days", req.services.config.key_deletion_pending_days)
+    # pending_window_in_days: DSM's ScheduleDeletionRequest (its SDK sends it)
+    days = req.body.get(
+        "pending_days",
+        req.body.get("pending_window_in_days", req.services.config.key_deletion_pending_days),
+    )
     if not 0 <= days <= 3650:
         raise BadRequest("pending_days is 0..3650", code="invalid_value")
     return sobject(await req.services.keyring.schedule_deletion(req.owner, req.caller, kid, days))
@@ -280,6 +307,9 @@ _CREATE = {
     "activation_date": F(str),
     "deactivation_date": F(str),
     "rotation_policy": F(dict),
+    # Declared so that they are refused unless they ask for what is made anyway.
+    "pub_exponent": F(int),
+    "rsa": F(dict),
 }
 _WHICH = {"kid": F(str), "name": F(str), "transient_key": F(str)}
 
@@ -391,6 +421,8 @@ ROUTES = [
             "activation_date": F((str, type(None))),
             "deactivation_date": F((str, type(None))),
             "rotation_policy": F((dict, type(None))),
+            # DSM moves a key to another group with it: declared so that it is refused.
+            "group_id": F(str),
         },
         synopsis="Rename, describe, enable, narrow key_ops, set dates and rotation policy.",
     ),
@@ -412,7 +444,7 @@ ROUTES = [
         "POST",
         "/crypto/v1/keys/{kid}/schedule_deletion",
         schedule_deletion,
-        {"pending_days": F(int)},
+        {"pending_days": F(int), "pending_window_in_days": F(int, doc="DSM's name for it")},
         synopsis="Unusable now, deleted after pending_days (key_deletion_pending_days).",
     ),
     Route(
