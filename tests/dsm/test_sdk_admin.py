@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import ssl
+import time
 import urllib.error
 import urllib.request
 
@@ -199,3 +200,85 @@ def test_login_forms_the_sdk_offers(dsm: Dsm, app: App) -> None:
         sort="kid:asc", limit=2, offset=0
     )
     assert len(listed) <= 2
+
+
+def test_list_filters_and_paging_the_sdk_sends(dsm: Dsm, admin: v1.ApiClient) -> None:
+    """group_id, sort, start, limit, offset on apps, plugins and keys, creator on keys:
+    dropped before, so a filtered list came back whole and paging by start never
+    advanced. Paging by start now visits every item once."""
+    groups = v1.GroupsApi(admin)
+    g1 = groups.create_group(v1.GroupRequest(name=unique("lg"))).group_id
+    g2 = groups.create_group(v1.GroupRequest(name=unique("lg"))).group_id
+    apps = v1.AppsApi(admin)
+    made = {}
+    for g in (g1, g1, g1, g2):
+        out = raw_json(
+            apps.create_app_with_http_info(
+                v1.AppRequest(name=unique("la"), default_group=g, add_groups=[g]),
+                _preload_content=False,
+            )
+        )
+        made[out["app_id"]] = (g, out["credential"]["api_key"])
+    in_g1 = sorted(a for a, (g, _) in made.items() if g == g1)
+    assert sorted(a.app_id for a in apps.get_apps(group_id=g1)) == in_g1
+    seen, start = [], None
+    while True:
+        kw = {"start": start} if start else {}
+        batch = apps.get_apps(group_id=g1, sort="app_id:asc", limit=2, **kw)
+        if not batch:
+            break
+        seen += [a.app_id for a in batch]
+        start = batch[-1].app_id
+    assert seen == in_g1
+    desc = [a.app_id for a in apps.get_apps(group_id=g1, sort="app_id:desc")]
+    assert desc == in_g1[::-1]
+    assert [a.app_id for a in apps.get_apps(group_id=g1, sort="app_id", offset=1, limit=1)] == [
+        in_g1[1]
+    ]
+    _raises(400, "invalid_value", apps.get_apps, sort="secret:asc")
+    # Keys: by creator, and paged by name.
+    creator_id = next(a for a, (g, _) in made.items() if g == g2)
+    client = sdk(dsm, made[creator_id][1])
+    so = v1.SecurityObjectsApi(client)
+    names = sorted(unique("lk") for _ in range(3))
+    for n in names:
+        so.generate_security_object(v1.SobjectRequest(name=n, obj_type=v1.ObjectType.AES))
+    mine = v1.SecurityObjectsApi(admin).get_security_objects(creator=creator_id)
+    assert sorted(k.name for k in mine) == names
+    got, start = [], None
+    while True:
+        kw = {"start": start} if start else {}
+        batch = so.get_security_objects(group_id=g2, sort="name:asc", limit=2, **kw)
+        if not batch:
+            break
+        got += [k.name for k in batch]
+        start = batch[-1].name
+    assert got == names
+    # Plugins by group.
+    plugins = v1.PluginsApi(admin)
+    code = v1.PluginSource(language=v1.Language.LUA, code="function run() return 1 end")
+    p2 = plugins.create_plugin(
+        v1.PluginRequest(name=unique("lp"), add_groups=[g2], default_group=g2, source=code)
+    )
+    assert [p.plugin_id for p in plugins.get_plugins(group_id=g2)] == [p2.plugin_id]
+    assert plugins.get_plugins(group_id=g1) == []
+
+
+def test_audit_log_filters_the_sdk_sends(admin: v1.ApiClient, app: App) -> None:
+    now = int(time.time())
+    v1.GroupsApi(app.client).get_groups()
+    logs = v1.LogsApi(admin)
+
+    def records(**kw) -> list[dict]:
+        return raw_json(logs.get_audit_logs_with_http_info(_preload_content=False, **kw))
+
+    recent = records(actor_type="App", range_from=now - 5, size=1000)
+    assert recent and all(r["actor_kind"] == "app" for r in recent)
+    assert any(r["actor_id"] == app.app_id for r in recent)
+    assert records(actor_type="App", range_to=now - 3600, range_from=now - 3700) == []
+    admins = records(actor_type="User", size=5)
+    assert admins and all(r["actor_kind"] == "admin" for r in admins)
+    for field in ("action_type", "severity"):
+        with pytest.raises(v1.rest.ApiException) as err:
+            logs.get_audit_logs(**{field: "x"})
+        assert err.value.status == 400 and field in err.value.body

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import replace
 from typing import Any
 
+from strongroomd.api import listing
 from strongroomd.api.groups import membership
 from strongroomd.auth import (
     DEFAULT_PERMISSIONS,
@@ -119,7 +120,9 @@ async def create(req: Request) -> dict[str, Any]:
 
 async def list_(req: Request) -> list[dict[str, Any]]:
     require_admin(req.caller)
-    return [view(p) for p in req.services.store.principals.values() if p.kind == "app"]
+    apps = [p for p in req.services.store.principals.values() if p.kind == "app"]
+    props = {"app_id": lambda p: p.id, "name": lambda p: p.name}
+    return [view(p) for p in listing.page(apps, req.body, props, lambda p: p.groups)]
 
 
 async def get(req: Request) -> dict[str, Any]:
@@ -242,7 +245,13 @@ ROUTES = [
         {**_FIELDS, "name": F(str, True)},
         synopsis="Create an app; its API key is returned once.",
     ),
-    Route("GET", "/sys/v1/apps", list_, {}, synopsis="List apps."),
+    Route(
+        "GET",
+        "/sys/v1/apps",
+        list_,
+        listing.FIELDS,
+        synopsis="List apps (group_id filter; sort=app_id|name[:desc], start, offset, limit).",
+    ),
     Route("GET", "/sys/v1/apps/{app_id}", get, {}, synopsis="Show an app."),
     Route("PATCH", "/sys/v1/apps/{app_id}", update, _FIELDS, synopsis="Change an app."),
     Route("DELETE", "/sys/v1/apps/{app_id}", delete, {}, synopsis="Delete an app."),

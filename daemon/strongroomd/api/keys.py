@@ -8,6 +8,7 @@ import hmac
 from typing import Any
 
 from strongroomd import mechanisms
+from strongroomd.api import listing
 from strongroomd.auth import check_key_read
 from strongroomd.context import Request
 from strongroomd.errors import BadRequest, Conflict, Unsupported
@@ -81,15 +82,14 @@ async def import_(req: Request) -> dict[str, Any]:
 async def list_(req: Request) -> list[dict[str, Any]]:
     b = req.body
     rows = req.services.keyring.visible(req.owner, req.caller)
-    if "group_id" in b:
-        rows = [r for r in rows if r.group_id == b["group_id"]]
     if "name" in b:
         rows = [r for r in rows if r.name == b["name"]]
-    offset, limit = b.get("offset", 0), b.get("limit", 1000)
-    if offset < 0 or not 0 < limit <= 10000:
-        raise BadRequest("offset >= 0 and 0 < limit <= 10000", code="invalid_value")
-    rows.sort(key=lambda r: (r.created_at, r.kid))
-    return [sobject(r) for r in rows[offset : offset + limit]]
+    if "creator" in b:  # an app's or an admin's id, as DSM's creator filter
+        rows = [r for r in rows if b["creator"] in (r.creator or {}).values()]
+    rows.sort(key=lambda r: (r.created_at, r.kid))  # without sort: oldest first
+    props = {"kid": lambda r: r.kid, "name": lambda r: r.name}
+    rows = listing.page(rows, {"limit": 1000, **b}, props, lambda r: (r.group_id,))
+    return [sobject(r) for r in rows]
 
 
 def _find(req: Request, descriptor: dict[str, Any]) -> KeyRow:
@@ -397,8 +397,8 @@ ROUTES = [
         "GET",
         "/crypto/v1/keys",
         list_,
-        {"group_id": F(str), "name": F(str), "limit": F(int), "offset": F(int)},
-        synopsis="List the keys you can see.",
+        {**listing.FIELDS, "name": F(str), "creator": F(str)},
+        synopsis="List the keys you can see (oldest first, or by sort=kid|name[:desc]).",
     ),
     Route("GET", "/crypto/v1/keys/{kid}", get, {}, synopsis="Show a key."),
     Route(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from typing import Any
 
 from strongroomd.audit import AuditFailing
@@ -38,6 +39,24 @@ async def list_(req: Request) -> list[dict[str, Any]]:
         if name in b:
             where.append(f"{name} = ?")
             args.append(b[name])
+    # DSM's filters: a time range in epoch seconds, and the actor's type.
+    for name, op in (("range_from", ">="), ("range_to", "<=")):
+        if name in b:
+            where.append(f"time {op} ?")
+            args.append(_iso(b[name]))
+    if "actor_type" in b:
+        kind = _ACTOR_TYPES.get(b["actor_type"].lower())
+        if kind is None:
+            raise BadRequest("actor_type is App, User or Plugin", code="invalid_value")
+        where.append("actor_kind = ?")
+        args.append(kind)
+    for name in ("action_type", "severity"):  # refused: dropped, the list would be unfiltered
+        if name in b:
+            raise BadRequest(
+                f"Strongroom's audit records have no {name}; filter by object_id, actor_id, "
+                "actor_type, invocation_id, range_from or range_to",
+                code="invalid_field",
+            )
     if p.kind == "plugin":  # Lua's AuditLog.get_all (plugin_audit.py says what it may read)
         row = req.services.store.plugins.get(p.id)
         if row is None or not granted(row.limits):
@@ -62,6 +81,17 @@ async def list_(req: Request) -> list[dict[str, Any]]:
             rec["detail"] = json.loads(rec["detail"])
         out.append(rec)
     return out
+
+
+#: DSM's actor_type values and the actor_kind they name (an administrator is DSM's user).
+_ACTOR_TYPES = {"app": "app", "user": "admin", "plugin": "plugin"}
+
+
+def _iso(epoch: int) -> str:
+    """Epoch seconds as the records' time text (ISO 8601 UTC), which sorts by time."""
+    if not 0 <= epoch < 253402300800:  # year 10000
+        raise BadRequest("range_from and range_to are epoch seconds", code="invalid_value")
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
 
 
 async def verify(req: Request) -> dict[str, Any]:
@@ -119,6 +149,11 @@ ROUTES = [
             "offset": F(int),
             "size": F(int, doc="DSM's name for limit"),
             "from": F(int, doc="DSM's name for offset"),
+            "range_from": F(int, doc="epoch seconds"),
+            "range_to": F(int, doc="epoch seconds"),
+            "actor_type": F(str, doc="App | User | Plugin"),
+            "action_type": F(str, doc="refused: records have none"),
+            "severity": F(str, doc="refused: records have none"),
         },
         synopsis="Audit records, newest first.",
     ),

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from strongroomd import _sandbox, outbound
+from strongroomd.api import listing
 from strongroomd.api.groups import membership
 from strongroomd.auth import Principal, require_admin
 from strongroomd.context import Owner, Request, Services
@@ -200,12 +201,11 @@ async def create(req: Request) -> dict[str, Any]:
 
 async def list_(req: Request) -> list[dict[str, Any]]:
     p = req.caller
-    rows = req.services.store.plugins.values()
-    return [
-        view(r, with_code=p.is_admin, viewer=p)
-        for r in rows
-        if p.is_admin or p.groups & set(r.groups)
-    ]
+    plugins = req.services.store.plugins.values()
+    rows = [r for r in plugins if p.is_admin or p.groups & set(r.groups)]
+    props = {"plugin_id": lambda r: r.id, "name": lambda r: r.name}
+    rows = listing.page(rows, req.body, props, lambda r: r.groups)
+    return [view(r, with_code=p.is_admin, viewer=p) for r in rows]
 
 
 async def get(req: Request) -> dict[str, Any]:
@@ -520,7 +520,14 @@ ROUTES = [
         {**_MANAGE, "name": F(str, True), "source": F(dict, True)},
         synopsis="Store a plugin; its code is compiled first (admins).",
     ),
-    Route("GET", "/sys/v1/plugins", list_, {}, synopsis="List plugins you can invoke."),
+    Route(
+        "GET",
+        "/sys/v1/plugins",
+        list_,
+        listing.FIELDS,
+        synopsis="List plugins you can invoke (group_id; sort=plugin_id|name[:desc], start, "
+        "offset, limit).",
+    ),
     # Before the routes they would otherwise fall into (POST .../{plugin_id} takes
     # extra segments too): DSM's invoke form, by GET (url.path, url.query) or POST.
     Route(

@@ -255,7 +255,8 @@ def test_plugins_and_logs(admin_http: Http) -> None:
             "POST",
             "/sys/v1/plugins",
             {"name": unique("p"), "source": {"language": "LUA", "code": code}, "groups": [gid]},
-        )
+        ),
+        201,  # Created, as DSM answers a new plugin over HTTP (the socket: 200)
     )
     out = ok(admin_http.call("POST", f"/sys/v1/plugins/{p['plugin_id']}", {"n": 41}))
     assert out["n"] == 42 and base64.b64decode(out["blob"]) == b"ab"
