@@ -340,6 +340,21 @@ def check_tls_key(path: Path) -> None:
         )
 
 
+def _load_tls(cert: Path, key: Path) -> None:
+    """What the gateway will do at start: load the chain and its key (never shown)."""
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key, password=lambda: b"")
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or "unusable"
+        raise ConfigError(
+            f"http_tls_cert_file {cert} and http_tls_key_file {key} cannot be used "
+            f"together ({reason}): PEM certificate chain and its unencrypted private key"
+        ) from None
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -450,6 +465,7 @@ def check(cfg: Config) -> list[str]:
             problems.append(f"http_tls_cert_file {cfg.http_tls_cert_file} is not readable")
         try:
             check_tls_key(cfg.http_tls_key_file)
+            _load_tls(cfg.http_tls_cert_file, cfg.http_tls_key_file)
         except ConfigError as exc:
             problems.append(str(exc))
     existing = next((p for p in (cfg.state_dir, *cfg.state_dir.parents) if p.exists()), None)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import ssl
 import warnings
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.conftest import Daemon, start_daemon
 from tests.daemon.gateway.conftest import gateway_url
@@ -124,6 +126,8 @@ def test_a_key_that_is_not_the_certificates_is_refused(tmp_path: Path, certs: Ce
         start_daemon(tmp_path, config=cfg)
     assert "cannot be used together" in str(err.value)
     assert "PRIVATE KEY" not in str(err.value)
+    out = run("check-config", "--config", str(tmp_path / "state.toml"))
+    assert out.returncode != 0 and "cannot be used together" in out.stderr
 
 
 def test_settings(tmp_path: Path, certs: Certs) -> None:
@@ -150,3 +154,20 @@ def test_settings(tmp_path: Path, certs: Certs) -> None:
     plain.write_text('http_enabled = true\nhttp_host = "0.0.0.0"\n')
     out = run("check-config", "--config", str(plain))
     assert out.returncode == 2 and "TLS-terminating proxy" in out.stderr
+
+
+def test_an_encrypted_key_is_refused_at_start(tmp_path: Path, certs: Certs) -> None:
+    key = serialization.load_pem_private_key(certs.key.read_bytes(), None)
+    enc = tmp_path / "enc.key"
+    fd = os.open(enc, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+    with pytest.raises(RuntimeError) as err:
+        start_daemon(tmp_path, config=tls_config(Certs(certs.ca, certs.cert, enc)))
+    assert "http_tls_key_file is encrypted" in str(err.value)
