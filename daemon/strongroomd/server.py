@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import resource
@@ -136,10 +137,19 @@ class Server:
             if not any(p.kind == "admin" for p in store.principals.values()):
                 await self._make_admin()
             elif not cfg.admin_key_path.exists() and store.shared:
+                made = await store.query(
+                    "SELECT node, detail FROM audit WHERE action = 'admin.create' "
+                    "ORDER BY seq DESC LIMIT 1"
+                )
+                where = (
+                    f"node {made[0][0]} wrote it to {json.loads(made[0][1])['key_file']}"
+                    if made
+                    else "its log says 'created the admin credential'"
+                )
                 log.info(
                     "the admin exists, made by another node: its key file is in that node's "
-                    "state directory (its log says 'created the admin credential'); this node "
-                    "has none at %s",
+                    "state directory (%s); this node has none at %s",
+                    where,
                     cfg.admin_key_path,
                 )
             elif not cfg.admin_key_path.exists():
@@ -175,6 +185,13 @@ class Server:
         await store.insert(admin)
         where = f" (node {cfg.node})" if store.shared else ""
         log.info("created the admin credential in %s%s", cfg.admin_key_path, where)
+        # Written before other nodes may look (they wait in first_start): where the key is.
+        seq = self.services.audit.record(
+            "admin.create",
+            object_id=admin.id,
+            detail={"node": cfg.node, "key_file": str(cfg.admin_key_path)},
+        )
+        await self.services.audit.flush(seq)
 
     async def _serve_http(self) -> None:
         from strongroomd.gateway import Gateway  # aiohttp is imported only when enabled

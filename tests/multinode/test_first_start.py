@@ -57,5 +57,7 @@ def test_nodes_started_at_once_make_one_admin(
             if node is not holders[0]:  # the others say where the key is
                 log = node.log.read_text()
                 assert "made by another node" in log, log[-2000:]
+                where = f"node {holders[0].state_dir.name} wrote it to {holders[0].state_dir}"
+                assert where in log, log[-2000:]
     finally:
         cluster.stop()
