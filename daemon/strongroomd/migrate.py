@@ -79,6 +79,7 @@ def migrate(cfg: Config, url: str) -> dict[str, Any]:
 
 def _copy(db_path: Path, pg: Any, url: str) -> dict[str, int]:
     """Every row, in one PostgreSQL transaction; the chain's head set to its last record."""
+    from strongroomd.pgstore import FIRST_START_LOCK
     from strongroomd.store import Store
 
     # The SQLite schema up to date first (its own migrations), so columns match.
@@ -87,6 +88,9 @@ def _copy(db_path: Path, pg: Any, url: str) -> dict[str, int]:
     try:
         Store._migrate(db)
         with pg.transaction():
+            # A node starting on this database meanwhile waits, then finds the admin
+            # copied here; one that came first makes the check below refuse.
+            pg.execute("SELECT pg_advisory_xact_lock(%s)", (FIRST_START_LOCK,))
             for table in TABLES:
                 (n,) = pg.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
                 if n:

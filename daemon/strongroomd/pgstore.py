@@ -88,6 +88,9 @@ T = TypeVar("T")
 CHANNEL = "strongroom"
 #: Notifications waiting to be applied, at most; beyond, the node re-reads everything.
 MAX_INBOX = 10_000
+#: The advisory lock a node holds while it decides whether to make the admin
+#: (PgStore.first_start); ``strongroomd migrate`` holds it while it copies.
+FIRST_START_LOCK = 4242003
 #: Seconds between heartbeats (a node is dead to the others after node_timeout).
 HEARTBEAT = 1.0
 #: A connection idle this long is checked (SELECT 1) before it is used again.
@@ -520,7 +523,7 @@ class PgStore(Store):
                 self.url, autocommit=True, connect_timeout=5, application_name=self.app_name
             )
             try:
-                db.execute("SELECT pg_advisory_lock(4242003)")
+                db.execute("SELECT pg_advisory_lock(%s)", (FIRST_START_LOCK,))
             except BaseException:
                 db.close()
                 raise

@@ -118,3 +118,41 @@ def test_migrate_keeps_kids_and_what_was_encrypted_decrypts(tmp_path, postgres: 
         env={**__import__("os").environ, "STRONGROOM_BACKUP_PASSPHRASE": "x" * 16},
     )
     assert out.returncode == 3 and "pg_dump" in out.stderr, out
+
+
+def test_migrate_and_a_node_starting_on_the_database_take_turns(tmp_path, postgres) -> None:
+    """The copy holds the first-start lock: a node deciding whether to make the admin
+    (here: a connection holding that lock) makes the migration wait, and the
+    migration's own emptiness check then runs after it."""
+    import concurrent.futures
+
+    import psycopg
+    from strongroomd.pgstore import FIRST_START_LOCK, PgStore
+
+    from tests.multinode.conftest import wait_for
+
+    d = start_daemon(tmp_path, "one")
+    assert d.stop() == 0
+    url = postgres.create_db(unique("mig").replace("-", "_"))
+    with psycopg.connect(url, autocommit=True) as db:
+        PgStore._migrate_pg(db)  # the schema, as a node's start makes it first
+    node = psycopg.connect(url, autocommit=True)
+    node.execute("SELECT pg_advisory_lock(%s)", (FIRST_START_LOCK,))
+
+    def waiting() -> bool:
+        with psycopg.connect(url, autocommit=True) as db:
+            (n,) = db.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event = 'advisory'"
+            ).fetchone()
+        return n == 1
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        run = pool.submit(migrate, d.state_dir, url)
+        assert wait_for(lambda: waiting() or run.done()) and not run.done()
+        node.close()  # the node's decision is over (it made nothing)
+        done = run.result(timeout=120)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(url) as db:
+        (admins,) = db.execute("SELECT count(*) FROM principals WHERE kind = 'admin'").fetchone()
+    assert admins == 1
