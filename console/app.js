@@ -115,6 +115,15 @@ const short = (id) => (id ? String(id).slice(0, 8) : "");
 const groupName = (gid) => (state.groups.find((g) => g.group_id === gid) || {}).name || short(gid);
 const pretty = (v) => (v === undefined ? "" : JSON.stringify(v, null, 2));
 
+// Loads of one kind can overlap (a view's own load, then a form's reload after a
+// change; a click on a key row, then a new key): only the newest may render, so an
+// older answer that comes back later never overwrites a newer one.
+const turns = {};
+function turn(name) {
+  const mine = (turns[name] = (turns[name] || 0) + 1);
+  return () => turns[name] === mine;
+}
+
 // -- session -------------------------------------------------------------------------------
 
 async function login(event) {
@@ -171,7 +180,10 @@ async function show(view) {
 }
 
 async function loadGroups() {
-  state.groups = await api("GET", "/sys/v1/groups");
+  const current = turn("groups");
+  const groups = await api("GET", "/sys/v1/groups");
+  if (!current()) return;
+  state.groups = groups;
   fillTable($("#groups-table"), state.groups, (g) => [g.name, g.description, short(g.group_id), when(g.created_at)]);
   for (const sel of document.querySelectorAll(".group-select")) {
     sel.replaceChildren(...state.groups.map((g) => el("option", { value: g.group_id }, g.name)));
@@ -213,7 +225,9 @@ function appGroups(groups) {
 }
 
 async function loadApps() {
+  const current = turn("apps");
   const apps = state.kind === "admin" ? await api("GET", "/sys/v1/apps") : [];
+  if (!current()) return;
   fillTable($("#apps-table"), apps, (a) => [a.name, appGroups(a.groups), a.enabled ? "yes" : "no", short(a.app_id)]);
 }
 
@@ -235,12 +249,18 @@ async function createApp(event) {
 // -- keys ------------------------------------------------------------------------------------
 
 async function loadKeys() {
+  const current = turn("keys");
   const keys = await api("GET", "/crypto/v1/keys?limit=1000");
+  if (!current()) return;
   fillTable(
     $("#keys-table"),
     keys,
     (k) => [k.name, k.obj_type, k.key_size || k.elliptic_curve || "", groupName(k.group_id), (k.key_ops || []).join(" ")],
-    guard(async (k) => showKey(await api("GET", `/crypto/v1/keys/${encodeURIComponent(k.kid)}`))),
+    guard(async (k) => {
+      const shown = turn("key-detail");
+      const full = await api("GET", `/crypto/v1/keys/${encodeURIComponent(k.kid)}`);
+      if (shown()) showKey(full);
+    }),
   );
 }
 
@@ -396,16 +416,19 @@ async function createKey(event) {
   const spec = KEY_FIELDS[body.obj_type] || {};
   if (spec.curve) body.elliptic_curve = f.elliptic_curve.value;
   if (spec.sizes) body.key_size = Number(f.key_size.value);
+  const shown = turn("key-detail");
   const k = await api("POST", "/crypto/v1/keys", body);
   f.name.value = "";
   await loadKeys();
-  showKey(k);
+  if (shown()) showKey(k);
 }
 
 // -- plugins -----------------------------------------------------------------------------------
 
 async function loadPlugins() {
+  const current = turn("plugins");
   const plugins = await api("GET", "/sys/v1/plugins");
+  if (!current()) return;
   fillTable(
     $("#plugins-table"),
     plugins,
@@ -575,7 +598,9 @@ async function loadAudit() {
     const v = f[name].value.trim();
     if (v) query.set(name, v);
   }
+  const current = turn("audit");
   let records = await api("GET", `/sys/v1/logs?${query}`);
+  if (!current()) return;
   const action = f.action.value.trim().toLowerCase();
   if (action) records = records.filter((r) => r.action.toLowerCase().includes(action));
   if (f.failed.checked) records = records.filter((r) => r.status >= 400);
