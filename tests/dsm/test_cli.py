@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import sdkms.v1 as v1
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -427,3 +428,15 @@ def test_the_cli_came_without_its_python2_backports() -> None:
             importlib.metadata.distribution(name)
     assert importlib.metadata.version("sdkms-cli") == "5.6.2919"
     assert importlib.metadata.version("sdkms") == "5.6.2919"
+
+
+def test_import_cert(dsm: Dsm, cli: Cli) -> None:
+    name = unique("cert")
+    kid = cli.ok("import-cert", "--in", str(dsm.certs.cert), "--name", name).strip()
+    shown = json.loads(cli.ok("show-sobject", "--kid", kid))
+    assert shown["obj_type"] == "CERTIFICATE" and shown["name"] == name
+    cert = x509.load_pem_x509_certificate(dsm.certs.cert.read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert base64.b64decode(shown["pub_key"]) == spki
