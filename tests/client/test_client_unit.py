@@ -552,20 +552,21 @@ def test_async_timeout_leaves_connection_usable(standin) -> None:
         slow = await conn.recv()
         fast = await conn.recv()
         conn.send(fast["id"], 200, "fast")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(1.5)  # longer than the timeout, whenever the clock started
         conn.send(slow["id"], 200, "late")  # dropped: nobody waits for it
         await serve_echo(conn)
 
     s = standin(first_slow)
 
     async def main() -> None:
-        async with AsyncClient(s.path, timeout=0.2) as c:
+        # 1 s: each answered request has that long (0.2 s was tight on a loaded machine).
+        async with AsyncClient(s.path, timeout=1.0) as c:
             slow = asyncio.ensure_future(c.request("GET", "/slow"))
             await asyncio.sleep(0.01)
             assert await c.request("GET", "/fast") == "fast"
             with pytest.raises(strongroom.Timeout):
                 await slow
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(1.0)  # the late answer comes meanwhile
             assert await c.request("GET", "/e") is None
 
     asyncio.run(main())
