@@ -169,6 +169,15 @@ def test_multipart_commands(cli: Cli, tmp_path: Path) -> None:
     cli.ok("encrypt-final", "--kid", kid, "--state", str(state), "--out", str(out))
     d = Cipher(algorithms.AES(value), modes.CBC(bytes.fromhex(iv))).decryptor()
     assert _unpad(d.update(out.read_bytes()) + d.finalize()) == b"first part second part"
+    # And back, the ciphertext on stdin in two pieces (decrypt-update reads it there).
+    cipher, back = out.read_bytes(), tmp_path / "back"
+    cli.ok("decrypt-init", "--kid", kid, "--alg", "AES", "--mode", "CBC", "--iv", iv,
+           "--state", str(state))  # fmt: skip
+    for piece in (cipher[:20], cipher[20:]):
+        cli.ok("decrypt-update", "--kid", kid, "--state", str(state), "--out", str(back),
+               stdin=piece)  # fmt: skip
+    cli.ok("decrypt-final", "--kid", kid, "--state", str(state), "--out", str(back))
+    assert back.read_bytes() == b"first part second part"
 
 
 def test_digest_hmac_sign_verify(cli: Cli, tmp_path: Path) -> None:
@@ -260,6 +269,12 @@ def test_key_lifecycle_commands(cli: Cli) -> None:
     kid = cli.ok("create-key", "--obj-type", "AES", "--name", name, "--key-size", "128").strip()
     cli.ok("update-object", "--kid", kid, "--description", "changed by sdkms-cli")
     assert json.loads(cli.ok("show-sobject", "--kid", kid))["description"] == "changed by sdkms-cli"
+    cli.ok("update-object", "--kid", kid, "--key-ops", "ENCRYPT,APPMANAGEABLE")
+    assert sorted(json.loads(cli.ok("show-sobject", "--kid", kid))["key_ops"]) == [
+        "APPMANAGEABLE",
+        "ENCRYPT",
+    ]
+    cli.ok("activate-object", "--kid", kid)  # already active: accepted, nothing changes
     new = cli.ok("rotate-key", "--name", name).strip()
     assert new != kid and json.loads(cli.ok("show-sobject", "--name", name))["kid"] == new
     cli.ok("revoke-object", "--kid", kid, "--code", "KeyCompromise", "--message", "test")
