@@ -166,10 +166,17 @@ def test_pkcs11_tool_sees_keys_and_cannot_read_secret_ones(daemon: Daemon, admin
             {"name": unique("p11x"), "obj_type": "AES", "key_ops": ["ENCRYPT", "EXPORT"]},
         )
     )
-    listing = p11tool(daemon, "--list-objects", "--type", "secrkey").stdout
+    # A fresh SoftHSM process can list the token short while the daemon holds its
+    # files (seen in tests/multinode): read again until both keys show (bounded).
+    deadline = time.monotonic() + 30
+    while True:
+        listing = p11tool(daemon, "--list-objects", "--type", "secrkey").stdout
+        if all(k["kid"].encode().hex() in listing for k in (secret, exportable)):
+            break
+        assert time.monotonic() < deadline, listing
+        time.sleep(0.2)
     for key in (secret, exportable):
         assert f"label:      {key['name']}" in listing
-        assert key["kid"].encode().hex() in listing
     # The non-exportable key's value cannot be read, PIN or no PIN.
     denied = p11tool(
         daemon,
