@@ -63,7 +63,7 @@ def browser() -> Iterator[Any]:
 def page(browser: Any, http_daemon: Any) -> Iterator[Any]:
     ctx = browser.new_context(viewport={"width": 1400, "height": 900})
     pg = ctx.new_page()
-    pg.set_default_timeout(15_000)
+    pg.set_default_timeout(30_000)  # a wait's bound on a loaded machine, not a latency check
     pg.problems = []
     pg.on("pageerror", lambda e: pg.problems.append(f"page error: {e}"))
     pg.on("console", lambda m: m.type == "error" and pg.problems.append(m.text))
@@ -91,7 +91,7 @@ def rows(pg: Any, column: str) -> list[str]:
     return pg.locator(f"#audit-list .audit-row .{column}").all_text_contents()
 
 
-def until(check: Any, timeout: float = 10.0) -> None:
+def until(check: Any, timeout: float = 30.0) -> None:
     """Poll ``check`` (the page's CSP forbids wait_for_function's eval)."""
     deadline = time.monotonic() + timeout
     while not check():
@@ -260,7 +260,7 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     shot(pg, "5-audit")
     pg.fill("#audit-filters [name=action]", "encrypt")
     pg.click("#audit-refresh")
-    until(lambda: all("encrypt" in a for a in rows(pg, "action")))
+    until(lambda: (got := rows(pg, "action")) and all("encrypt" in a for a in got))
     assert pg.locator("#audit-list .audit-row").count() >= 1
     pg.click("#audit-filters button[type=reset]")
     # A refused request by a known caller (failed logins are counted per minute,
@@ -271,7 +271,7 @@ def test_console_scenario(page: Any, http_daemon: Any) -> None:
     admin.close()
     pg.check("#audit-filters [name=failed]")
     pg.click("#audit-refresh")
-    until(lambda: all(int(s.split()[0]) >= 400 for s in rows(pg, "status")))
+    until(lambda: (got := rows(pg, "status")) and all(int(s.split()[0]) >= 400 for s in got))
     assert "404" in pg.text_content("#audit-list")  # the refused request
     shot(pg, "6-audit-failures")
     pg.fill("#audit-filters [name=invocation_id]", "no-such-invocation")
