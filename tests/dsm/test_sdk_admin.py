@@ -119,6 +119,9 @@ def test_plugins_crud_and_invoke(admin: v1.ApiClient, app: App) -> None:
     assert plugins.get_plugin(made.plugin_id).source.code == code
     out = v1.PluginsApi(app.client).invoke_plugin(made.plugin_id, {"name": "dsm"})
     assert out == {"hello": "dsm"}
+    # DSM's GET invocation (no body: the plugin's input is empty).
+    got = v1.PluginsApi(app.client).sys_v1_plugins_invoke_plugin_id_get(made.plugin_id)
+    assert got == {}  # {hello = nil}: an empty table
     upd = plugins.update_plugin(made.plugin_id, v1.PluginRequest(description="d"))
     assert upd.description == "d"
     plugins.delete_plugin(made.plugin_id)

@@ -159,6 +159,25 @@ def test_multipart_encrypt_and_decrypt(app: App, aes) -> None:
     d = Cipher(algorithms.AES(value), modes.CBC(bytes(init.iv))).decryptor()
     unpad = PKCS7(128).unpadder()
     assert unpad.update(d.update(cipher) + d.finalize()) + unpad.finalize() == b"".join(parts)
+    # Per key, GCM, the tag checked at final.
+    iv = os.urandom(12)
+    sealed = AESGCM(value).encrypt(iv, b"gcm in two parts", b"ad")
+    pinit = ed.decrypt_init(
+        key.kid,
+        v1.DecryptInitRequest(
+            alg=v1.ObjectType.AES, mode=v1.CryptMode.GCM, iv=bytearray(iv), ad=bytearray(b"ad")
+        ),
+    )
+    plain, state = b"", pinit.state
+    for piece in (sealed[:7], sealed[7:-16]):
+        up = ed.decrypt_update(
+            key.kid, v1.DecryptUpdateRequest(cipher=bytearray(piece), state=state)
+        )
+        plain, state = plain + bytes(up.plain or b""), up.state
+    fin = ed.decrypt_final(
+        key.kid, v1.DecryptFinalRequest(state=state, tag=bytearray(sealed[-16:]))
+    )
+    assert plain + bytes(fin.plain or b"") == b"gcm in two parts"
     # The descriptor forms (DSM's *_ex), decrypting what the per-key form made.
     dinit = ed.decrypt_init_ex(
         v1.DecryptInitRequestEx(
