@@ -130,6 +130,20 @@ def wait_for(fn, timeout: float = 20.0, step: float = 0.05):
         time.sleep(step)
 
 
+def waits_on_a_lock(url: str, node: str) -> bool:
+    """Whether a node's database connection is waiting for a lock now (the node
+    has reached the write that a test holds back with a row lock)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        (n,) = db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND wait_event_type = 'Lock'",
+            (f"strongroomd:{node}",),
+        ).fetchone()
+    return n > 0
+
+
 def token_ids(cluster: Cluster) -> str:
     """pkcs11-tool's listing of the shared token (a fresh process, the user PIN), once
     it lists keys: SoftHSM's listing can come back empty while the nodes hold the

@@ -26,7 +26,7 @@ from strongroomd.store import GroupRow, PluginRow, PrincipalRow, now_stamp
 
 from tests.conftest import Daemon, Raw, start_daemon, unique
 from tests.daemon.api.helpers import ok
-from tests.multinode.conftest import Cluster, token_ids, wait_for
+from tests.multinode.conftest import Cluster, token_ids, wait_for, waits_on_a_lock
 from tests.multinode.pg import Postgres
 
 LUA = {"language": "LUA", "code": "function run(i) return 1 end"}
@@ -299,16 +299,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory, postgres: Postgres) -> Iterat
     c.stop()
 
 
-def node_waits(url: str, node: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as db:
-        (n,) = db.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-            "AND wait_event_type = 'Lock'",
-            (f"strongroomd:{node}",),
-        ).fetchone()
-    return n > 0
-
-
 @pytest.mark.parametrize("first", ["delete", "join"])
 @pytest.mark.parametrize("member", ["app", "plugin"])
 def test_two_nodes_forced_order(pair: Cluster, first: str, member: str) -> None:
@@ -340,7 +330,8 @@ def test_two_nodes_forced_order(pair: Cluster, first: str, member: str) -> None:
         for what in order:  # each queued behind the gate before the next is sent
             node, call = calls[what]
             futs[what] = pool.submit(call)
-            assert wait_for(lambda node=node, f=futs[what]: node_waits(pair.url, node) or f.done())
+            f = futs[what]
+            assert wait_for(lambda node=node, f=f: waits_on_a_lock(pair.url, node) or f.done())
             assert not futs[what].done(), futs[what].result()  # it waits on the group's lock
         gate.rollback()
         out = {what: f.result(timeout=60) for what, f in futs.items()}

@@ -17,20 +17,10 @@ from strongroomd.pgstore import SESSION_PUT, PgStore, token_hash
 from strongroomd.store import GroupRow, PrincipalRow, now_stamp
 
 from tests.conftest import unique
-from tests.multinode.conftest import wait_for
+from tests.multinode.conftest import wait_for, waits_on_a_lock
 from tests.multinode.pg import Postgres
 
 OLD, NEW = b"\x01" * 32, b"\x02" * 32
-
-
-def waits(url: str, node: str) -> bool:
-    with psycopg.connect(url, autocommit=True) as db:
-        (n,) = db.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-            "AND wait_event_type = 'Lock'",
-            (f"strongroomd:{node}",),
-        ).fetchone()
-    return n > 0
 
 
 def sessions(url: str, token: str) -> int:
@@ -64,14 +54,17 @@ def test_a_session_insert_waits_for_a_change_of_its_app(postgres: Postgres, chan
             assert not await b.session_put("t-bad", "app-1", 9e9, NEW)  # another secret
 
             other = psycopg.connect(url)  # "node a", mid-change: it holds the app's row
-            params = (NEW, "app-1") if change == "reset" else ("app-1",)
-            other.execute(CHANGES[change], params)
-            put = asyncio.create_task(b.session_put("t-1", "app-1", 9e9, OLD))
-            held = await asyncio.to_thread(wait_for, lambda: waits(url, "b") or put.done())
-            assert held and not put.done()  # the insert waits for the change
-            await asyncio.to_thread(other.commit)
-            assert await put is False  # and then finds it: refused, nothing stored
-            other.close()
+            try:
+                params = (NEW, "app-1") if change == "reset" else ("app-1",)
+                other.execute(CHANGES[change], params)
+                put = asyncio.create_task(b.session_put("t-1", "app-1", 9e9, OLD))
+                waiting = lambda: waits_on_a_lock(url, "b") or put.done()  # noqa: E731
+                held = await asyncio.to_thread(wait_for, waiting)
+                assert held and not put.done()  # the insert waits for the change
+                await asyncio.to_thread(other.commit)
+                assert await put is False  # and then finds it: refused, nothing stored
+            finally:
+                other.close()  # a failed check must not leave b's insert waiting forever
         finally:
             await b.close()
 
@@ -111,7 +104,7 @@ def test_a_change_waits_for_a_session_insert_in_progress(postgres: Postgres) -> 
 
     t = threading.Thread(target=do_reset)
     t.start()
-    assert wait_for(lambda: waits(url, "a") or done.is_set()) and not done.is_set()
+    assert wait_for(lambda: waits_on_a_lock(url, "a") or done.is_set()) and not done.is_set()
     insert.commit()
     t.join(30)
     assert done.is_set()
