@@ -168,8 +168,9 @@ def unwrap_aes(core: Core, kid: str, new: NewKey, data: bytes, pad: bool) -> Key
 
 def wrap_rsa_oaep(core: Core, kid: str, subject: KeyRef, hash_name: str, k: int) -> bytes:
     """RSA-OAEP with a hash SoftHSM's OAEP lacks: raw RSA in the token over OAEP
-    padding applied here (as encryption does), around the subject's exported value."""
-    data = mech.oaep_encode(core.export(subject), k, hash_name)
+    padding applied here (as encryption does), around the subject's exported value
+    (a private key's PKCS#8, as every wrap gives it, not export's PKCS#1/SEC1)."""
+    data = mech.oaep_encode(core.export(subject, pkcs8=True), k, hash_name)
     return core.hot_public(kid)._encrypt(data, Mechanism.RSA_X_509, None, 1024)
 
 

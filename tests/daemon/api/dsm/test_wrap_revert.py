@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
 from tests.conftest import unique
@@ -48,6 +49,28 @@ def test_pkcs8_private_key_wrapped_with_kwp(admin: Dual, subject: dict) -> None:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+
+
+@pytest.mark.parametrize("mode", ["OAEP_MGF1_SHA256", "OAEP_MGF1_SHA512"])
+def test_pkcs8_private_key_wrapped_with_rsa_oaep(admin: Dual, mode: str) -> None:
+    """The OAEP hashes SoftHSM lacks are padded here around the exported value:
+    that must still be PKCS#8 (export itself gives SEC1), as key_format Pkcs8 says."""
+    g = _group(admin)
+    kek = _key(admin, g, obj_type="RSA", key_size=4096, key_ops=["WRAPKEY", "UNWRAPKEY", "EXPORT"])
+    kek_der = blob(ok(admin.call("GET", f"/crypto/v1/keys/{kek['kid']}/export"))["value"])
+    kek_private = serialization.load_der_private_key(kek_der, password=None)
+    assert isinstance(kek_private, rsa.RSAPrivateKey)
+    priv = _key(
+        admin, g, obj_type="EC", elliptic_curve="NistP256", key_ops=["SIGN", "VERIFY", "EXPORT"]
+    )
+    body = {"subject": {"kid": priv["kid"]}, "alg": "RSA", "mode": mode, "key_format": "Pkcs8"}
+    out = ok(admin.call("POST", f"/crypto/v1/keys/{kek['kid']}/wrapkey", body))
+    h = hashes.SHA256() if mode.endswith("256") else hashes.SHA512()
+    der = kek_private.decrypt(blob(out["wrapped_key"]), padding.OAEP(padding.MGF1(h), h, None))
+    key = serialization.load_der_private_key(der, password=None)
+    assert der == key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def test_bad_key_format(admin: Dual) -> None:
