@@ -39,11 +39,15 @@ async def list_(req: Request) -> list[dict[str, Any]]:
         if name in b:
             where.append(f"{name} = ?")
             args.append(b[name])
-    # DSM's filters: a time range in epoch seconds, and the actor's type.
-    for name, op in (("range_from", ">="), ("range_to", "<=")):
-        if name in b:
-            where.append(f"time {op} ?")
-            args.append(_iso(b[name]))
+    # DSM's filters: a time range in epoch seconds, and the actor's type. range_to
+    # takes its whole second (records have milliseconds): windows [a, b] and
+    # [b + 1, c] leave no record out between them.
+    if "range_from" in b:
+        where.append("time >= ?")
+        args.append(_iso(b["range_from"]))
+    if "range_to" in b:
+        where.append("time < ?")
+        args.append(_iso(b["range_to"], 1))
     if "actor_type" in b:
         kind = _ACTOR_TYPES.get(b["actor_type"].lower())
         if kind is None:
@@ -87,11 +91,12 @@ async def list_(req: Request) -> list[dict[str, Any]]:
 _ACTOR_TYPES = {"app": "app", "user": "admin", "plugin": "plugin"}
 
 
-def _iso(epoch: int) -> str:
-    """Epoch seconds as the records' time text (ISO 8601 UTC), which sorts by time."""
-    if not 0 <= epoch < 253402300800:  # year 10000
+def _iso(epoch: int, plus: int = 0) -> str:
+    """Epoch seconds (+ ``plus``) as the records' time text (ISO 8601 UTC), which
+    sorts by time."""
+    if not 0 <= epoch < 253402300799:  # year 10000, less the second added
         raise BadRequest("range_from and range_to are epoch seconds", code="invalid_value")
-    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch))
+    return time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(epoch + plus))
 
 
 async def verify(req: Request) -> dict[str, Any]:

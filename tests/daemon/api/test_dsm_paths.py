@@ -5,8 +5,10 @@ Results are checked with ``cryptography``, never only against the daemon itself.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import hmac
+import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -340,3 +342,22 @@ def test_key_check_values_and_key_digests(admin_raw: Raw) -> None:
         ),
         "key_op_not_permitted",
     )
+
+
+def test_audit_range_to_takes_its_whole_second(admin_raw: Raw) -> None:
+    """range_to is epoch seconds and records have milliseconds: a record at
+    T.5 s is in [T, T], so windows [a, T] and [T + 1, b] miss nothing."""
+    g = new_group(admin_raw)  # an audited change, its group id the record's object
+    rec = ok(admin_raw.call("GET", "/sys/v1/logs", {"object_id": g}))[0]
+    while rec["time"].endswith(".000Z"):  # 1 in 1000: make one with milliseconds
+        g = new_group(admin_raw)
+        rec = ok(admin_raw.call("GET", "/sys/v1/logs", {"object_id": g}))[0]
+    t = calendar.timegm(time.strptime(rec["time"][:19], "%Y-%m-%dT%H:%M:%S"))
+    found = ok(admin_raw.call("GET", "/sys/v1/logs", {"object_id": g, "range_to": t}))
+    assert [r["seq"] for r in found] == [rec["seq"]]
+    window = {"object_id": g, "range_from": t, "range_to": t}
+    assert [r["seq"] for r in ok(admin_raw.call("GET", "/sys/v1/logs", window))] == [rec["seq"]]
+    # The second before it and the one after it do not hold it.
+    for bounds in ({"range_to": t - 1}, {"range_from": t + 1}):
+        assert ok(admin_raw.call("GET", "/sys/v1/logs", {"object_id": g, **bounds})) == []
+    err(admin_raw.call("GET", "/sys/v1/logs", {"range_to": 253402300799}), "invalid_value")
