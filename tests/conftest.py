@@ -24,6 +24,40 @@ from strongroom import wire
 ROOT = Path(__file__).resolve().parent.parent
 
 
+SOFTHSM = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def pkcs11_tool(
+    softhsm_conf: Path, pin: str, *args: str, text: bool = False, check: bool = False
+) -> subprocess.CompletedProcess[Any]:
+    """pkcs11-tool on a SoftHSM token labelled ``strongroom``, logged in with the user
+    PIN passed through the environment (never argv): how a test looks at the token
+    without the daemon."""
+    return subprocess.run(
+        [
+            "pkcs11-tool",
+            "--module",
+            SOFTHSM,
+            "--token-label",
+            "strongroom",
+            "--login",
+            "--pin",
+            "env:SR_PIN",
+            *args,
+        ],
+        env={**os.environ, "SOFTHSM2_CONF": str(softhsm_conf), "SR_PIN": pin},
+        capture_output=True,
+        text=text,
+        timeout=60,
+        check=check,
+    )
+
+
+def read_secret_args(kid: str) -> list[str]:
+    """pkcs11-tool's arguments that read a secret key's value by its CKA_ID (the kid)."""
+    return ["--read-object", "--type", "secrkey", "--id", kid.encode().hex()]
+
+
 class Daemon:
     def __init__(self, state_dir: Path, config: Path | None = None) -> None:
         self.state_dir = state_dir
@@ -71,27 +105,7 @@ class Daemon:
     def read_secret(self, kid: str) -> subprocess.CompletedProcess[bytes]:
         """A secret key's CKA_VALUE read straight from the token with the user PIN
         (pkcs11-tool, bypassing the daemon): how a test checks what the token allows."""
-        return subprocess.run(
-            [
-                "pkcs11-tool",
-                "--module",
-                "/usr/lib/softhsm/libsofthsm2.so",
-                "--token-label",
-                "strongroom",
-                "--login",
-                "--pin",
-                "env:SR_PIN",
-                "--read-object",
-                "--type",
-                "secrkey",
-                "--id",
-                kid.encode().hex(),
-            ],
-            env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm_conf), "SR_PIN": self.pin},
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
+        return pkcs11_tool(self.softhsm_conf, self.pin, *read_secret_args(kid))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         assert self.proc is not None

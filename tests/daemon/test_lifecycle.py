@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 
-from tests.conftest import Daemon, Raw, start_daemon, unique
+from tests.conftest import Daemon, Raw, pkcs11_tool, start_daemon, unique
 from tests.daemon.api.helpers import ok
 
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
@@ -17,25 +17,7 @@ MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 def p11tool(d: Daemon, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """pkcs11-tool on the daemon's token, the PIN passed through the environment."""
-    env = {**os.environ, "SOFTHSM2_CONF": str(d.softhsm_conf), "SR_PIN": d.pin}
-    return subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            MODULE,
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            *args,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=60,
-    )
+    return pkcs11_tool(d.softhsm_conf, d.pin, *args, text=True, check=check)
 
 
 def token_ids(d: Daemon) -> set[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Raw
+from tests.conftest import ROOT, Raw, pkcs11_tool
 from tests.daemon.api.helpers import ok
 
 UNIT = ROOT / "scripts" / "systemd" / "strongroomd.service"
@@ -157,21 +157,8 @@ def test_runs_like_the_unit_ready_then_stopping(tmp_path) -> None:
             proc.kill()
             proc.wait()
     # The token answers to the credential's PIN, as pkcs11-tool sees it.
-    env = {
-        **os.environ,
-        "SOFTHSM2_CONF": str(tmp_path / "state/softhsm/softhsm2.conf"),
-        "SR_PIN": "credential-pin-4711",
-    }
-    out = subprocess.run(
-        [
-            *("pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so"),
-            *("--token-label", "strongroom", "--login", "--pin", "env:SR_PIN", "--list-objects"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    conf = tmp_path / "state/softhsm/softhsm2.conf"
+    out = pkcs11_tool(conf, "credential-pin-4711", "--list-objects", text=True)
     assert out.returncode == 0 and "label:      svc" in out.stdout, out.stdout + out.stderr
 
 

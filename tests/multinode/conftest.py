@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, Daemon, Raw, unique
+from tests.conftest import ROOT, SOFTHSM, Daemon, Raw, pkcs11_tool, unique
 from tests.multinode.pg import Postgres
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+MODULE = SOFTHSM
 
 
 class Node(Daemon):
@@ -95,6 +95,11 @@ class Cluster:
     def admin_key(self) -> str:
         return self.nodes["A"].admin_key
 
+    def pkcs11_tool(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        """pkcs11-tool on the shared token (a fresh process), with the user PIN."""
+        pin = self.pin_file.read_text().strip()
+        return pkcs11_tool(self.conf, pin, *args, text=True, check=check)
+
     def __getitem__(self, name: str) -> Node:
         return self.nodes[name]
 
@@ -150,23 +155,7 @@ def token_ids(cluster: Cluster) -> str:
     token's files, so an empty one is read again (bounded)."""
 
     def listing() -> str:
-        out = subprocess.run(
-            [
-                "pkcs11-tool",
-                "--module",
-                MODULE,
-                "--token-label",
-                "strongroom",
-                "--login",
-                "--pin",
-                "env:SR_PIN",
-                "--list-objects",
-            ],
-            env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        out = cluster.pkcs11_tool("--list-objects", check=True).stdout
         return out if "Object" in out else ""
 
     out = wait_for(listing, timeout=30)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tests.conftest import unique
+from tests.conftest import read_secret_args, unique
 from tests.daemon.api.helpers import err, ok
 from tests.multinode.conftest import Cluster
 
@@ -273,8 +273,6 @@ def test_changes_on_every_node_at_once_keep_one_chain(cluster: Cluster) -> None:
 
 
 def test_export_taken_away_on_b_is_refused_everywhere_and_by_the_token(cluster: Cluster) -> None:
-    import os
-    import subprocess
 
     c = conns(cluster)
     gid = ok(c["A"].call("GET", "/sys/v1/groups"))[0]["group_id"]
@@ -288,26 +286,7 @@ def test_export_taken_away_on_b_is_refused_everywhere_and_by_the_token(cluster: 
             c[n].call("POST", "/crypto/v1/keys/export", {"kid": key["kid"]}), "key_op_not_permitted"
         )
         ok(c[n].call("POST", "/crypto/v1/encrypt", {"key": {"kid": key["kid"]}, **ENC}))
-    read = subprocess.run(
-        [
-            "pkcs11-tool",
-            "--module",
-            "/usr/lib/softhsm/libsofthsm2.so",
-            "--token-label",
-            "strongroom",
-            "--login",
-            "--pin",
-            "env:SR_PIN",
-            "--read-object",
-            "--type",
-            "secrkey",
-            "--id",
-            key["kid"].encode().hex(),
-        ],
-        env={**os.environ, **cluster.env, "SR_PIN": "test-user-pin-1234"},
-        capture_output=True,
-        check=False,
-    )
+    read = cluster.pkcs11_tool(*read_secret_args(key["kid"]))
     assert read.returncode != 0 and not read.stdout  # the token will not give it either
 
 
