@@ -105,7 +105,8 @@ end
 B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
-def _b58check_decode(text: str) -> bytes:
+def b58check_decode(text: str) -> bytes:
+    """The 78-byte payload of a Base58Check xpub/xprv, its checksum checked."""
     n = 0
     for ch in text:
         n = n * 58 + B58.index(ch)
@@ -142,7 +143,7 @@ def test_published_vectors(env, vector, seed, path, xpub, xprv) -> None:
     assert out["xpub"] == xpub
     assert out["xprv"] == xprv
     # the signature verifies under the public key the published xpub holds
-    point = _b58check_decode(xpub)[45:]
+    point = b58check_decode(xpub)[45:]
     pub = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256K1(), point)
     pub.verify(out["signature"], msg, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
     with pytest.raises(InvalidSignature):

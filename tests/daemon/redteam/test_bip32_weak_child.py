@@ -22,18 +22,9 @@ from strongroomd.auth import APP_PERMISSIONS
 from tests.conftest import Daemon, Raw, unique
 from tests.daemon.api.helpers import new_group, ok
 from tests.daemon.api.test_app_permissions import XPRV_0H, denied, make_app
+from tests.daemon.api.test_lua_bip32 import b58check_decode
 
 N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
-B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-
-
-def _b58(text: str) -> bytes:
-    n = 0
-    for ch in text:
-        n = n * 58 + B58.index(ch)
-    raw = n.to_bytes(82, "big")
-    assert hashlib.sha256(hashlib.sha256(raw[:78]).digest()).digest()[:4] == raw[78:]
-    return raw[:78]
 
 
 def _parent_from_child(xpub_parent: bytes, xprv_child: bytes, index: int) -> int:
@@ -77,9 +68,9 @@ def test_weak_child_into_another_group_needs_export_in_the_parents(
             admin_raw.call("POST", "/crypto/v1/keys/bip32/export", {"key": {"kid": child["kid"]}})
         )["value"]
         xpub = parent["pub_key"]
-        xpub = xpub if isinstance(xpub, bytes) else _b58(xpub)
-        got = _parent_from_child(xpub, _b58(xprv.decode()), 1)
-        assert got == int.from_bytes(_b58(XPRV_0H)[46:78], "big")
+        xpub = xpub if isinstance(xpub, bytes) else b58check_decode(xpub)
+        got = _parent_from_child(xpub, b58check_decode(xprv.decode()), 1)
+        assert got == int.from_bytes(b58check_decode(XPRV_0H)[46:78], "big")
     finally:
         weak.conn.close()
         strong.conn.close()
