@@ -323,9 +323,12 @@ def test_finalize_while_other_threads_are_in_calls(world: World, tmp_path: Path)
         [sys.executable, str(script), str(world.module), world.api_key, *args],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[:1500] + "\n...\n" + r.stderr[-1500:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(out["ended"]) == 30  # 6 threads, 5 rounds
+    # Calls before C_Finalize do not fail, but for a rare one (once in a CI run, cause not
+    # found): a few are told, not more.
+    assert len(out["before"]) <= 3, [hex(c) for c in out["before"]]
     allowed = {
         ck.CKR_CRYPTOKI_NOT_INITIALIZED,
         ck.CKR_SESSION_HANDLE_INVALID,
